@@ -1,0 +1,54 @@
+"""mqlite: an embeddable, in-process message queue and pub/sub broker for Python."""
+
+from mqlite.broker import DEAD_LETTER_CONFIG, Broker, dead_letter_queue_name
+from mqlite.clock import Clock, ManualClock, SystemClock
+from mqlite.cursor import Backoff
+from mqlite.dispatch import Dispatcher, ManualDispatcher, ThreadDispatcher
+from mqlite.errors import (
+    AckModeError,
+    BrokerClosed,
+    ConfigConflict,
+    InvalidArgument,
+    InvalidName,
+    MqliteError,
+    NotPending,
+    QueueFull,
+    SubscriptionClosed,
+    WrongEventLoop,
+)
+from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
+from mqlite.message import Message
+from mqlite.queue import Queue, QueueConfig
+from mqlite.subscription import Subscription
+
+__all__ = [
+    "DEAD_LETTER_CONFIG",
+    "AckModeError",
+    "Backoff",
+    "Broker",
+    "BrokerClosed",
+    "BrokerInfo",
+    "Clock",
+    "ConfigConflict",
+    "Dispatcher",
+    "InvalidArgument",
+    "InvalidName",
+    "ManualClock",
+    "ManualDispatcher",
+    "Message",
+    "MqliteError",
+    "NotPending",
+    "Queue",
+    "QueueConfig",
+    "QueueFull",
+    "QueueInfo",
+    "Subscription",
+    "SubscriptionClosed",
+    "SubscriptionInfo",
+    "SystemClock",
+    "ThreadDispatcher",
+    "WrongEventLoop",
+    "dead_letter_queue_name",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""The exceptions mqlite raises: one hierarchy under :class:`MqliteError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AckModeError",
+    "BrokerClosed",
+    "ConfigConflict",
+    "InvalidArgument",
+    "InvalidName",
+    "MqliteError",
+    "NotPending",
+    "QueueFull",
+    "SubscriptionClosed",
+    "WrongEventLoop",
+]
+
+
+class MqliteError(Exception):
+    """Base class of every error mqlite raises."""
+
+
+class BrokerClosed(MqliteError):
+    """The broker was closed; it accepts no more publishes or subscriptions."""
+
+
+class SubscriptionClosed(MqliteError):
+    """The subscription, or its broker, was closed while it was used."""
+
+
+class QueueFull(MqliteError):
+    """A queue with ``overflow="reject"`` is at ``max_messages``; the publish wrote nothing."""
+
+
+class InvalidArgument(MqliteError, ValueError):
+    """An argument had the wrong type or value; the message names it and what was expected."""
+
+
+class InvalidName(InvalidArgument):
+    """A queue, event or subscription name was empty, not a str, or otherwise malformed."""
+
+
+class NotPending(InvalidArgument):
+    """``ack``/``nack`` named a message that is not pending on that subscription."""
+
+
+class AckModeError(InvalidArgument):
+    """``ack``/``nack`` was called on a subscription whose ack mode does not allow it."""
+
+
+class ConfigConflict(InvalidArgument):
+    """A subscribe or queue call asked for settings that clash with ones already in force."""
+
+
+class WrongEventLoop(MqliteError, RuntimeError):
+    """An async call ran on an event loop other than the one its subscription is bound to."""

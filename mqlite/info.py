@@ -1,0 +1,131 @@
+"""Frozen snapshots returned by ``Broker.info()``: who reads what, and how far behind."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import attrs
+
+__all__ = ["BrokerInfo", "QueueInfo", "SubscriptionInfo"]
+
+
+@attrs.frozen
+class QueueInfo:
+    """One queue at the moment of the snapshot."""
+
+    name: str
+    start_offset: int
+    """The oldest retained offset."""
+    end_offset: int
+    """The offset the next message will get."""
+    retained: int
+    retention: str
+    max_messages: int | None
+    max_age: float | None
+    overflow: str
+
+
+@attrs.frozen
+class SubscriptionInfo:
+    """One cursor: a named subscription (attached or not) or an open ephemeral one."""
+
+    queue: str
+    name: str | None
+    """None for an ephemeral subscription."""
+    durable: bool
+    events: tuple[str, ...] | None
+    """The event filter; None means every event."""
+    mode: Literal["push", "pull", "push+pull", "detached"]
+    consumers: int
+    """How many subscriptions are attached (competing) right now."""
+    subscription_ids: tuple[int, ...]
+    ack: Literal["auto", "manual"]
+    position: int
+    lag: int
+    """Matching messages between the position and the end of the queue."""
+    pending: int
+    """Delivered but not yet acknowledged (including those waiting for a retry)."""
+    delivered: int
+    acked: int
+    redelivered: int
+    dead_lettered: int
+    missed: int
+    """Matching messages retention dropped before this cursor read them."""
+
+
+_COLUMNS = (
+    ("queue", "queue"),
+    ("subscription", "name"),
+    ("events", "events"),
+    ("mode", "mode"),
+    ("consumers", "consumers"),
+    ("position", "position"),
+    ("lag", "lag"),
+    ("pending", "pending"),
+    ("delivered", "delivered"),
+    ("acked", "acked"),
+    ("redelivered", "redelivered"),
+    ("dead", "dead_lettered"),
+    ("missed", "missed"),
+)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "*"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@attrs.frozen
+class BrokerInfo:
+    """Every queue and every cursor. Each queue's figures are consistent with each other."""
+
+    queues: tuple[QueueInfo, ...]
+    subscriptions: tuple[SubscriptionInfo, ...]
+
+    def queue(self, name: str) -> QueueInfo:
+        """The queue called ``name``; KeyError if there is none."""
+        for queue in self.queues:
+            if queue.name == name:
+                return queue
+        raise KeyError(name)
+
+    def subscription(self, queue: str, name: str) -> SubscriptionInfo:
+        """The named subscription on ``queue``; KeyError if there is none."""
+        for sub in self.subscriptions:
+            if sub.queue == queue and sub.name == name:
+                return sub
+        raise KeyError((queue, name))
+
+    def format(self) -> str:
+        """Two plain-text tables: queues, then subscriptions with their lag and pending counts."""
+        queue_rows = [
+            [q.name, str(q.start_offset), str(q.end_offset), str(q.retained), q.retention]
+            for q in self.queues
+        ]
+        sub_rows = []
+        for sub in self.subscriptions:
+            row = []
+            for _, field in _COLUMNS:
+                value = getattr(sub, field)
+                row.append("(ephemeral)" if field == "name" and value is None else _cell(value))
+            sub_rows.append(row)
+        return (
+            _table(["queue", "start", "end", "retained", "retention"], queue_rows)
+            + "\n\n"
+            + _table([title for title, _ in _COLUMNS], sub_rows)
+        )
+
+    def __str__(self) -> str:
+        return self.format()

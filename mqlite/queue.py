@@ -1,0 +1,859 @@
+"""Queue: one named append-only log, the cursors reading it, and the waiters blocked on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+import attrs
+
+from mqlite.clock import Clock
+from mqlite.cursor import OUT, READY, Backoff, Cursor, Pending
+from mqlite.errors import AckModeError, BrokerClosed, ConfigConflict, InvalidArgument, NotPending, QueueFull, SubscriptionClosed
+from mqlite.filters import EventFilter, check_event_name
+from mqlite.message import EMPTY_HEADERS, Message, MessageMeta, make_meta
+from mqlite.storage.memory import MemoryLog
+
+__all__ = ["DeadLetter", "Queue", "QueueConfig", "Start"]
+
+Start = Literal["earliest", "latest"] | int | datetime
+"""Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
+
+Retention = Literal["interest", "limits"]
+Overflow = Literal["drop_oldest", "reject"]
+
+# Housekeeping (retention, reclaiming memory) runs every this many publishes, or every 4 per
+# cursor if that is more, so its O(cursors) cost stays O(1) per publish.
+_HOUSEKEEP_EVERY = 1024
+# Reclaim a dropped prefix once it is this long and a quarter of what is retained: each reclaim
+# moves the retained pointers once, so the amortised cost per message is constant.
+_MIN_RECLAIM = 4096
+_NO_LIMIT = 1 << 62
+_MISSING: Any = object()
+_tuple_new = tuple.__new__
+_allocate_lock = threading.Lock
+
+
+def _check_limit(name: str, value: object, *, integer: bool) -> None:
+    if value is None:
+        return
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        kind = "a positive int" if integer else "a positive number of seconds"
+        raise InvalidArgument(f"{name} must be None or {kind}, got {value!r}")
+
+
+@attrs.frozen
+class QueueConfig:
+    """How much of its log a queue keeps, and what happens when it is full.
+
+    Attributes:
+        retention: ``"interest"`` (default) keeps a message while some subscription still has to
+            read it: every named (durable) subscription, attached or not, and every open one.
+            A message that no cursor will ever read is dropped. ``"limits"`` keeps every message
+            until a limit drops it, even when nobody subscribes; with no limits it keeps all.
+        max_messages: Keep at most this many messages; None for no count limit.
+        max_age: Drop messages older than this many seconds (broker clock); None for no age limit.
+        overflow: What a publish does when ``max_messages`` are retained. ``"drop_oldest"`` drops
+            the oldest (subscriptions that had not read it count it as missed); ``"reject"`` raises
+            :class:`~mqlite.QueueFull` and writes nothing.
+    """
+
+    retention: Retention = "interest"
+    max_messages: int | None = None
+    max_age: float | None = None
+    overflow: Overflow = "drop_oldest"
+
+    def __attrs_post_init__(self) -> None:
+        if self.retention not in ("interest", "limits"):
+            raise InvalidArgument(f"retention must be 'interest' or 'limits', got {self.retention!r}")
+        if self.overflow not in ("drop_oldest", "reject"):
+            raise InvalidArgument(f"overflow must be 'drop_oldest' or 'reject', got {self.overflow!r}")
+        _check_limit("max_messages", self.max_messages, integer=True)
+        _check_limit("max_age", self.max_age, integer=False)
+        if self.overflow == "reject" and self.max_messages is None:
+            raise InvalidArgument("overflow='reject' needs max_messages to say when the queue is full")
+
+
+@attrs.frozen
+class DeadLetter:
+    """A message on its way to a dead-letter queue, with the headers that say where it came from."""
+
+    queue: str
+    message: Message
+    headers: Mapping[str, Any]
+
+
+class Queue:
+    """A named append-only log of messages, with the cursors that read it. Thread-safe.
+
+    Publish appends a message and gives it the next offset. Every subscription reads through a
+    cursor kept here. One lock guards the log and all of its cursors; no user code ever runs
+    under it, and blocked readers wait on their own one-shot waiters, woken only when something
+    they want arrives.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: QueueConfig,
+        clock: Clock,
+        dead_letter_sink: Callable[[list[DeadLetter]], None],
+    ) -> None:
+        self.name = name
+        # _lock guards every attribute below and every cursor of this queue.
+        self._lock = threading.Lock()
+        self._config = config
+        self._log = MemoryLog()
+        self._append = self._log.append
+        self._end = 0
+        # _start: the oldest retained offset. Entries in [log.first_offset, _start) are dropped
+        # logically and reclaimed in batches.
+        self._start = 0
+        # Known event names -> offsets of retained messages of that event, kept only while
+        # some cursor filters by event (_indexed > 0); None values otherwise.
+        self._events: dict[str, list[int] | None] = {}
+        self._indexed = 0
+        self._cursors: dict[str, Cursor] = {}
+        self._ephemeral: list[Cursor] = []
+        # One-shot waiters: (event names wanted or None for any, wake function).
+        self._waiters: list[tuple[set[str] | None, Callable[[], object]]] = []
+        self._check_at = 0
+        self._closed = False
+        self._outbox: list[DeadLetter] = []
+        self._meta = MessageMeta(name, None, EMPTY_HEADERS)
+        self._clock = clock
+        self._time = clock.time
+        self._monotonic = clock.monotonic
+        self._dead_letter_sink = dead_letter_sink
+        with self._lock:
+            self._housekeep_locked()
+
+    def __repr__(self) -> str:
+        return f"<mqlite.Queue {self.name!r} offsets [{self.start_offset}, {self.end_offset})>"
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Message:
+        """Append one message and return it with its offset.
+
+        Raises:
+            InvalidName: ``event`` is not a non-empty str, or contains a wildcard character.
+            QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
+            BrokerClosed: the broker was closed.
+        """
+        meta = self._meta if key is None and headers is None else make_meta(self.name, key, headers)
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+            try:
+                postings = self._events[event]
+            except (KeyError, TypeError):
+                postings = self._new_event_locked(event)
+            offset = self._end
+            if offset >= self._check_at:
+                self._make_room_locked(1)
+            message: Message = _tuple_new(Message, (event, payload, offset, self._time(), meta))
+            self._append(message)
+            self._end = offset + 1
+            if postings is not None:
+                postings.append(offset)
+            if self._waiters:
+                self._wake_locked(event)
+        return message
+
+    def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Message]:
+        """Append several ``(event, payload)`` pairs at once, all or none, with one timestamp.
+
+        Raises:
+            InvalidArgument: an item is not an ``(event, payload)`` pair.
+            InvalidName: an event name is invalid; nothing was appended.
+        """
+        pairs = list(items)
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InvalidArgument(f"publish_many takes (event, payload) pairs, got {pair!r}")
+        meta = self._meta
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+            events = self._events
+            for event, _ in pairs:
+                if event not in events:
+                    check_event_name(event)
+            if not pairs:
+                return []
+            start = self._end
+            if start + len(pairs) > self._check_at:
+                self._make_room_locked(len(pairs))
+            now = self._time()
+            messages: list[Message] = [
+                _tuple_new(Message, (event, payload, offset, now, meta))
+                for offset, (event, payload) in enumerate(pairs, start)
+            ]
+            for event, _ in pairs:
+                if event not in events:
+                    self._new_event_locked(event)
+            self._log.extend(messages)
+            self._end = start + len(messages)
+            if self._indexed:
+                for message in messages:
+                    postings = events[message[0]]
+                    assert postings is not None  # indexing is on for every event while _indexed
+                    postings.append(message[2])
+            if self._waiters:
+                self._wake_all_locked()
+        return messages
+
+    def _new_event_locked(self, event: object) -> list[int] | None:
+        name = check_event_name(event)
+        postings: list[int] | None = [] if self._indexed else None
+        self._events[name] = postings
+        for cursor in self._all_cursors_locked():
+            if cursor.names is not None and cursor.filter.matches(name):
+                cursor.names.add(name)
+        self._wake_all_locked()
+        return postings
+
+    # -- retention -------------------------------------------------------------------------
+
+    def _make_room_locked(self, count: int) -> None:
+        self._housekeep_locked()
+        config = self._config
+        if config.overflow == "reject" and config.max_messages is not None:
+            if self._end + count - self._start > config.max_messages:
+                raise QueueFull(
+                    f"queue {self.name!r} holds {self._end - self._start} of max_messages="
+                    f"{config.max_messages}; overflow='reject' refuses {count} more"
+                )
+
+    def _limit_floor_locked(self) -> int:
+        """The oldest offset the count and age limits allow; moves ``_start`` up to it."""
+        start = self._start
+        config = self._config
+        if config.max_messages is not None and config.overflow == "drop_oldest":
+            start = max(start, self._end - config.max_messages)
+        if config.max_age is not None:
+            cutoff = self._time() - config.max_age
+            end = self._end
+            log = self._log
+            while start < end and log.get(start)[3] < cutoff:
+                start += 1
+        self._start = start
+        return start
+
+    def _housekeep_locked(self) -> None:
+        start = self._limit_floor_locked()
+        cursors = self._all_cursors_locked()
+        for cursor in cursors:
+            if cursor.position < start:
+                self._skip_locked(cursor, start)
+        end = self._end
+        if self._config.retention == "interest":
+            start = max(start, min((c.position for c in cursors), default=end))
+            self._start = start
+        first = self._log.first_offset
+        if start - first >= max(_MIN_RECLAIM, (end - start) // 4):
+            self._reclaim_locked(start)
+        check_at = end + max(_HOUSEKEEP_EVERY, 4 * len(cursors))
+        config = self._config
+        if config.overflow == "reject" and config.max_messages is not None:
+            check_at = min(check_at, start + config.max_messages)
+        self._check_at = check_at
+
+    def _reclaim_locked(self, offset: int) -> None:
+        self._log.drop_before(offset)
+        if self._indexed:
+            for postings in self._events.values():
+                if postings:
+                    del postings[: bisect_left(postings, offset)]
+
+    def _skip_locked(self, cursor: Cursor, to: int) -> None:
+        """Move a cursor that fell behind the retained range up to ``to``, counting what it missed."""
+        cursor.missed += self._count_locked(cursor, cursor.position, to)
+        cursor.position = to
+
+    def _count_locked(self, cursor: Cursor, from_offset: int, to_offset: int) -> int:
+        """How many messages in ``[from_offset, to_offset)`` pass the cursor's filter."""
+        if from_offset >= to_offset:
+            return 0
+        if cursor.names is None:
+            return to_offset - from_offset
+        total = 0
+        for name in cursor.names:
+            postings = self._events[name]
+            if postings:
+                total += bisect_left(postings, to_offset) - bisect_left(postings, from_offset)
+        return total
+
+    def _all_cursors_locked(self) -> list[Cursor]:
+        return [*self._cursors.values(), *self._ephemeral]
+
+    # -- the per-event index -------------------------------------------------------------
+
+    def _apply_filter_locked(self, cursor: Cursor, event_filter: EventFilter) -> None:
+        was_indexed = cursor.names is not None
+        cursor.filter = event_filter
+        if event_filter.match_all:
+            cursor.names = None
+        else:
+            cursor.names = {name for name in self._events if event_filter.matches(name)}
+        self._change_index_locked(int(cursor.names is not None) - int(was_indexed))
+
+    def _change_index_locked(self, delta: int) -> None:
+        before = self._indexed
+        self._indexed += delta
+        events = self._events
+        if before == 0 and self._indexed > 0:
+            index: dict[str, list[int]] = {name: [] for name in events}
+            log = self._log
+            for message in log.read(log.first_offset, self._end):
+                index[message[0]].append(message[2])
+            events.update(index)
+        elif before > 0 and self._indexed == 0:
+            for name in events:
+                events[name] = None
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _wake_locked(self, event: str) -> None:
+        keep = []
+        for waiter in self._waiters:
+            names = waiter[0]
+            if names is None or event in names:
+                waiter[1]()
+            else:
+                keep.append(waiter)
+        self._waiters = keep
+
+    def _wake_all_locked(self) -> None:
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            waiter[1]()
+
+    def _wait_locked(self, cursor: Cursor, timeout: float | None) -> None:
+        """Release the lock until something this cursor may want arrives, or ``timeout`` passes."""
+        if cursor.pending and not self._clock.virtual:
+            due = cursor.next_due()
+            if due is not None:
+                until_due = max(due - self._monotonic(), 0.0)
+                timeout = until_due if timeout is None else min(timeout, until_due)
+        signal = _allocate_lock()
+        signal.acquire()
+        waiter = (cursor.names, signal.release)
+        self._waiters.append(waiter)
+        self._lock.release()
+        try:
+            signal.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            self._lock.acquire()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass  # already woken: the waker removed it
+
+    def add_waiter_locked(self, cursor: Cursor, wake: Callable[[], object]) -> tuple[Any, ...]:
+        """Register a one-shot wake-up for ``cursor`` (used by the asyncio adapters)."""
+        waiter = (cursor.names, wake)
+        self._waiters.append(waiter)
+        return waiter
+
+    def remove_waiter_locked(self, waiter: tuple[Any, ...]) -> None:
+        """Forget a waiter that was not woken; a woken one is already gone."""
+        try:
+            self._waiters.remove(waiter)  # type: ignore[arg-type]
+        except ValueError:
+            pass
+
+    def wake_all(self) -> None:
+        """Wake every waiter so it re-checks (the clock moved, or the broker is closing)."""
+        with self._lock:
+            self._wake_all_locked()
+
+    # -- attaching and detaching subscriptions -------------------------------------------
+
+    def attach(
+        self,
+        consumer: Any,
+        *,
+        name: str | None,
+        event_filter: EventFilter,
+        start: Start,
+        manual_ack: bool,
+        ack_timeout: float | None,
+        max_deliveries: int | None,
+        dead_letter: str,
+        backoff: Backoff,
+    ) -> Cursor:
+        """Attach a consumer to the named cursor (creating it at ``start``) or to a new ephemeral one."""
+        settings = (event_filter, manual_ack, ack_timeout, max_deliveries, dead_letter, backoff)
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot subscribe to {self.name!r}: the broker is closed")
+            cursor = self._cursors.get(name) if name is not None else None
+            if cursor is None:
+                cursor = Cursor(
+                    queue=self.name,
+                    name=name,
+                    event_filter=EventFilter(None),
+                    position=self._resolve_locked(start),
+                    manual_ack=manual_ack,
+                    ack_timeout=ack_timeout,
+                    max_deliveries=max_deliveries,
+                    dead_letter=dead_letter,
+                    backoff=backoff,
+                )
+                self._apply_filter_locked(cursor, event_filter)
+                if name is None:
+                    self._ephemeral.append(cursor)
+                else:
+                    self._cursors[name] = cursor
+            elif cursor.settings() != settings:
+                if cursor.members:
+                    raise ConfigConflict(
+                        f"subscription {name!r} on {self.name!r} is attached with different settings "
+                        f"(events={cursor.filter.spec!r}, ack={'manual' if cursor.manual_ack else 'auto'}, "
+                        f"ack_timeout={cursor.ack_timeout!r}, max_deliveries={cursor.max_deliveries!r}, "
+                        f"dead_letter={cursor.dead_letter!r}); subscriptions sharing a name must agree"
+                    )
+                cursor.manual_ack = manual_ack
+                cursor.ack_timeout = ack_timeout
+                cursor.max_deliveries = max_deliveries
+                cursor.dead_letter = dead_letter
+                cursor.backoff = backoff
+                self._apply_filter_locked(cursor, event_filter)
+            cursor.members.append(consumer)
+            return cursor
+
+    def detach(self, consumer: Any, cursor: Cursor) -> None:
+        """Detach a closing consumer: what it held unacked goes back for redelivery."""
+        with self._lock:
+            consumer.mark_closed("the subscription was closed")
+            if consumer in cursor.members:
+                cursor.members.remove(consumer)
+            for entry in list(cursor.pending.values()):
+                if entry.owner is consumer and entry.state == OUT:
+                    self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
+            if not cursor.members and not cursor.durable and cursor in self._ephemeral:
+                self._ephemeral.remove(cursor)
+                self._change_index_locked(-int(cursor.names is not None))
+            self._wake_all_locked()
+            dead = self._take_outbox_locked()
+        self.send_dead_letters(dead)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def take_locked(self, consumer: Any, cursor: Cursor, max_messages: int, push: bool) -> tuple[list[Message], int]:
+        """Hand up to ``max_messages`` to a consumer: due redeliveries first, then new messages.
+
+        Returns the messages and how many at the front are redeliveries. Pull consumers with
+        automatic acks settle their messages here; everyone else gets them as pending entries.
+        """
+        out: list[Message] = []
+        manual = cursor.manual_ack
+        if cursor.pending:
+            if cursor.has_timers():
+                self._fire_timers_locked(cursor)
+            entries: list[Pending] = []
+            while len(out) < max_messages:
+                entry = cursor.pop_ready_locked()
+                if entry is None:
+                    break
+                entry.attempts += 1
+                if entry.attempts > 1:
+                    cursor.redelivered += 1
+                if manual or push:
+                    entry.state = OUT
+                    entry.owner = consumer
+                    entries.append(entry)
+                else:
+                    del cursor.pending[entry.message[2]]
+                out.append(entry.message)
+            if manual and entries and cursor.ack_timeout is not None:
+                cursor.track_timeout_locked(self._monotonic() + cursor.ack_timeout, entries)
+        redelivered = len(out)
+        if redelivered < max_messages:
+            fresh = self._read_new_locked(cursor, max_messages - redelivered)
+            if fresh:
+                if manual:
+                    self._track_locked(consumer, cursor, fresh)
+                if out:
+                    out.extend(fresh)
+                else:
+                    out = fresh
+        if out:
+            cursor.delivered += len(out)
+            if not manual and not push:
+                cursor.acked += len(out)
+            if push:
+                cursor.inflight += 1
+        return out, redelivered
+
+    def _track_locked(self, consumer: Any, cursor: Cursor, messages: list[Message]) -> None:
+        pending = cursor.pending
+        entries = []
+        for message in messages:
+            entry = Pending(message, 1, consumer, OUT)
+            pending[message[2]] = entry
+            entries.append(entry)
+        if cursor.ack_timeout is not None:
+            cursor.track_timeout_locked(self._monotonic() + cursor.ack_timeout, entries)
+
+    def _read_new_locked(self, cursor: Cursor, max_messages: int) -> list[Message]:
+        position = cursor.position
+        start = self._limit_floor_locked() if self._config.max_messages or self._config.max_age else self._start
+        if position < start:
+            self._skip_locked(cursor, start)
+            position = start
+        end = self._end
+        if position >= end:
+            return []
+        names = cursor.names
+        if names is None:
+            stop = min(end, position + max_messages)
+            cursor.position = stop
+            return self._log.read(position, stop)
+        if not names:
+            cursor.position = end
+            return []
+        events = self._events
+        if len(names) == 1:
+            for name in names:
+                postings = events[name]
+                assert postings is not None
+                i = bisect_left(postings, position)
+                offsets = postings[i : i + max_messages]
+        else:
+            gathered: list[int] = []
+            for name in names:
+                postings = events[name]
+                assert postings is not None
+                i = bisect_left(postings, position)
+                gathered.extend(postings[i : i + max_messages])
+            gathered.sort()
+            offsets = gathered[:max_messages]
+        cursor.position = offsets[-1] + 1 if len(offsets) == max_messages else end
+        return self._log.get_many(offsets) if offsets else []
+
+    def _fire_timers_locked(self, cursor: Cursor) -> None:
+        for entry in cursor.expired_locked(self._monotonic()):
+            self._fail_locked(cursor, entry, "ack timeout", 0.0, None)
+
+    def _fail_locked(self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None) -> None:
+        """A delivery failed: dead-letter the message if it used up its deliveries, else retry it."""
+        if cursor.max_deliveries is not None and entry.attempts >= cursor.max_deliveries:
+            message = entry.message
+            del cursor.pending[message[2]]
+            cursor.dead_lettered += 1
+            headers = dict(message.headers)
+            headers.update(
+                {
+                    "dead_letter.queue": self.name,
+                    "dead_letter.offset": message[2],
+                    "dead_letter.subscription": cursor.name,
+                    "dead_letter.deliveries": entry.attempts,
+                    "dead_letter.reason": reason,
+                    "dead_letter.error": None if error is None else repr(error),
+                }
+            )
+            self._outbox.append(DeadLetter(cursor.dead_letter, message, headers))
+        elif delay > 0:
+            cursor.schedule_locked(entry, self._monotonic() + delay)
+        else:
+            cursor.make_ready_locked(entry)
+        if self._waiters:
+            self._wake_all_locked()
+
+    def _take_outbox_locked(self) -> list[DeadLetter]:
+        outbox = self._outbox
+        if outbox:
+            self._outbox = []
+        return outbox
+
+    def send_dead_letters(self, dead: list[DeadLetter]) -> None:
+        """Publish dead letters to their queues. Called with no lock held."""
+        if dead:
+            self._dead_letter_sink(dead)
+
+    def pull(self, consumer: Any, max_messages: int, timeout: float | None) -> list[Message]:
+        """Block until the consumer gets at least one message, ``timeout`` passes, or it is closed."""
+        deadline = None
+        dead: list[DeadLetter]
+        with self._lock:
+            while True:
+                if consumer.closed:
+                    raise SubscriptionClosed(consumer.closed_reason())
+                cursor: Cursor = consumer.cursor
+                messages, _ = self.take_locked(consumer, cursor, max_messages, False)
+                if messages or timeout == 0:
+                    break
+                remaining = None
+                if timeout is not None:
+                    if deadline is None:
+                        deadline = time.monotonic() + timeout
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                self._wait_locked(cursor, remaining)
+            dead = self._take_outbox_locked()
+        if dead:
+            self.send_dead_letters(dead)
+        return messages
+
+    def take_push(self, consumer: Any, max_messages: int, block: bool) -> tuple[list[Message], int] | None:
+        """The next batch for a push consumer; None once it is closed."""
+        with self._lock:
+            while True:
+                if consumer.closed:
+                    return None
+                result = self.take_locked(consumer, consumer.cursor, max_messages, True)
+                if result[0] or not block:
+                    break
+                self._wait_locked(consumer.cursor, None)
+            dead = self._take_outbox_locked()
+        if dead:
+            self.send_dead_letters(dead)
+        return result
+
+    def push_done(
+        self,
+        consumer: Any,
+        cursor: Cursor,
+        batch: list[Message],
+        redelivered: int,
+        failures: list[tuple[Message, BaseException]],
+        unprocessed: list[Message],
+    ) -> None:
+        """Settle a push batch: successes are acked (auto mode), failures retried or dead-lettered,
+        and what was never handed to the callback goes back to the front of the line."""
+        with self._lock:
+            cursor.inflight -= 1
+            pending = cursor.pending
+            manual = cursor.manual_ack
+            failed_offsets = {m[2] for m, _ in failures}
+            done = len(batch) - len(unprocessed)
+            if not manual:
+                for message in batch[: min(redelivered, done)]:
+                    if message[2] not in failed_offsets:
+                        pending.pop(message[2], None)
+                cursor.acked += done - len(failures)
+            for message, error in failures:
+                entry = pending.get(message[2])
+                if entry is None:
+                    if manual:
+                        continue  # acked inside the callback before it raised
+                    entry = Pending(message, 1, consumer, OUT)
+                    pending[message[2]] = entry
+                elif entry.state != OUT:
+                    continue
+                self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
+            cursor.delivered -= len(unprocessed)
+            for i, message in enumerate(unprocessed):
+                entry = pending.get(message[2])
+                if entry is None:
+                    entry = Pending(message, 0, None, READY)
+                    pending[message[2]] = entry
+                else:
+                    entry.attempts -= 1
+                    if entry.attempts:
+                        cursor.redelivered -= 1
+                entry.state = READY
+                entry.owner = None
+                cursor.ready.insert(i, entry)
+            if unprocessed or failures:
+                self._wake_all_locked()
+            dead = self._take_outbox_locked()
+        self.send_dead_letters(dead)
+
+    # -- acks, seeks and filters ---------------------------------------------------------
+
+    def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
+        if isinstance(message, Message):
+            if message.queue != self.name:
+                raise NotPending(f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}")
+            offset = message[2]
+        elif isinstance(message, int) and not isinstance(message, bool):
+            offset = message
+        else:
+            raise InvalidArgument(f"{verb}() takes a Message or its int offset, got {type(message).__name__}")
+        entry = cursor.pending.get(offset)
+        if entry is None:
+            raise NotPending(
+                f"offset {offset} of {self.name!r} is not pending on this subscription "
+                "(never delivered to it, already acked, or dead-lettered)"
+            )
+        return entry
+
+    def ack(self, consumer: Any, message: Message | int) -> None:
+        """Acknowledge a pending message so it is never redelivered."""
+        with self._lock:
+            cursor = self._check_manual_locked(consumer, "ack")
+            entry = self._pending_entry_locked(cursor, message, "ack")
+            del cursor.pending[entry.message[2]]
+            entry.state = -1
+            cursor.acked += 1
+            if not cursor.pending:
+                cursor.clear_timers_locked()
+
+    def nack(self, consumer: Any, message: Message | int, delay: float) -> None:
+        """Give a pending message back for redelivery after ``delay`` seconds of broker clock."""
+        with self._lock:
+            cursor = self._check_manual_locked(consumer, "nack")
+            entry = self._pending_entry_locked(cursor, message, "nack")
+            if entry.state != OUT:
+                raise NotPending(f"offset {entry.message[2]} of {self.name!r} is already waiting for redelivery")
+            self._fail_locked(cursor, entry, "nack", delay, None)
+            self._wake_all_locked()
+            dead = self._take_outbox_locked()
+        self.send_dead_letters(dead)
+
+    def _check_manual_locked(self, consumer: Any, verb: str) -> Cursor:
+        if consumer.closed:
+            raise SubscriptionClosed(consumer.closed_reason())
+        cursor: Cursor = consumer.cursor
+        if not cursor.manual_ack:
+            raise AckModeError(
+                f"{verb}() needs a subscription made with ack='manual'; this one acks automatically "
+                "when a message is returned (pull) or its callback returns (push)"
+            )
+        return cursor
+
+    def _resolve_locked(self, target: Start) -> int:
+        if target == "latest":
+            return self._end
+        start = self._retained_start_locked()
+        if target == "earliest":
+            return start
+        if isinstance(target, datetime):
+            stamp = target.timestamp()
+            log = self._log
+            return bisect_left(range(start, self._end), stamp, key=lambda offset: log.get(offset)[3]) + start
+        if isinstance(target, int) and not isinstance(target, bool):
+            if target < 0 or target > self._end:
+                raise InvalidArgument(
+                    f"offset {target} is outside queue {self.name!r}, whose offsets run from 0 to {self._end}"
+                )
+            return max(target, start)
+        raise InvalidArgument(f"start/seek takes 'earliest', 'latest', an int offset or a datetime, got {target!r}")
+
+    def _retained_start_locked(self) -> int:
+        self._housekeep_locked()
+        return self._start
+
+    def seek(self, consumer: Any, target: Start) -> int:
+        """Move the consumer's cursor (shared by every subscription of its name) to ``target``."""
+        with self._lock:
+            if consumer.closed:
+                raise SubscriptionClosed(consumer.closed_reason())
+            cursor: Cursor = consumer.cursor
+            cursor.position = self._resolve_locked(target)
+            self._wake_all_locked()
+            return cursor.position
+
+    def set_filter(self, consumer: Any, change: Callable[[EventFilter], EventFilter]) -> EventFilter:
+        """Replace the cursor's event filter with ``change(current)``."""
+        with self._lock:
+            if consumer.closed:
+                raise SubscriptionClosed(consumer.closed_reason())
+            cursor: Cursor = consumer.cursor
+            self._apply_filter_locked(cursor, change(cursor.filter))
+            self._wake_all_locked()
+            return cursor.filter
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def config(self) -> QueueConfig:
+        """The retention settings in force."""
+        with self._lock:
+            return self._config
+
+    def configure(self, config: QueueConfig) -> None:
+        """Apply new retention settings; they take effect at once."""
+        with self._lock:
+            self._config = config
+            self._housekeep_locked()
+
+    @property
+    def start_offset(self) -> int:
+        """The oldest retained offset (equal to ``end_offset`` when nothing is retained)."""
+        with self._lock:
+            return self._retained_start_locked()
+
+    @property
+    def end_offset(self) -> int:
+        """The offset the next published message will get."""
+        with self._lock:
+            return self._end
+
+    def __len__(self) -> int:
+        """How many messages are retained."""
+        with self._lock:
+            return self._end - self._retained_start_locked()
+
+    def cursor_stats(self, consumer: Any) -> tuple[int, int, int, int]:
+        """(position, lag, pending, missed) of a consumer's cursor, read atomically."""
+        with self._lock:
+            cursor: Cursor = consumer.cursor
+            start = self._limit_floor_locked()
+            position = cursor.position
+            missed = cursor.missed + self._count_locked(cursor, position, start)
+            position = max(position, start)
+            lag = self._count_locked(cursor, position, self._end)
+            return position, lag, len(cursor.pending), missed
+
+    def snapshot(self) -> tuple[Any, list[tuple[Cursor, dict[str, Any]]]]:
+        """The queue's figures and each cursor's, taken atomically (used by ``Broker.info``)."""
+        with self._lock:
+            start = self._retained_start_locked()
+            cursors = []
+            for cursor in self._all_cursors_locked():
+                figures = {
+                    "position": cursor.position,
+                    "lag": self._count_locked(cursor, cursor.position, self._end),
+                    "pending": len(cursor.pending),
+                    "delivered": cursor.delivered,
+                    "acked": cursor.acked,
+                    "redelivered": cursor.redelivered,
+                    "dead_lettered": cursor.dead_lettered,
+                    "missed": cursor.missed,
+                    "events": cursor.filter.spec,
+                    "members": list(cursor.members),
+                    "manual_ack": cursor.manual_ack,
+                }
+                cursors.append((cursor, figures))
+            return (self._config, start, self._end), cursors
+
+    def push_settled(self, offset: int) -> bool:
+        """Whether every push cursor has handled every matching message below ``offset``."""
+        with self._lock:
+            for cursor in self._all_cursors_locked():
+                if not any(member.is_push for member in cursor.members):
+                    continue
+                if cursor.unsettled_before_locked(offset):
+                    return False
+                start = self._limit_floor_locked()
+                if self._count_locked(cursor, max(cursor.position, start), offset):
+                    return False
+            return True
+
+    def close(self) -> list[Any]:
+        """Refuse further publishes, close every consumer and wake every waiter; returns the consumers."""
+        with self._lock:
+            self._closed = True
+            members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
+            for member in members:
+                member.mark_closed("the broker was closed")
+            self._wake_all_locked()
+        return members

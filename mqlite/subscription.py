@@ -1,0 +1,206 @@
+"""Subscription: one consumer of a queue, by pull (get/poll/iteration) or push (a callback)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from mqlite.cursor import Cursor
+from mqlite.errors import InvalidArgument, SubscriptionClosed
+from mqlite.filters import EventFilter
+from mqlite.message import Message
+from mqlite.queue import Queue, Start
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["Subscription", "check_timeout"]
+
+
+def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
+    """Return ``timeout`` if it is None or a non-negative number, else raise InvalidArgument."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidArgument(f"{name} must be None or a non-negative number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+class Subscription:
+    """A consumer attached to a cursor over one queue. Thread-safe.
+
+    Every method may be called from any thread. Subscriptions that share a name share one
+    cursor: they compete for its messages, and ``seek``, ``join`` and ``leave`` act on all of
+    them. Closing one gives back what it held unacked, for redelivery to the others.
+    """
+
+    def __init__(self, queue: Queue, *, ident: int, name: str | None, push: bool) -> None:
+        self._queue = queue
+        self.id = ident
+        self.name = name
+        self.is_push = push
+        # closed and _reason are written under the queue's lock; push workers read closed
+        # without it as a hint between callbacks and re-check it under the lock per batch.
+        self.closed = False
+        self._reason = ""
+        self.cursor: Cursor
+        # _close_lock guards _detached, so close() detaches exactly once.
+        self._close_lock = threading.Lock()
+        self._detached = False
+
+    # -- what the queue needs from a consumer --------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """How logs and thread names refer to this subscription."""
+        return f"{self._queue.name}/{self.name or '~'}#{self.id}"
+
+    def mark_closed(self, reason: str) -> None:
+        """Record that this consumer is closed (called by the queue, under its lock)."""
+        if not self.closed:
+            self.closed = True
+            self._reason = reason
+
+    def closed_reason(self) -> str:
+        """Why using this subscription raises SubscriptionClosed."""
+        return f"subscription {self.label} is closed: {self._reason}"
+
+    # -- pull ----------------------------------------------------------------------------
+
+    def _check_pull(self) -> None:
+        if self.is_push:
+            raise InvalidArgument(
+                f"subscription {self.label} delivers to its callback; get/poll/iteration are for "
+                "subscriptions made without callback="
+            )
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, waiting up to ``timeout`` seconds (None: until one arrives).
+
+        Returns None when the timeout passes. Raises SubscriptionClosed if the subscription or
+        its broker is (or becomes) closed.
+        """
+        self._check_pull()
+        messages = self._queue.pull(self, 1, check_timeout(timeout))
+        return messages[0] if messages else None
+
+    def poll(self, max_messages: int = 100, timeout: float | None = 0) -> list[Message]:
+        """Up to ``max_messages`` messages, in one lock acquisition.
+
+        Waits up to ``timeout`` seconds for the first one (0, the default: do not wait; None:
+        wait until one arrives). Returns an empty list when nothing came in time.
+        """
+        self._check_pull()
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise InvalidArgument(f"max_messages must be a positive int, got {max_messages!r}")
+        return self._queue.pull(self, max_messages, check_timeout(timeout))
+
+    def __iter__(self) -> Iterator[Message]:
+        return self
+
+    def __next__(self) -> Message:
+        """Block for the next message; iteration ends when the subscription or broker closes."""
+        self._check_pull()
+        try:
+            return self._queue.pull(self, 1, None)[0]
+        except SubscriptionClosed:
+            raise StopIteration from None
+
+    # -- acknowledgement -----------------------------------------------------------------
+
+    def ack(self, message: Message | int) -> None:
+        """Acknowledge a message (or its offset) delivered to this subscription's name.
+
+        Raises:
+            AckModeError: the subscription uses ``ack="auto"``.
+            NotPending: the message is not pending (never delivered, already acked, dead-lettered).
+        """
+        self._queue.ack(self, message)
+
+    def nack(self, message: Message | int, delay: float = 0.0) -> None:
+        """Give a message back: it is redelivered after ``delay`` seconds of broker clock.
+
+        A nack counts as a failed delivery, so a message nacked ``max_deliveries`` times goes to
+        the dead-letter queue instead.
+        """
+        self._queue.nack(self, message, check_timeout(delay, name="delay") or 0.0)
+
+    # -- position and filter -------------------------------------------------------------
+
+    def seek(self, target: Start) -> int:
+        """Move the cursor to ``"earliest"``, ``"latest"``, an offset or a datetime; returns the new position.
+
+        Pending (delivered, unacked) messages stay pending.
+        """
+        return self._queue.seek(self, target)
+
+    def join(self, events: str | Iterable[str]) -> None:
+        """Also receive ``events`` (names or wildcard patterns) from now on."""
+        EventFilter(events)  # validate before touching the cursor
+        self._queue.set_filter(self, lambda current: current.union(events))
+
+    def leave(self, events: str | Iterable[str]) -> None:
+        """Stop receiving ``events``, which must be names or patterns in the filter."""
+        self._queue.set_filter(self, lambda current: current.without(events))
+
+    @property
+    def events(self) -> tuple[str, ...] | None:
+        """The event filter: None for every event, else the names and patterns."""
+        return self.cursor.filter.spec
+
+    @property
+    def queue(self) -> str:
+        """The name of the queue this subscription reads."""
+        return self._queue.name
+
+    @property
+    def position(self) -> int:
+        """The offset the cursor reads next."""
+        return self._queue.cursor_stats(self)[0]
+
+    @property
+    def lag(self) -> int:
+        """How many messages that pass the filter lie between the position and the end."""
+        return self._queue.cursor_stats(self)[1]
+
+    @property
+    def pending(self) -> int:
+        """How many delivered messages await an ack (or a retry) on this subscription's cursor."""
+        return self._queue.cursor_stats(self)[2]
+
+    @property
+    def missed(self) -> int:
+        """How many matching messages retention dropped before this cursor read them."""
+        return self._queue.cursor_stats(self)[3]
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach: wake blocked readers (they raise SubscriptionClosed) and return unacked messages.
+
+        A named cursor keeps its place for the next subscription with that name. Idempotent;
+        a callback that is running finishes, and no new one starts.
+        """
+        with self._close_lock:
+            if self._detached:
+                return
+            self._detached = True
+        self._queue.detach(self, self.cursor)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "push" if self.is_push else "pull"
+        state = "closed" if self.closed else "open"
+        return f"<mqlite.Subscription {self.label} {kind} events={self.cursor.filter.spec!r} {state}>"
