@@ -23,7 +23,7 @@ from mqlite.queue import DeadLetter, Overflow, Queue, QueueConfig, Retention, St
 from mqlite.subscription import Subscription, check_timeout
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["DEAD_LETTER_CONFIG", "Broker", "dead_letter_queue_name"]
 
@@ -281,7 +281,9 @@ class Broker:
                 members = figures["members"]
                 push = any(m.is_push for m in members)
                 pull = any(not m.is_push for m in members)
-                mode = "push+pull" if push and pull else "push" if push else "pull" if pull else "detached"
+                mode: Literal["push", "pull", "push+pull", "detached"] = (
+                    "push+pull" if push and pull else "push" if push else "pull" if pull else "detached"
+                )
                 subs.append(
                     SubscriptionInfo(
                         queue=queue.name,
@@ -347,4 +349,3 @@ class Broker:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<mqlite.Broker {state} queues={sorted(self._queues)!r}>"
-

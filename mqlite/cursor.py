@@ -33,9 +33,7 @@ class Backoff:
 
     def __attrs_post_init__(self) -> None:
         if not self.initial >= 0 or not self.factor >= 1 or not self.maximum >= self.initial:
-            raise InvalidArgument(
-                f"Backoff needs initial >= 0, factor >= 1 and maximum >= initial, got {self!r}"
-            )
+            raise InvalidArgument(f"Backoff needs initial >= 0, factor >= 1 and maximum >= initial, got {self!r}")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed delivery (1-based)."""

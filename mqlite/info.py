@@ -111,8 +111,7 @@ class BrokerInfo:
     def format(self) -> str:
         """Two plain-text tables: queues, then subscriptions with their lag and pending counts."""
         queue_rows = [
-            [q.name, str(q.start_offset), str(q.end_offset), str(q.retained), q.retention]
-            for q in self.queues
+            [q.name, str(q.start_offset), str(q.end_offset), str(q.retained), q.retention] for q in self.queues
         ]
         sub_rows = []
         for sub in self.subscriptions:

@@ -13,7 +13,15 @@ import attrs
 
 from mqlite.clock import Clock
 from mqlite.cursor import OUT, READY, Backoff, Cursor, Pending
-from mqlite.errors import AckModeError, BrokerClosed, ConfigConflict, InvalidArgument, NotPending, QueueFull, SubscriptionClosed
+from mqlite.errors import (
+    AckModeError,
+    BrokerClosed,
+    ConfigConflict,
+    InvalidArgument,
+    NotPending,
+    QueueFull,
+    SubscriptionClosed,
+)
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.message import EMPTY_HEADERS, Message, MessageMeta, make_meta
 from mqlite.storage.memory import MemoryLog
@@ -42,7 +50,7 @@ def _check_limit(name: str, value: object, *, integer: bool) -> None:
     if value is None:
         return
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:  # type: ignore[operator]  # isinstance just proved a number
         kind = "a positive int" if integer else "a positive number of seconds"
         raise InvalidArgument(f"{name} must be None or {kind}, got {value!r}")
 
@@ -230,12 +238,12 @@ class Queue:
     def _make_room_locked(self, count: int) -> None:
         self._housekeep_locked()
         config = self._config
-        if config.overflow == "reject" and config.max_messages is not None:
-            if self._end + count - self._start > config.max_messages:
-                raise QueueFull(
-                    f"queue {self.name!r} holds {self._end - self._start} of max_messages="
-                    f"{config.max_messages}; overflow='reject' refuses {count} more"
-                )
+        limit = config.max_messages
+        if config.overflow == "reject" and limit is not None and self._end + count - self._start > limit:
+            raise QueueFull(
+                f"queue {self.name!r} holds {self._end - self._start} of max_messages="
+                f"{config.max_messages}; overflow='reject' refuses {count} more"
+            )
 
     def _limit_floor_locked(self) -> int:
         """The oldest offset the count and age limits allow; moves ``_start`` up to it."""
@@ -372,7 +380,7 @@ class Queue:
     def remove_waiter_locked(self, waiter: tuple[Any, ...]) -> None:
         """Forget a waiter that was not woken; a woken one is already gone."""
         try:
-            self._waiters.remove(waiter)  # type: ignore[arg-type]
+            self._waiters.remove(waiter)
         except ValueError:
             pass
 
@@ -550,7 +558,9 @@ class Queue:
         for entry in cursor.expired_locked(self._monotonic()):
             self._fail_locked(cursor, entry, "ack timeout", 0.0, None)
 
-    def _fail_locked(self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None) -> None:
+    def _fail_locked(
+        self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None
+    ) -> None:
         """A delivery failed: dead-letter the message if it used up its deliveries, else retry it."""
         if cursor.max_deliveries is not None and entry.attempts >= cursor.max_deliveries:
             message = entry.message
@@ -681,7 +691,9 @@ class Queue:
     def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
         if isinstance(message, Message):
             if message.queue != self.name:
-                raise NotPending(f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}")
+                raise NotPending(
+                    f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}"
+                )
             offset = message[2]
         elif isinstance(message, int) and not isinstance(message, bool):
             offset = message

@@ -14,7 +14,7 @@ from mqlite.message import Message
 from mqlite.queue import Queue, Start
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["Subscription", "check_timeout"]
 
