@@ -1,0 +1,76 @@
+"""Small helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mqlite
+
+# Generous bound for any single blocking call in a test: long enough never to fire on a slow
+# CI machine, short enough that a bug fails the test instead of hanging it.
+WAIT = 5.0
+
+
+def pull_all(sub: mqlite.Subscription) -> list[mqlite.Message]:
+    """Everything the subscription can read right now, without waiting."""
+    out: list[mqlite.Message] = []
+    while batch := sub.poll(max_messages=1000, timeout=0):
+        out.extend(batch)
+    return out
+
+
+def payloads(messages: list[mqlite.Message]) -> list[Any]:
+    return [m.payload for m in messages]
+
+
+def offsets(messages: list[mqlite.Message]) -> list[int]:
+    return [m.offset for m in messages]
+
+
+class Worker:
+    """Run ``target`` on a thread; ``join`` re-raises what it raised. Always join in ``finally``."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+
+        def body() -> None:
+            self.started.set()
+            try:
+                self.result = target()
+            except BaseException as error:  # noqa: BLE001  # handed back to the test in join()
+                self.error = error
+
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 10.0) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker thread did not finish in time"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll ``condition`` until it holds, failing after ``timeout`` seconds.
+
+    This waits for a state, not for time: it returns as soon as the condition holds.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, "condition did not hold in time"
+        pause.wait(0.001)
+
+
+def wait_until_blocked(queue: mqlite.Queue, waiters: int = 1) -> None:
+    """Wait until ``waiters`` readers are blocked on ``queue`` (in-memory backend detail)."""
+    registered = getattr(queue, "_waiters", None)
+    if registered is None:
+        return
+    wait_for(lambda: len(queue._waiters) >= waiters)
