@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -194,7 +195,8 @@ def _story(broker: mqlite.Broker, narrator: _Narrator) -> None:
     for driver in drivers:
         # Two push subscriptions sharing one name compete: each pickup goes to exactly one driver.
         broker.subscribe(QUEUE, events="pickup", name="drivers", callback=driver.on_pickup)
-    say(f"drivers {' and '.join(DRIVERS)} share the subscription 'drivers' and compete for pickups")
+    say(f"drivers {' and '.join(DRIVERS)} share the subscription 'drivers' and compete for pickups:")
+    say("each pickup goes to exactly one of them, whichever is free first (run again for another split)")
 
     narrator.act("Pickups and deliveries")
     for vendor, parcel, address in (
@@ -302,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args: Any = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(sys.stdout, verbose=args.verbose)
+        try:
+            return demo(sys.stdout, verbose=args.verbose)
+        except BrokenPipeError:
+            # The reader went away (``python -m mqlite demo | head``): stop quietly, and point
+            # stdout at devnull so the interpreter's final flush does not complain again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     parser.print_help(sys.stderr)
     return 2
