@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from mqlite.aio import loop_waker
 from mqlite.clock import Clock, SystemClock
 from mqlite.cursor import Backoff
-from mqlite.dispatch import Dispatcher, PushWorker, ThreadDispatcher
+from mqlite.dispatch import AsyncPushWorker, Dispatcher, PushWorker, ThreadDispatcher
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
 from mqlite.filters import EventFilter, check_name
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
@@ -62,10 +65,12 @@ class Broker:
         self._queues: dict[str, Queue] = {}
         self._closed = False
         self._ids = itertools.count(1)
-        # _progress guards _progress_count, _drainers and _stopped; push workers bump the count per batch.
+        # _progress guards _progress_count, _drainers, _async_drainers and _stopped;
+        # push workers bump the count after every batch.
         self._progress = threading.Condition(threading.Lock())
         self._progress_count = 0
         self._drainers = 0
+        self._async_drainers: list[Callable[[], None]] = []
         self._stopped = False
         self._clock.add_listener(self._on_clock)
 
@@ -138,12 +143,13 @@ class Broker:
         events: str | Iterable[str] | None = None,
         name: str | None = None,
         start: Start = "latest",
-        callback: Callable[[Message], object] | None = None,
+        callback: Callable[[Message], object] | Callable[[Message], Awaitable[object]] | None = None,
         ack: Literal["auto", "manual"] = "auto",
         ack_timeout: float | None = None,
         max_deliveries: int | None = None,
         dead_letter: str | None = None,
         backoff: Backoff | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Subscription:
         """Attach a consumer to ``queue``.
 
@@ -165,6 +171,9 @@ class Broker:
                 None retries forever.
             dead_letter: The queue that receives dead letters; default ``"<queue>.dead-letter"``.
             backoff: Delays between retries of a push callback that raised.
+            loop: The event loop a coroutine ``callback`` runs on, and that ``aget``/``apoll``/
+                ``async for`` must be used from. Default: the loop running when ``subscribe``
+                is called, if any.
         """
         check_name("queue", queue)
         event_filter = EventFilter(events)
@@ -187,8 +196,20 @@ class Broker:
             check_name("dead_letter queue", dead_letter)
         if backoff is not None and not isinstance(backoff, Backoff):
             raise InvalidArgument(f"backoff must be a mqlite.Backoff, got {backoff!r}")
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            raise InvalidArgument(f"loop must be an asyncio event loop or None, got {loop!r}")
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        is_async = callback is not None and _is_coroutine_function(callback)
+        if is_async and loop is None:
+            raise InvalidArgument(
+                "a coroutine callback needs an event loop: call subscribe() from a running loop, or pass loop="
+            )
         target = self.queue(queue)
-        sub = Subscription(target, ident=next(self._ids), name=name, push=callback is not None)
+        sub = Subscription(target, ident=next(self._ids), name=name, push=callback is not None, loop=loop)
         sub.cursor = target.attach(
             sub,
             name=name,
@@ -200,7 +221,10 @@ class Broker:
             dead_letter=dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
             backoff=backoff if backoff is not None else Backoff(),
         )
-        if callback is not None:
+        if is_async:
+            assert loop is not None
+            AsyncPushWorker(target, sub, callback, self._note_progress, loop).start()  # type: ignore[arg-type]  # checked coroutine function
+        elif callback is not None:
             self._dispatcher.start(PushWorker(target, sub, callback, self._note_progress))
         return sub
 
@@ -222,6 +246,9 @@ class Broker:
             self._progress_count += 1
             if self._drainers:
                 self._progress.notify_all()
+            wakers, self._async_drainers = self._async_drainers, []
+        for wake in wakers:
+            wake()
 
     def _on_clock(self) -> None:
         for queue in list(self._queues.values()):
@@ -255,6 +282,30 @@ class Broker:
                     self._drainers -= 1
                 stopped = self._stopped
             if stopped:
+                return all(queue.push_settled(end) for queue, end in targets)
+
+    async def adrain(self, timeout: float | None = None) -> bool:
+        """:meth:`drain` for asyncio code: waits without blocking the event loop."""
+        timeout = check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        targets = [(queue, queue.end_offset) for queue in list(self._queues.values())]
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._dispatcher.run_ready()
+            future: asyncio.Future[None] = loop.create_future()
+            with self._progress:
+                self._async_drainers.append(loop_waker(loop, future))
+                stopped = self._stopped
+            if all(queue.push_settled(end) for queue, end in targets):
+                return True
+            if stopped:
+                return False
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(future, remaining)
+            except TimeoutError:
                 return all(queue.push_settled(end) for queue, end in targets)
 
     # -- introspection -------------------------------------------------------------------
@@ -334,6 +385,9 @@ class Broker:
         with self._progress:
             self._stopped = True
             self._progress.notify_all()
+            wakers, self._async_drainers = self._async_drainers, []
+        for wake in wakers:
+            wake()
 
     def __enter__(self) -> Self:
         return self
@@ -349,3 +403,9 @@ class Broker:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<mqlite.Broker {state} queues={sorted(self._queues)!r}>"
+
+
+def _is_coroutine_function(callback: object) -> bool:
+    """Whether calling ``callback`` returns a coroutine (plain, partial, or an object with async __call__)."""
+    call = type(callback).__call__ if not inspect.isroutine(callback) else None
+    return inspect.iscoroutinefunction(callback) or (call is not None and inspect.iscoroutinefunction(call))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from mqlite.aio import until_done
 from mqlite.message import Message
 from mqlite.queue import Queue
 
-__all__ = ["Dispatcher", "ManualDispatcher", "PushWorker", "ThreadDispatcher"]
+__all__ = ["AsyncPushWorker", "Dispatcher", "ManualDispatcher", "PushWorker", "ThreadDispatcher"]
 
 _log = logging.getLogger("mqlite")
 
@@ -76,16 +78,86 @@ class PushWorker:
                     callback(message)
                 return failures, []
             except BaseException as error:  # noqa: BLE001  # a callback must never kill its worker
-                _log.warning(
-                    "callback of subscription %s failed on %s offset %d (%s): %r",
-                    consumer.label,
-                    message.queue,
-                    message.offset,
-                    message.event,
-                    error,
-                    exc_info=_log.isEnabledFor(logging.DEBUG),
-                )
+                _log_failure(consumer, message, error)
                 failures.append((message, error))
+
+
+def _log_failure(consumer: Any, message: Message, error: BaseException) -> None:
+    _log.warning(
+        "callback of subscription %s failed on %s offset %d (%s): %r",
+        consumer.label,
+        message.queue,
+        message.offset,
+        message.event,
+        error,
+        exc_info=_log.isEnabledFor(logging.DEBUG),
+    )
+
+
+class AsyncPushWorker:
+    """Delivers one push subscription's messages to a coroutine callback, as a task on its loop.
+
+    Calls go one at a time and in order; acks and retries apply when each coroutine finishes.
+    The task waits for messages without a thread. Cancelling it (for example when the loop shuts
+    down) hands back the message being handled and the rest of its batch for redelivery.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        consumer: Any,
+        callback: Callable[[Message], Awaitable[object]],
+        on_progress: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.queue = queue
+        self.consumer = consumer
+        self.callback = callback
+        self._on_progress = on_progress
+        self.loop = loop
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Create the task on the worker's loop, from that loop's thread or any other."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._spawn()
+        else:
+            self.loop.call_soon_threadsafe(self._spawn)
+
+    def _spawn(self) -> None:
+        self.task = self.loop.create_task(self.run(), name=f"mqlite-push-{self.consumer.label}")
+
+    async def run(self) -> None:
+        """Deliver until the subscription closes."""
+        queue = self.queue
+        consumer = self.consumer
+        while True:
+            _, taken = await until_done(queue, consumer, lambda: queue.push_attempt_locked(consumer, PUSH_BATCH), None)
+            if taken is None:
+                return
+            batch, redelivered = taken
+            failures: list[tuple[Message, BaseException]] = []
+            unprocessed: list[Message] = []
+            try:
+                for index, message in enumerate(batch):
+                    if consumer.closed:
+                        unprocessed = batch[index:]
+                        break
+                    try:
+                        await self.callback(message)
+                    except asyncio.CancelledError:
+                        unprocessed = batch[index:]
+                        raise
+                    except Exception as error:  # noqa: BLE001  # a callback must never kill its worker
+                        _log_failure(consumer, message, error)
+                        failures.append((message, error))
+            finally:
+                queue.push_done(consumer, consumer.cursor, batch, redelivered, failures, unprocessed)
+                self._on_progress()
 
 
 class Dispatcher(Protocol):

@@ -7,7 +7,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -44,6 +44,7 @@ _NO_LIMIT = 1 << 62
 _MISSING: Any = object()
 _tuple_new = tuple.__new__
 _allocate_lock = threading.Lock
+_R = TypeVar("_R")
 
 
 def _check_limit(name: str, value: object, *, integer: bool) -> None:
@@ -115,6 +116,7 @@ class Queue:
         self.name = name
         # _lock guards every attribute below and every cursor of this queue.
         self._lock = threading.Lock()
+        self.lock = self._lock  # also guards each consumer's read-ahead buffer
         self._config = config
         self._log = MemoryLog()
         self._append = self._log.append
@@ -350,13 +352,18 @@ class Queue:
         for waiter in waiters:
             waiter[1]()
 
-    def _wait_locked(self, cursor: Cursor, timeout: float | None) -> None:
-        """Release the lock until something this cursor may want arrives, or ``timeout`` passes."""
+    def _bounded_by_due_locked(self, cursor: Cursor, timeout: float | None) -> float | None:
+        """``timeout`` shortened so a waiter wakes when a retry or ack timeout of ``cursor`` is due."""
         if cursor.pending and not self._clock.virtual:
             due = cursor.next_due()
             if due is not None:
                 until_due = max(due - self._monotonic(), 0.0)
-                timeout = until_due if timeout is None else min(timeout, until_due)
+                return until_due if timeout is None else min(timeout, until_due)
+        return timeout
+
+    def _wait_locked(self, cursor: Cursor, timeout: float | None) -> None:
+        """Release the lock until something this cursor may want arrives, or ``timeout`` passes."""
+        timeout = self._bounded_by_due_locked(cursor, timeout)
         signal = _allocate_lock()
         signal.acquire()
         waiter = (cursor.names, signal.release)
@@ -371,18 +378,39 @@ class Queue:
             except ValueError:
                 pass  # already woken: the waker removed it
 
-    def add_waiter_locked(self, cursor: Cursor, wake: Callable[[], object]) -> tuple[Any, ...]:
-        """Register a one-shot wake-up for ``cursor`` (used by the asyncio adapters)."""
-        waiter = (cursor.names, wake)
-        self._waiters.append(waiter)
-        return waiter
+    def attempt(
+        self,
+        consumer: Any,
+        attempt: Callable[[], tuple[bool, _R]],
+        wake: Callable[[], object] | None,
+    ) -> tuple[bool, _R, tuple[Any, ...] | None, float | None]:
+        """Run ``attempt`` under the lock; if it is not done, register ``wake`` (if any) as a one-shot waiter.
 
-    def remove_waiter_locked(self, waiter: tuple[Any, ...]) -> None:
+        This is how the asyncio adapters wait without a thread: the same take logic as the
+        blocking calls, only the waiting differs. Returns ``(done, value, waiter, wait_at_most)``;
+        the caller removes the waiter with :meth:`remove_waiter` once it stops waiting.
+        """
+        waiter = None
+        bound = None
+        with self._lock:
+            done, value = attempt()
+            if not done and wake is not None:
+                cursor: Cursor = consumer.cursor
+                waiter = (cursor.names, wake)
+                self._waiters.append(waiter)
+                bound = self._bounded_by_due_locked(cursor, None)
+            dead = self._take_outbox_locked()
+        if dead:
+            self.send_dead_letters(dead)
+        return done, value, waiter, bound
+
+    def remove_waiter(self, waiter: tuple[Any, ...]) -> None:
         """Forget a waiter that was not woken; a woken one is already gone."""
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
-            pass
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
 
     def wake_all(self) -> None:
         """Wake every waiter so it re-checks (the clock moved, or the broker is closing)."""
@@ -448,6 +476,8 @@ class Queue:
         """Detach a closing consumer: what it held unacked goes back for redelivery."""
         with self._lock:
             consumer.mark_closed("the subscription was closed")
+            self._give_back_locked(cursor, list(consumer.buffer))
+            consumer.buffer.clear()
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
             for entry in list(cursor.pending.values()):
@@ -596,17 +626,37 @@ class Queue:
         if dead:
             self._dead_letter_sink(dead)
 
-    def pull(self, consumer: Any, max_messages: int, timeout: float | None) -> list[Message]:
+    def pull_attempt_locked(self, consumer: Any, max_messages: int, read_ahead: int = 0) -> tuple[bool, list[Message]]:
+        """One try at reading for a pull consumer: (got something, messages).
+
+        Messages the consumer read ahead come first. With ``read_ahead``, up to that many are
+        taken and the ones beyond ``max_messages`` kept in the consumer's buffer.
+        """
+        if consumer.closed:
+            raise SubscriptionClosed(consumer.closed_reason())
+        buffer = consumer.buffer
+        if buffer:
+            return True, [buffer.popleft() for _ in range(min(max_messages, len(buffer)))]
+        messages = self.take_locked(consumer, consumer.cursor, max(max_messages, read_ahead), False)[0]
+        if len(messages) > max_messages:
+            buffer.extend(messages[max_messages:])
+            del messages[max_messages:]
+        return bool(messages), messages
+
+    def push_attempt_locked(self, consumer: Any, max_messages: int) -> tuple[bool, tuple[list[Message], int] | None]:
+        """One try at a batch for a push consumer: (done, batch); the batch is None once closed."""
+        if consumer.closed:
+            return True, None
+        taken = self.take_locked(consumer, consumer.cursor, max_messages, True)
+        return bool(taken[0]), taken
+
+    def pull(self, consumer: Any, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:
         """Block until the consumer gets at least one message, ``timeout`` passes, or it is closed."""
         deadline = None
-        dead: list[DeadLetter]
         with self._lock:
             while True:
-                if consumer.closed:
-                    raise SubscriptionClosed(consumer.closed_reason())
-                cursor: Cursor = consumer.cursor
-                messages, _ = self.take_locked(consumer, cursor, max_messages, False)
-                if messages or timeout == 0:
+                got, messages = self.pull_attempt_locked(consumer, max_messages, read_ahead)
+                if got or timeout == 0:
                     break
                 remaining = None
                 if timeout is not None:
@@ -615,7 +665,7 @@ class Queue:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                self._wait_locked(cursor, remaining)
+                self._wait_locked(consumer.cursor, remaining)
             dead = self._take_outbox_locked()
         if dead:
             self.send_dead_letters(dead)
@@ -625,16 +675,14 @@ class Queue:
         """The next batch for a push consumer; None once it is closed."""
         with self._lock:
             while True:
-                if consumer.closed:
-                    return None
-                result = self.take_locked(consumer, consumer.cursor, max_messages, True)
-                if result[0] or not block:
+                done, taken = self.push_attempt_locked(consumer, max_messages)
+                if done or not block:
                     break
                 self._wait_locked(consumer.cursor, None)
             dead = self._take_outbox_locked()
         if dead:
             self.send_dead_letters(dead)
-        return result
+        return taken
 
     def push_done(
         self,
@@ -668,23 +716,35 @@ class Queue:
                 elif entry.state != OUT:
                     continue
                 self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
-            cursor.delivered -= len(unprocessed)
-            for i, message in enumerate(unprocessed):
-                entry = pending.get(message[2])
-                if entry is None:
-                    entry = Pending(message, 0, None, READY)
-                    pending[message[2]] = entry
-                else:
-                    entry.attempts -= 1
-                    if entry.attempts:
-                        cursor.redelivered -= 1
-                entry.state = READY
-                entry.owner = None
-                cursor.ready.insert(i, entry)
+            self._give_back_locked(cursor, unprocessed)
             if unprocessed or failures:
                 self._wake_all_locked()
             dead = self._take_outbox_locked()
         self.send_dead_letters(dead)
+
+    def _give_back_locked(self, cursor: Cursor, messages: list[Message]) -> None:
+        """Undo the delivery of messages a consumer took but never handed to user code.
+
+        They go back to the front of the cursor's line, in order, without counting an attempt.
+        """
+        if not messages:
+            return
+        pending = cursor.pending
+        cursor.delivered -= len(messages)
+        if not cursor.manual_ack and not any(m.is_push for m in cursor.members):
+            cursor.acked -= len(messages)
+        for i, message in enumerate(messages):
+            entry = pending.get(message[2])
+            if entry is None:
+                entry = Pending(message, 0, None, READY)
+                pending[message[2]] = entry
+            else:
+                entry.attempts -= 1
+                if entry.attempts:
+                    cursor.redelivered -= 1
+            entry.state = READY
+            entry.owner = None
+            cursor.ready.insert(i, entry)
 
     # -- acks, seeks and filters ---------------------------------------------------------
 

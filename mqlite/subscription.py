@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from mqlite.aio import until_done
 from mqlite.cursor import Cursor
-from mqlite.errors import InvalidArgument, SubscriptionClosed
+from mqlite.errors import InvalidArgument, SubscriptionClosed, WrongEventLoop
 from mqlite.filters import EventFilter
 from mqlite.message import Message
 from mqlite.queue import Queue, Start
@@ -16,7 +19,10 @@ from mqlite.queue import Queue, Start
 if TYPE_CHECKING:
     from typing import Self
 
-__all__ = ["Subscription", "check_timeout"]
+__all__ = ["READ_AHEAD", "Subscription", "check_timeout"]
+
+READ_AHEAD = 64
+"""How many messages iteration (sync or async) takes per lock acquisition and buffers."""
 
 
 def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
@@ -36,7 +42,15 @@ class Subscription:
     them. Closing one gives back what it held unacked, for redelivery to the others.
     """
 
-    def __init__(self, queue: Queue, *, ident: int, name: str | None, push: bool) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        ident: int,
+        name: str | None,
+        push: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self._queue = queue
         self.id = ident
         self.name = name
@@ -46,9 +60,14 @@ class Subscription:
         self.closed = False
         self._reason = ""
         self.cursor: Cursor
-        # _close_lock guards _detached, so close() detaches exactly once.
+        # _close_lock guards _detached (close() detaches exactly once) and binding _loop, which
+        # is set at most once and read without the lock afterwards.
         self._close_lock = threading.Lock()
         self._detached = False
+        self._loop = loop
+        # Messages iteration read ahead and has not returned yet; guarded by the queue's lock.
+        # Closing hands them back to the cursor, so nothing taken here is ever lost.
+        self.buffer: deque[Message] = deque()
 
     # -- what the queue needs from a consumer --------------------------------------------
 
@@ -101,12 +120,87 @@ class Subscription:
         return self
 
     def __next__(self) -> Message:
-        """Block for the next message; iteration ends when the subscription or broker closes."""
+        """Block for the next message; iteration ends when the subscription or broker closes.
+
+        Iteration reads up to ``READ_AHEAD`` messages at a time and returns them one by one.
+        Messages read ahead are returned by the next get/poll/iteration on this subscription, or
+        handed back to its cursor (for another consumer) when it closes.
+        """
         self._check_pull()
         try:
-            return self._queue.pull(self, 1, None)[0]
+            return self._queue.pull(self, 1, None, READ_AHEAD)[0]
         except SubscriptionClosed:
             raise StopIteration from None
+
+    # -- async pull: the same take logic, waiting on the event loop ----------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        with self._close_lock:
+            if self._loop is None:
+                self._loop = loop
+                return
+        raise WrongEventLoop(
+            f"subscription {self.label} is bound to another event loop; use it from that loop, "
+            "or subscribe again from this one"
+        )
+
+    async def aget(self, timeout: float | None = None) -> Message | None:
+        """Await the next message; None when ``timeout`` seconds pass. Never blocks the loop.
+
+        Cancelling the awaiting task consumes nothing. Raises SubscriptionClosed when the
+        subscription or broker is (or becomes) closed.
+        """
+        messages = await self._apull(1, check_timeout(timeout))
+        return messages[0] if messages else None
+
+    async def apoll(self, max_messages: int = 100, timeout: float | None = 0) -> list[Message]:
+        """Await up to ``max_messages`` messages; see :meth:`poll`."""
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise InvalidArgument(f"max_messages must be a positive int, got {max_messages!r}")
+        return await self._apull(max_messages, check_timeout(timeout))
+
+    async def _apull(self, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:
+        self._check_pull()
+        self._bind_loop()
+        queue = self._queue
+        # The fast path takes what is there without creating a future.
+        messages = queue.pull(self, max_messages, 0, read_ahead)
+        if messages or timeout == 0:
+            return messages
+        _, messages = await until_done(
+            queue, self, lambda: queue.pull_attempt_locked(self, max_messages, read_ahead), timeout
+        )
+        return messages
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        """Await the next message; ``async for`` ends when the subscription or broker closes."""
+        if self.buffer:  # the fast path: a message read ahead, no future, no take
+            if asyncio.get_running_loop() is not self._loop:
+                self._bind_loop()
+            with self._queue.lock:
+                if self.buffer:
+                    return self.buffer.popleft()
+        try:
+            return (await self._apull(1, None, READ_AHEAD))[0]
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     # -- acknowledgement -----------------------------------------------------------------
 
