@@ -1,0 +1,535 @@
+"""Acknowledgements: auto and manual acks, nack, ack timeouts, redelivery on close, dead letters."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+from helpers import WAIT, offsets, payloads, pull_all
+
+import mqlite
+
+# -- automatic acks ------------------------------------------------------------------------
+
+
+def test_auto_ack_settles_a_pulled_message_when_it_is_returned(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n")
+    broker.publish("q", "e", 1)
+    assert sub.get(timeout=WAIT) is not None
+    assert sub.pending == 0
+    info = broker.info().subscription("q", "n")
+    assert (info.delivered, info.acked, info.pending) == (1, 1, 0)
+
+
+def test_auto_ack_never_redelivers_a_pulled_message_after_close(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n")
+    broker.publish("q", "e", 1)
+    sub.get(timeout=WAIT)
+    sub.close()
+    again = broker.subscribe("q", name="n")
+    assert pull_all(again) == []
+
+
+def test_auto_ack_settles_a_pushed_message_when_its_callback_returns(manual_broker: mqlite.Broker) -> None:
+    seen_pending: list[int] = []
+
+    def callback(message: mqlite.Message) -> None:
+        seen_pending.append(manual_broker.info().subscription("q", "n").acked)
+
+    manual_broker.subscribe("q", name="n", callback=callback)
+    manual_broker.publish("q", "e", 1)
+    assert manual_broker.drain(timeout=WAIT)
+    assert seen_pending == [0]  # not yet acked while the callback ran
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.delivered, info.acked, info.pending) == (1, 1, 0)
+
+
+# -- manual acks ---------------------------------------------------------------------------
+
+
+def test_a_manual_message_stays_pending_until_acked(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", 1)
+    message = sub.get(timeout=WAIT)
+    assert message is not None
+    assert sub.pending == 1
+    sub.ack(message)
+    assert sub.pending == 0
+    assert broker.info().subscription("q", "n").acked == 1
+
+
+def test_ack_accepts_an_int_offset(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", 1)
+    broker.publish("q", "e", 2)
+    pull_all(sub)
+    sub.ack(1)
+    sub.ack(0)
+    assert sub.pending == 0
+
+
+def test_acks_may_come_in_any_order(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    for i in range(5):
+        broker.publish("q", "e", i)
+    messages = pull_all(sub)
+    for message in reversed(messages):
+        sub.ack(message)
+    assert sub.pending == 0
+
+
+def test_an_unacked_message_is_not_redelivered_without_a_reason(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", 1)
+    pull_all(sub)
+    broker.publish("q", "e", 2)
+    assert payloads(pull_all(sub)) == [2]
+    assert sub.pending == 2
+
+
+def test_acking_twice_raises_not_pending(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", 1)
+    message = sub.get(timeout=WAIT)
+    sub.ack(message)
+    with pytest.raises(mqlite.NotPending, match="not pending"):
+        sub.ack(message)
+
+
+def test_a_consumer_may_ack_what_another_consumer_of_its_name_received(broker: mqlite.Broker) -> None:
+    first = broker.subscribe("q", name="n", ack="manual")
+    second = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", 1)
+    message = first.get(timeout=WAIT)
+    second.ack(message)
+    assert first.pending == 0
+
+
+def test_a_manual_push_message_stays_pending_until_the_callback_acks(manual_broker: mqlite.Broker) -> None:
+    received: list[mqlite.Message] = []
+    sub = manual_broker.subscribe("q", name="n", ack="manual", callback=received.append)
+    manual_broker.publish("q", "e", 1)
+    assert manual_broker.drain(timeout=WAIT)
+    assert sub.pending == 1
+    sub.ack(received[0])
+    assert sub.pending == 0
+
+
+# -- nack ----------------------------------------------------------------------------------
+
+
+def test_nack_without_delay_redelivers_at_once(manual_broker: mqlite.Broker) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    message = sub.get(timeout=0)
+    sub.nack(message)
+    again = sub.get(timeout=0)
+    assert again == message
+    assert sub.pending == 1
+
+
+def test_a_redelivery_comes_before_newer_messages(manual_broker: mqlite.Broker) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", 0)
+    first = sub.get(timeout=0)
+    manual_broker.publish("q", "e", 1)
+    sub.nack(first)
+    assert offsets(pull_all(sub)) == [0, 1]
+
+
+def test_nack_with_delay_redelivers_only_after_the_delay(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    sub.nack(sub.get(timeout=0), delay=5.0)
+    assert sub.get(timeout=0) is None
+    clock.advance(4.9)
+    assert sub.get(timeout=0) is None
+    clock.advance(0.1)
+    again = sub.get(timeout=0)
+    assert again is not None
+    assert again.payload == "x"
+
+
+def test_a_nacked_message_stays_pending_while_it_waits(manual_broker: mqlite.Broker) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    sub.nack(sub.get(timeout=0), delay=5.0)
+    assert sub.pending == 1
+
+
+def test_nack_counts_a_redelivery(manual_broker: mqlite.Broker) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    sub.nack(sub.get(timeout=0))
+    sub.get(timeout=0)
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.delivered, info.redelivered) == (2, 1)
+
+
+def test_nack_of_a_message_already_waiting_for_redelivery_raises(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    message = sub.get(timeout=0)
+    sub.nack(message, delay=5.0)
+    with pytest.raises(mqlite.NotPending, match="already waiting"):
+        sub.nack(message)
+
+
+def test_a_waiting_message_can_still_be_acked(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual")
+    manual_broker.publish("q", "e", "x")
+    message = sub.get(timeout=0)
+    sub.nack(message, delay=5.0)
+    sub.ack(message)
+    clock.advance(10)
+    assert sub.get(timeout=0) is None
+    assert sub.pending == 0
+
+
+def test_a_blocked_get_wakes_when_a_nack_delay_passes(broker: mqlite.Broker) -> None:
+    # Real clock: the waiting reader must wake by itself when the delay is due.
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", "x")
+    sub.nack(sub.get(timeout=WAIT), delay=0.05)
+    again = sub.get(timeout=WAIT)
+    assert again is not None
+    assert again.payload == "x"
+
+
+# -- ack timeout ---------------------------------------------------------------------------
+
+
+def test_an_unacked_message_is_redelivered_after_ack_timeout(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=30)
+    manual_broker.publish("q", "e", "x")
+    first = sub.get(timeout=0)
+    clock.advance(29)
+    assert sub.get(timeout=0) is None
+    clock.advance(1)
+    assert sub.get(timeout=0) == first
+    assert manual_broker.info().subscription("q", "n").redelivered == 1
+
+
+def test_an_acked_message_is_not_redelivered_after_ack_timeout(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=30)
+    manual_broker.publish("q", "e", "x")
+    sub.ack(sub.get(timeout=0))
+    clock.advance(60)
+    assert sub.get(timeout=0) is None
+
+
+def test_ack_timeout_restarts_at_each_redelivery(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
+    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=10)
+    manual_broker.publish("q", "e", "x")
+    sub.get(timeout=0)
+    clock.advance(10)
+    assert sub.get(timeout=0) is not None
+    clock.advance(9)
+    assert sub.get(timeout=0) is None
+    clock.advance(1)
+    assert sub.get(timeout=0) is not None
+
+
+def test_a_timed_out_message_may_go_to_another_consumer_of_the_name(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+) -> None:
+    slow = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
+    fast = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
+    manual_broker.publish("q", "e", "x")
+    message = slow.get(timeout=0)
+    clock.advance(5)
+    assert fast.get(timeout=0) == message
+    assert slow.get(timeout=0) is None
+
+
+def test_a_blocked_get_wakes_when_an_ack_timeout_passes(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual", ack_timeout=0.05)
+    broker.publish("q", "e", "x")
+    first = sub.get(timeout=WAIT)
+    again = sub.get(timeout=WAIT)
+    assert again == first
+
+
+# -- close without ack ---------------------------------------------------------------------
+
+
+def test_closing_without_ack_redelivers_to_another_consumer_of_the_name(broker: mqlite.Broker) -> None:
+    leaving = broker.subscribe("q", name="n", ack="manual")
+    staying = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", "x")
+    message = leaving.get(timeout=WAIT)
+    assert staying.get(timeout=0) is None
+    leaving.close()
+    assert staying.get(timeout=WAIT) == message
+
+
+def test_closing_without_ack_redelivers_to_the_next_subscription_of_the_name(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    for i in range(3):
+        broker.publish("q", "e", i)
+    received = pull_all(sub)
+    sub.ack(received[1])
+    sub.close()
+    again = broker.subscribe("q", name="n", ack="manual")
+    assert payloads(pull_all(again)) == [0, 2]
+
+
+def test_closing_wakes_another_consumer_blocked_on_the_name(broker: mqlite.Broker) -> None:
+    from helpers import Worker, wait_until_blocked
+
+    leaving = broker.subscribe("q", name="n", ack="manual")
+    staying = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", "x")
+    message = leaving.get(timeout=WAIT)
+    worker = Worker(lambda: staying.get(timeout=WAIT))
+    try:
+        wait_until_blocked(broker.queue("q"))
+        leaving.close()
+    finally:
+        assert worker.join() == message
+
+
+def test_a_redelivery_after_close_counts_as_redelivered(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", "x")
+    sub.get(timeout=WAIT)
+    sub.close()
+    broker.subscribe("q", name="n", ack="manual").get(timeout=WAIT)
+    assert broker.info().subscription("q", "n").redelivered == 1
+
+
+# -- max_deliveries and dead letters -------------------------------------------------------
+
+
+def test_a_message_nacked_max_deliveries_times_is_dead_lettered(broker: mqlite.Broker) -> None:
+    dead = broker.subscribe("orders.dead-letter", start="earliest", name="inspector")
+    sub = broker.subscribe("orders", name="n", ack="manual", max_deliveries=3)
+    broker.publish("orders", "created", {"id": 7})
+    for _ in range(3):
+        message = sub.get(timeout=0)
+        assert message is not None
+        sub.nack(message)
+    assert sub.get(timeout=0) is None
+    assert sub.pending == 0
+    letters = pull_all(dead)
+    assert [(m.event, m.payload) for m in letters] == [("created", {"id": 7})]
+
+
+def test_a_dead_letter_says_where_it_came_from(broker: mqlite.Broker) -> None:
+    dead = broker.subscribe("orders.dead-letter", name="inspector")
+    sub = broker.subscribe("orders", name="billing", ack="manual", max_deliveries=1)
+    broker.publish("orders", "e")
+    broker.publish("orders", "created", "p", key="k", headers={"trace": "t1"})
+    sub.ack(sub.get(timeout=0))
+    sub.nack(sub.get(timeout=0))
+    [letter] = pull_all(dead)
+    assert letter.key == "k"
+    assert letter.headers["trace"] == "t1"
+    assert letter.headers["dead_letter.queue"] == "orders"
+    assert letter.headers["dead_letter.offset"] == 1
+    assert letter.headers["dead_letter.subscription"] == "billing"
+    assert letter.headers["dead_letter.deliveries"] == 1
+    assert letter.headers["dead_letter.reason"] == "nack"
+
+
+def test_dead_letter_names_the_queue_that_receives_dead_letters(broker: mqlite.Broker) -> None:
+    parking = broker.subscribe("parking-lot", name="inspector")
+    sub = broker.subscribe("orders", name="n", ack="manual", max_deliveries=1, dead_letter="parking-lot")
+    broker.publish("orders", "created", 1)
+    sub.nack(sub.get(timeout=0))
+    assert payloads(pull_all(parking)) == [1]
+    assert "orders.dead-letter" not in {q.name for q in broker.info().queues}
+
+
+def test_dead_letters_are_kept_when_nobody_subscribes_to_the_dead_letter_queue(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("orders", name="n", ack="manual", max_deliveries=1)
+    broker.publish("orders", "created", 1)
+    sub.nack(sub.get(timeout=0))
+    inspector = broker.subscribe("orders.dead-letter", name="later", start="earliest")
+    assert payloads(pull_all(inspector)) == [1]
+
+
+def test_dead_lettering_is_counted(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("orders", name="n", ack="manual", max_deliveries=2)
+    broker.publish("orders", "created", 1)
+    sub.nack(sub.get(timeout=0))
+    sub.nack(sub.get(timeout=0))
+    info = broker.info().subscription("orders", "n")
+    assert (info.delivered, info.redelivered, info.dead_lettered, info.pending) == (2, 1, 1, 0)
+
+
+def test_a_dead_lettered_message_can_no_longer_be_acked(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("orders", name="n", ack="manual", max_deliveries=1)
+    broker.publish("orders", "created", 1)
+    message = sub.get(timeout=0)
+    sub.nack(message)
+    with pytest.raises(mqlite.NotPending):
+        sub.ack(message)
+
+
+def test_ack_timeouts_count_towards_max_deliveries(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
+    dead = manual_broker.subscribe("q.dead-letter", name="inspector")
+    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=1, max_deliveries=2)
+    manual_broker.publish("q", "e", "x")
+    assert sub.get(timeout=0) is not None
+    clock.advance(1)
+    assert sub.get(timeout=0) is not None
+    clock.advance(1)
+    assert sub.get(timeout=0) is None
+    [letter] = pull_all(dead)
+    assert letter.headers["dead_letter.reason"] == "ack timeout"
+    assert sub.pending == 0
+
+
+def test_closing_without_ack_counts_towards_max_deliveries(broker: mqlite.Broker) -> None:
+    dead = broker.subscribe("q.dead-letter", name="inspector")
+    sub = broker.subscribe("q", name="n", ack="manual", max_deliveries=1)
+    broker.publish("q", "e", "x")
+    sub.get(timeout=0)
+    sub.close()
+    [letter] = pull_all(dead)
+    assert letter.headers["dead_letter.reason"] == "subscription closed"
+    assert broker.info().subscription("q", "n").pending == 0
+
+
+# -- push callbacks that raise -------------------------------------------------------------
+
+
+def test_a_raising_callback_is_retried_after_backoff(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    calls: list[int] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(message.offset)
+        if len(calls) == 1:
+            raise RuntimeError("first try fails")
+
+    manual_broker.subscribe("q", name="n", callback=flaky, backoff=mqlite.Backoff(initial=2.0))
+    manual_broker.publish("q", "e", "x")
+    dispatcher.run_ready()
+    assert calls == [0]
+    clock.advance(1.9)
+    dispatcher.run_ready()
+    assert calls == [0]
+    clock.advance(0.1)
+    dispatcher.run_ready()
+    assert calls == [0, 0]
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.pending, info.redelivered, info.acked) == (0, 1, 1)
+
+
+def test_backoff_grows_between_failed_tries(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    calls: list[float] = []
+
+    def always_fails(message: mqlite.Message) -> None:
+        calls.append(clock.monotonic())
+        raise ValueError("broken handler")
+
+    manual_broker.subscribe(
+        "q", name="n", callback=always_fails, backoff=mqlite.Backoff(initial=1.0, factor=2.0, maximum=3.0)
+    )
+    manual_broker.publish("q", "e", "x")
+    dispatcher.run_ready()
+    for _ in range(20):  # half-second steps (exact in binary) through 10 s of virtual time
+        clock.advance(0.5)
+        dispatcher.run_ready()
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps == [1.0, 2.0, 3.0, 3.0]
+
+
+def test_a_callback_that_always_raises_ends_in_the_dead_letter_queue(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    dead = manual_broker.subscribe("q.dead-letter", name="inspector")
+    calls: list[int] = []
+
+    def always_fails(message: mqlite.Message) -> None:
+        calls.append(message.offset)
+        raise ValueError("broken handler")
+
+    manual_broker.subscribe(
+        "q", name="n", callback=always_fails, max_deliveries=3, backoff=mqlite.Backoff(initial=1.0, factor=1.0)
+    )
+    manual_broker.publish("q", "e", "x")
+    dispatcher.run_ready()
+    clock.advance(1)
+    dispatcher.run_ready()
+    clock.advance(1)
+    dispatcher.run_ready()
+    assert calls == [0, 0, 0]
+    [letter] = pull_all(dead)
+    assert letter.payload == "x"
+    assert letter.headers["dead_letter.reason"] == "callback raised"
+    assert "broken handler" in letter.headers["dead_letter.error"]
+    assert letter.headers["dead_letter.deliveries"] == 3
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.pending, info.dead_lettered) == (0, 1)
+    clock.advance(100)
+    dispatcher.run_ready()
+    assert calls == [0, 0, 0]
+
+
+def test_a_failing_message_does_not_stop_the_next_ones(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    handled: list[int] = []
+
+    def fails_on_one(message: mqlite.Message) -> None:
+        if message.payload == 1:
+            raise RuntimeError("bad message")
+        handled.append(message.payload)
+
+    manual_broker.subscribe("q", name="n", callback=fails_on_one, max_deliveries=1)
+    for i in range(4):
+        manual_broker.publish("q", "e", i)
+    assert manual_broker.drain(timeout=WAIT)
+    assert handled == [0, 2, 3]
+
+
+def test_the_push_thread_survives_a_raising_callback(broker: mqlite.Broker) -> None:
+    handled: list[int] = []
+    done = threading.Event()
+
+    def fails_on_first(message: mqlite.Message) -> None:
+        if message.payload == 0:
+            raise RuntimeError("first message is poison")
+        handled.append(message.payload)
+        if message.payload == 9:
+            done.set()
+
+    broker.subscribe("q", name="n", callback=fails_on_first, max_deliveries=1)
+    for i in range(10):
+        broker.publish("q", "e", i)
+    assert done.wait(WAIT)
+    assert broker.drain(timeout=WAIT)
+    assert handled == list(range(1, 10))
+    assert broker.info().subscription("q", "n").dead_lettered == 1
+
+
+def test_a_callback_that_raises_base_exception_does_not_kill_the_worker(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    handled: list[int] = []
+
+    def exits(message: mqlite.Message) -> None:
+        if message.payload == 0:
+            raise SystemExit("a callback calling sys.exit")
+        handled.append(message.payload)
+
+    manual_broker.subscribe("q", name="n", callback=exits, max_deliveries=1)
+    manual_broker.publish("q", "e", 0)
+    manual_broker.publish("q", "e", 1)
+    assert manual_broker.drain(timeout=WAIT)
+    assert handled == [1]
