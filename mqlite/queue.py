@@ -647,7 +647,12 @@ class Queue:
         """One try at a batch for a push consumer: (done, batch); the batch is None once closed."""
         if consumer.closed:
             return True, None
-        taken = self.take_locked(consumer, consumer.cursor, max_messages, True)
+        cursor: Cursor = consumer.cursor
+        if len(cursor.members) > 1:
+            # Competing consumers: take one at a time, so a burst is shared by whoever is free
+            # instead of going whole to the first worker that wakes.
+            max_messages = 1
+        taken = self.take_locked(consumer, cursor, max_messages, True)
         return bool(taken[0]), taken
 
     def pull(self, consumer: Any, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:

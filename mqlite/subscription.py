@@ -186,6 +186,9 @@ class Subscription:
             with self._queue.lock:
                 if self.buffer:
                     return self.buffer.popleft()
+        # Yield to the loop once per refill, so a consumer that always finds messages waiting
+        # still lets the loop's other tasks run (asyncio does not switch on a ready await).
+        await asyncio.sleep(0)
         try:
             return (await self._apull(1, None, READ_AHEAD))[0]
         except SubscriptionClosed:

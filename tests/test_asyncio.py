@@ -1,0 +1,462 @@
+"""asyncio: awaiting and async-iterating subscriptions, coroutine callbacks, and never blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mqlite
+
+T = TypeVar("T")
+TIMEOUT = 10.0
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a test coroutine under a hard timeout."""
+
+    async def guarded() -> T:
+        return await asyncio.wait_for(coro_fn(), TIMEOUT)
+
+    return asyncio.run(guarded())
+
+
+def start_thread(target: Callable[[], Any]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_aget_returns_published_message() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            broker.publish("orders", "created", {"id": 1})
+            message = await sub.aget(timeout=1)
+            assert message is not None
+            assert (message.event, message.payload, message.offset) == ("created", {"id": 1}, 0)
+
+    run(body)
+
+
+def test_aget_returns_none_when_timeout_passes() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            assert await sub.aget(timeout=0.01) is None
+            assert await sub.aget(timeout=0) is None
+
+    run(body)
+
+
+def test_apoll_returns_a_batch_in_order() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            for i in range(5):
+                broker.publish("orders", "created", i)
+            batch = await sub.apoll(max_messages=3)
+            assert [m.payload for m in batch] == [0, 1, 2]
+            assert [m.payload for m in await sub.apoll()] == [3, 4]
+            assert await sub.apoll(timeout=0) == []
+
+    run(body)
+
+
+def test_aget_is_woken_by_a_publish_from_another_thread() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            waiting = asyncio.get_running_loop().create_future()
+            thread = start_thread(lambda: broker.publish("orders", "created", "hello"))
+            try:
+                waiting.set_result(None)
+                message = await sub.aget(timeout=5)
+            finally:
+                thread.join(TIMEOUT)
+            assert message is not None
+            assert message.payload == "hello"
+
+    run(body)
+
+
+def test_async_for_ends_when_the_subscription_closes() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            for i in range(3):
+                broker.publish("orders", "created", i)
+            seen = []
+            async for message in sub:
+                seen.append(message.payload)
+                if len(seen) == 3:
+                    sub.close()
+            assert seen == [0, 1, 2]
+
+    run(body)
+
+
+def test_async_for_ends_when_the_broker_closes_from_another_thread() -> None:
+    async def body() -> None:
+        broker = mqlite.Broker()
+        sub = broker.subscribe("orders")
+        loop = asyncio.get_running_loop()
+        first = loop.create_future()
+        seen = []
+
+        async def consume() -> None:
+            async for message in sub:
+                seen.append(message.payload)
+                first.set_result(None)
+
+        task = asyncio.create_task(consume())
+        broker.publish("orders", "created", 1)
+        await first
+        thread = start_thread(broker.close)
+        try:
+            await task
+        finally:
+            thread.join(TIMEOUT)
+        assert seen == [1]
+
+    run(body)
+
+
+def test_aget_raises_subscription_closed_when_closed_while_waiting() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            task = asyncio.create_task(sub.aget())
+            await asyncio.sleep(0)  # let the task start waiting
+            sub.close()
+            with pytest.raises(mqlite.SubscriptionClosed):
+                await task
+
+    run(body)
+
+
+def test_async_with_closes_the_subscription() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            async with broker.subscribe("orders", name="vendor") as sub:
+                broker.publish("orders", "created", 1)
+                assert (await sub.aget(timeout=1)) is not None
+            assert sub.closed
+            assert broker.info().subscription("orders", "vendor").mode == "detached"
+
+    run(body)
+
+
+def test_read_ahead_of_async_for_is_handed_back_on_close() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            first = broker.subscribe("orders", name="workers")
+            for i in range(10):
+                broker.publish("orders", "created", i)
+            async for message in first:
+                assert message.payload == 0
+                break
+            first.close()
+            second = broker.subscribe("orders", name="workers")
+            rest = await second.apoll(max_messages=100)
+            assert [m.payload for m in rest] == list(range(1, 10))
+
+    run(body)
+
+
+def test_cancelling_aget_at_any_point_consumes_nothing() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders", name="workers", ack="manual")
+            for yields in range(6):
+                task = asyncio.create_task(sub.aget())
+                for _ in range(yields):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert sub.pending == 0
+            broker.publish("orders", "created", "kept")
+            message = await sub.aget(timeout=1)
+            assert message is not None
+            assert message.payload == "kept"
+            assert sub.pending == 1
+
+    run(body)
+
+
+def test_cancel_racing_a_publish_loses_nothing() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders", name="workers")
+            received = []
+            for i in range(50):
+                task = asyncio.create_task(sub.aget())
+                await asyncio.sleep(0)
+                thread = start_thread(lambda i=i: broker.publish("orders", "created", i))
+                task.cancel()
+                try:
+                    message = await task
+                    if message is not None:
+                        received.append(message.payload)
+                except asyncio.CancelledError:
+                    pass
+                finally:
+                    thread.join(TIMEOUT)
+            while (message := await sub.aget(timeout=0)) is not None:
+                received.append(message.payload)
+            assert sorted(received) == list(range(50))
+
+    run(body)
+
+
+def test_ticker_keeps_ticking_while_consumers_wait_and_messages_flow() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            ticks = 0
+            ticked_five = threading.Event()
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    if ticks == 5:
+                        ticked_five.set()
+                    await asyncio.sleep(0.001)
+
+            count = 100_000
+
+            def produce() -> None:
+                # Publish only once the ticker proved the loop runs while the consumer waits.
+                assert ticked_five.wait(TIMEOUT)
+                for i in range(count):
+                    broker.publish("orders", "tick", i)
+
+            tick_task = asyncio.create_task(ticker())
+            thread = start_thread(produce)
+            try:
+                received = 0
+                ticks_at_first = None
+                async for message in sub:
+                    if ticks_at_first is None:
+                        ticks_at_first = ticks
+                    assert message.payload == received
+                    received += 1
+                    if received == count:
+                        break
+            finally:
+                thread.join(TIMEOUT)
+                tick_task.cancel()
+            assert ticks_at_first is not None
+            assert ticks_at_first >= 5
+            assert ticks > ticks_at_first, "the ticker never ran while 100,000 messages flowed in"
+
+    run(body)
+
+
+def test_coroutine_callback_runs_on_the_loop_in_order_one_at_a_time() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            loop_thread = threading.get_ident()
+            seen: list[int] = []
+            threads: set[int] = set()
+            running = 0
+            most = 0
+
+            async def handle(message: mqlite.Message) -> None:
+                nonlocal running, most
+                running += 1
+                most = max(most, running)
+                threads.add(threading.get_ident())
+                await asyncio.sleep(0)
+                seen.append(message.payload)
+                running -= 1
+
+            broker.subscribe("orders", callback=handle)
+            thread = start_thread(lambda: [broker.publish("orders", "created", i) for i in range(200)])
+            thread.join(TIMEOUT)
+            assert await broker.adrain(timeout=5)
+            assert seen == list(range(200))
+            assert threads == {loop_thread}
+            assert most == 1
+
+    run(body)
+
+
+def test_coroutine_callback_that_raises_is_retried_then_dead_lettered() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            calls = 0
+
+            async def flaky(message: mqlite.Message) -> None:
+                nonlocal calls
+                calls += 1
+                raise RuntimeError("driver unreachable")
+
+            broker.subscribe(
+                "orders",
+                name="drivers",
+                callback=flaky,
+                max_deliveries=2,
+                backoff=mqlite.Backoff(initial=0.001, maximum=0.002),
+            )
+            dead = broker.subscribe("orders.dead-letter")
+            broker.publish("orders", "pickup", "parcel-1")
+            letter = await dead.aget(timeout=5)
+            assert letter is not None
+            assert letter.payload == "parcel-1"
+            assert letter.headers["dead_letter.deliveries"] == 2
+            assert calls == 2
+            info = broker.info().subscription("orders", "drivers")
+            assert (info.dead_lettered, info.pending) == (1, 0)
+
+    run(body)
+
+
+def test_coroutine_callback_with_manual_ack_stays_pending_until_acked() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            handled = asyncio.get_running_loop().create_future()
+            box: list[mqlite.Subscription] = []
+
+            async def handle(message: mqlite.Message) -> None:
+                handled.set_result(message)
+
+            box.append(broker.subscribe("orders", name="vendor", callback=handle, ack="manual"))
+            broker.publish("orders", "delivered", 1)
+            message = await handled
+            assert await broker.adrain(timeout=5)
+            assert box[0].pending == 1
+            box[0].ack(message)
+            assert box[0].pending == 0
+
+    run(body)
+
+
+def test_coroutine_callback_without_a_loop_is_refused_at_subscribe() -> None:
+    async def handle(message: mqlite.Message) -> None:
+        pass
+
+    with mqlite.Broker() as broker, pytest.raises(mqlite.InvalidArgument, match="event loop"):
+        broker.subscribe("orders", callback=handle)
+
+
+def test_coroutine_callback_with_explicit_loop_from_another_thread() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+
+        async def handle(message: mqlite.Message) -> None:
+            if not got.done():
+                got.set_result((message.payload, threading.get_ident()))
+
+        with mqlite.Broker() as broker:
+
+            def subscribe_and_publish() -> None:
+                broker.subscribe("orders", callback=handle, loop=loop)
+                broker.publish("orders", "created", "from-thread")
+
+            thread = start_thread(subscribe_and_publish)
+            try:
+                payload, ident = await got
+            finally:
+                thread.join(TIMEOUT)
+            assert payload == "from-thread"
+            assert ident == threading.get_ident()
+
+    run(body)
+
+
+def test_two_loops_in_two_threads_work_independently() -> None:
+    with mqlite.Broker() as broker:
+        results: dict[str, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def consumer(queue: str) -> None:
+            sub = broker.subscribe(queue)  # bound to this thread's loop at its first await
+            subscribed.release()
+
+            async def body() -> None:
+                assert ready.wait(TIMEOUT)
+                results[queue] = [m.payload async for m in _take(sub, 20)]
+
+            try:
+                asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+            except BaseException as error:  # noqa: BLE001  # re-raised in the main thread below
+                errors.append(error)
+
+        subscribed = threading.Semaphore(0)
+        ready = threading.Event()
+        threads = [start_thread(lambda q=q: consumer(q)) for q in ("a", "b")]
+        try:
+            for _ in threads:
+                assert subscribed.acquire(timeout=TIMEOUT)
+            ready.set()
+            for i in range(20):
+                broker.publish("a", "e", i)
+                broker.publish("b", "e", 100 + i)
+        finally:
+            for thread in threads:
+                thread.join(TIMEOUT)
+        assert not errors
+        assert results == {"a": list(range(20)), "b": list(range(100, 120))}
+
+
+async def _take(sub: mqlite.Subscription, count: int) -> Any:
+    received = 0
+    async for message in sub:
+        yield message
+        received += 1
+        if received == count:
+            return
+
+
+def test_using_a_subscription_from_another_loop_raises() -> None:
+    with mqlite.Broker() as broker:
+
+        async def bind() -> mqlite.Subscription:
+            sub = broker.subscribe("orders")
+            await sub.aget(timeout=0)
+            return sub
+
+        sub = asyncio.run(bind())
+
+        async def other() -> None:
+            with pytest.raises(mqlite.WrongEventLoop):
+                await sub.aget(timeout=0)
+
+        run(other)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from(["sync-get", "sync-poll", "async-get", "async-poll"]), min_size=1, max_size=30))
+def test_sync_and_async_consumers_of_one_name_get_each_message_once(readers: list[str]) -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sync_sub = broker.subscribe("orders", name="workers")
+            async_sub = broker.subscribe("orders", name="workers")
+            total = 3 * len(readers)
+            for i in range(total):
+                broker.publish("orders", "created", i)
+            received: list[int] = []
+            for reader in readers:
+                if reader == "sync-get":
+                    message = sync_sub.get(timeout=0)
+                    received += [] if message is None else [message.payload]
+                elif reader == "sync-poll":
+                    received += [m.payload for m in sync_sub.poll(max_messages=2)]
+                elif reader == "async-get":
+                    message = await async_sub.aget(timeout=0)
+                    received += [] if message is None else [message.payload]
+                else:
+                    received += [m.payload for m in await async_sub.apoll(max_messages=2)]
+            received += [m.payload for m in sync_sub.poll(max_messages=total)]
+            assert sorted(received) == list(range(total))
+
+    run(body)
