@@ -476,7 +476,7 @@ class Queue:
         """Detach a closing consumer: what it held unacked goes back for redelivery."""
         with self._lock:
             consumer.mark_closed("the subscription was closed")
-            self._give_back_locked(cursor, list(consumer.buffer))
+            self._give_back_locked(cursor, list(consumer.buffer), pulled=True)
             consumer.buffer.clear()
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
@@ -721,13 +721,13 @@ class Queue:
                 elif entry.state != OUT:
                     continue
                 self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
-            self._give_back_locked(cursor, unprocessed)
+            self._give_back_locked(cursor, unprocessed, pulled=False)
             if unprocessed or failures:
                 self._wake_all_locked()
             dead = self._take_outbox_locked()
         self.send_dead_letters(dead)
 
-    def _give_back_locked(self, cursor: Cursor, messages: list[Message]) -> None:
+    def _give_back_locked(self, cursor: Cursor, messages: list[Message], *, pulled: bool) -> None:
         """Undo the delivery of messages a consumer took but never handed to user code.
 
         They go back to the front of the cursor's line, in order, without counting an attempt.
@@ -736,8 +736,8 @@ class Queue:
             return
         pending = cursor.pending
         cursor.delivered -= len(messages)
-        if not cursor.manual_ack and not any(m.is_push for m in cursor.members):
-            cursor.acked -= len(messages)
+        if pulled and not cursor.manual_ack:
+            cursor.acked -= len(messages)  # take_locked counted them acked when it returned them
         for i, message in enumerate(messages):
             entry = pending.get(message[2])
             if entry is None:
