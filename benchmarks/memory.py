@@ -36,7 +36,7 @@ def _traced(n: int, build: Callable[[], Any]) -> Figures:
 
 def memory_scenario(mode: Mode) -> Scenario:
     """8. Memory per retained message at n messages: mqlite against the plain containers."""
-    n = {"full": 1_000_000, "quick": 200_000, "smoke": 500}[mode]
+    n = {"full": 1_000_000, "quick": 100_000, "smoke": 500}[mode]
 
     def mqlite_queue() -> Any:
         broker = mqlite.Broker()

@@ -143,7 +143,7 @@ def scaling_scenario(mode: Mode) -> Scenario:
         with mqlite.Broker() as broker:
             for _ in range(count):
                 broker.subscribe("q")  # ephemeral pull subscriptions that never read
-            return {f"{count} idle subs": timed_publishes(broker)}
+            return {_subs_label(count): timed_publishes(broker)}
 
     def with_retained(count: int) -> Figures:
         with mqlite.Broker() as broker:
@@ -158,7 +158,7 @@ def scaling_scenario(mode: Mode) -> Scenario:
         cases.append(Case("mqlite", partial(with_subs, count)))
     for count in retained_counts:
         cases.append(Case("mqlite", partial(with_retained, count)))
-    units = {f"{c} idle subs": "µs/msg" for c in sub_counts}
+    units = {_subs_label(c): "µs/msg" for c in sub_counts}
     units.update({f"{c:,} retained": "µs/msg" for c in retained_counts})
     low, high = sub_counts[0], sub_counts[-1]
     return Scenario(
@@ -175,10 +175,10 @@ def scaling_scenario(mode: Mode) -> Scenario:
         targets=[
             Target(
                 f"flat fanout: publish at {high} idle subs <= 1.2x at {low}",
-                f"{high} idle subs",
+                _subs_label(high),
                 "<=",
                 1.2,
-                versus=(f"{low} idle subs", "mqlite"),
+                versus=(_subs_label(low), "mqlite"),
             ),
             Target(
                 f"flat retention: publish at {retained_counts[-1]:,} retained <= 1.2x at {retained_counts[0]:,}",
@@ -190,3 +190,7 @@ def scaling_scenario(mode: Mode) -> Scenario:
         ],
         params={"publishes per round": n},
     )
+
+
+def _subs_label(count: int) -> str:
+    return f"{count:,} idle sub" + ("s" if count != 1 else "")
