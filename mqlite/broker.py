@@ -228,6 +228,21 @@ class Broker:
             self._dispatcher.start(PushWorker(target, sub, callback, self._note_progress))
         return sub
 
+    def delete_subscription(self, queue: str, name: str) -> bool:
+        """Forget a durable subscription: its position, pending messages and counters.
+
+        Like deleting a Kafka consumer group or ``XGROUP DESTROY`` in Redis. With the default
+        retention, messages only it still needed are then dropped. Returns False if there was no
+        such subscription.
+
+        Raises:
+            ConfigConflict: subscriptions with that name are still attached.
+        """
+        check_name("queue", queue)
+        check_name("subscription", name)
+        target = self._queues.get(queue)
+        return target is not None and target.delete_cursor(name)
+
     def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
         for letter in dead:
             message = letter.message

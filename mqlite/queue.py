@@ -199,7 +199,7 @@ class Queue:
                 raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
             events = self._events
             for event, _ in pairs:
-                if event not in events:
+                if type(event) is not str or event not in events:
                     check_event_name(event)
             if not pairs:
                 return []
@@ -472,6 +472,25 @@ class Queue:
             cursor.members.append(consumer)
             return cursor
 
+    def delete_cursor(self, name: str) -> bool:
+        """Forget the named cursor, its position and pending messages; False if there was none.
+
+        Raises:
+            ConfigConflict: subscriptions with that name are still attached.
+        """
+        with self._lock:
+            cursor = self._cursors.get(name)
+            if cursor is None:
+                return False
+            if cursor.members:
+                raise ConfigConflict(
+                    f"subscription {name!r} on {self.name!r} has {len(cursor.members)} attached; close them first"
+                )
+            del self._cursors[name]
+            self._change_index_locked(-int(cursor.names is not None))
+            self._housekeep_locked()
+            return True
+
     def detach(self, consumer: Any, cursor: Cursor) -> None:
         """Detach a closing consumer: what it held unacked goes back for redelivery."""
         with self._lock:
@@ -480,9 +499,15 @@ class Queue:
             consumer.buffer.clear()
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
+            closing_broker = self._closed
             for entry in list(cursor.pending.values()):
                 if entry.owner is consumer and entry.state == OUT:
-                    self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
+                    if closing_broker:
+                        # Not a failed delivery: the consumer did not give up on it. It waits,
+                        # with its attempt count unchanged, for the next consumer of the name.
+                        cursor.make_ready_locked(entry)
+                    else:
+                        self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
             if not cursor.members and not cursor.durable and cursor in self._ephemeral:
                 self._ephemeral.remove(cursor)
                 self._change_index_locked(-int(cursor.names is not None))
@@ -637,7 +662,10 @@ class Queue:
         buffer = consumer.buffer
         if buffer:
             return True, [buffer.popleft() for _ in range(min(max_messages, len(buffer)))]
-        messages = self.take_locked(consumer, consumer.cursor, max(max_messages, read_ahead), False)[0]
+        cursor: Cursor = consumer.cursor
+        if cursor.manual_ack:
+            read_ahead = 0  # a message read ahead would start its ack timeout before anyone saw it
+        messages = self.take_locked(consumer, cursor, max(max_messages, read_ahead), False)[0]
         if len(messages) > max_messages:
             buffer.extend(messages[max_messages:])
             del messages[max_messages:]
