@@ -6,7 +6,7 @@ import itertools
 import threading
 
 import pytest
-from helpers import WAIT, offsets, payloads, pull_all
+from helpers import WAIT, Worker, offsets, payloads, pull_all, wait_until_blocked
 
 import mqlite
 
@@ -272,6 +272,18 @@ def test_closing_without_ack_redelivers_to_another_consumer_of_the_name(broker: 
     assert staying.get(timeout=WAIT) == message
 
 
+def test_closing_gives_back_only_what_that_consumer_held(broker: mqlite.Broker) -> None:
+    leaving = broker.subscribe("q", name="n", ack="manual")
+    staying = broker.subscribe("q", name="n", ack="manual")
+    broker.publish("q", "e", "leaving's")
+    broker.publish("q", "e", "staying's")
+    assert payloads(leaving.poll(max_messages=1)) == ["leaving's"]
+    assert payloads(staying.poll(max_messages=1)) == ["staying's"]
+    leaving.close()
+    assert payloads(pull_all(staying)) == ["leaving's"]
+    assert staying.pending == 2
+
+
 def test_closing_without_ack_redelivers_to_the_next_subscription_of_the_name(broker: mqlite.Broker) -> None:
     sub = broker.subscribe("q", name="n", ack="manual")
     for i in range(3):
@@ -284,8 +296,6 @@ def test_closing_without_ack_redelivers_to_the_next_subscription_of_the_name(bro
 
 
 def test_closing_wakes_another_consumer_blocked_on_the_name(broker: mqlite.Broker) -> None:
-    from helpers import Worker, wait_until_blocked
-
     leaving = broker.subscribe("q", name="n", ack="manual")
     staying = broker.subscribe("q", name="n", ack="manual")
     broker.publish("q", "e", "x")
