@@ -543,3 +543,58 @@ def test_a_callback_that_raises_base_exception_does_not_kill_the_worker(
     manual_broker.publish("q", "e", 1)
     assert manual_broker.drain(timeout=WAIT)
     assert handled == [1]
+
+
+def test_a_manual_push_callback_that_raises_is_retried_and_can_then_ack(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    calls: list[int] = []
+    holder: list[mqlite.Subscription] = []
+
+    def fails_once_then_acks(message: mqlite.Message) -> None:
+        calls.append(message.offset)
+        if len(calls) == 1:
+            raise RuntimeError("first try fails")
+        holder[0].ack(message)
+
+    holder.append(
+        manual_broker.subscribe(
+            "q", name="n", ack="manual", callback=fails_once_then_acks, backoff=mqlite.Backoff(initial=1.0)
+        )
+    )
+    manual_broker.publish("q", "e")
+    dispatcher.run_ready()
+    clock.advance(1)
+    dispatcher.run_ready()
+    assert calls == [0, 0]
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.pending, info.acked, info.redelivered) == (0, 1, 1)
+
+
+def test_an_unacked_push_message_is_pushed_again_after_ack_timeout(
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    calls: list[int] = []
+    manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=5, callback=lambda m: calls.append(m.offset))
+    manual_broker.publish("q", "e")
+    dispatcher.run_ready()
+    clock.advance(4)
+    dispatcher.run_ready()
+    assert calls == [0]
+    clock.advance(1)
+    dispatcher.run_ready()
+    assert calls == [0, 0]
+
+
+def test_drain_waits_through_retries_until_the_message_is_dead_lettered(broker: mqlite.Broker) -> None:
+    calls: list[int] = []
+
+    def always_fails(message: mqlite.Message) -> None:
+        calls.append(message.offset)
+        raise RuntimeError("broken handler")
+
+    broker.subscribe("q", name="n", callback=always_fails, max_deliveries=3, backoff=mqlite.Backoff(initial=0.01))
+    broker.publish("q", "e")
+    assert broker.drain(timeout=WAIT)
+    assert calls == [0, 0, 0]
+    assert broker.info().subscription("q", "n").dead_lettered == 1

@@ -262,6 +262,18 @@ def test_start_at_a_datetime_between_messages_reads_from_the_next_one(make_broke
     assert payloads(pull_all(sub)) == [1]
 
 
+def test_start_at_a_datetime_after_the_last_message_reads_only_new_messages(
+    make_broker, clock: mqlite.ManualClock
+) -> None:
+    broker = make_broker(clock=clock)
+    queue = broker.queue("q", retention="limits")
+    queue.publish("e", "old")
+    sub = broker.subscribe("q", name="n", start=datetime.fromtimestamp(clock.time() + 60, tz=UTC))
+    assert sub.position == 1
+    queue.publish("e", "new")
+    assert payloads(pull_all(sub)) == ["new"]
+
+
 def test_start_applies_only_to_a_new_cursor(broker: mqlite.Broker) -> None:
     queue = make_history(broker)
     sub = broker.subscribe("q", name="n", start="latest")
