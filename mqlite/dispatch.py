@@ -19,7 +19,7 @@ _log = logging.getLogger("mqlite")
 
 # How many messages a worker takes per lock acquisition. Large enough to amortise the lock,
 # small enough that closing a subscription stops its callbacks promptly.
-PUSH_BATCH = 256
+PUSH_BATCH = 1024
 
 
 class PushWorker:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from mqlite.errors import InvalidArgument
 
-__all__ = ["EMPTY_HEADERS", "Message", "MessageMeta"]
+__all__ = ["EMPTY_HEADERS", "Message", "MessageMeta", "make_meta", "message_class"]
 
 EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
@@ -25,12 +25,13 @@ class MessageMeta(NamedTuple):
 _tuple_new = tuple.__new__
 
 
-class Message(tuple):  # type: ignore[type-arg]  # a 5-tuple laid out as documented below
+class Message(tuple):  # type: ignore[type-arg]  # a 4- or 5-tuple laid out as documented below
     """One message of a queue: immutable, compared by value, hashed by queue and offset. Thread-safe.
 
     A message is a tuple subclass, like ``os.stat_result``, because that is the fastest immutable
-    record CPython can build and the smallest one it can keep: a retained message costs about
-    140 bytes beyond its payload (see ``docs/benchmarks.md``). Read it by attribute.
+    record CPython can build and the smallest one it can keep (see ``docs/benchmarks.md``). Read
+    it by attribute. Each queue stamps its messages with its own subclass that knows the queue's
+    name, so a message with no key and no headers stores only four fields.
 
     Attributes:
         queue: The name of the queue it was published to.
@@ -43,6 +44,7 @@ class Message(tuple):  # type: ignore[type-arg]  # a 5-tuple laid out as documen
     """
 
     __slots__ = ()
+    _queue: str = ""  # set by each queue's subclass
 
     # C-level itemgetter properties: attribute reads cost no Python frame. mypy sees a property
     # assigned to a typed name, hence the ignores.
@@ -50,7 +52,6 @@ class Message(tuple):  # type: ignore[type-arg]  # a 5-tuple laid out as documen
     payload: Any = property(itemgetter(1))
     offset: int = property(itemgetter(2))  # type: ignore[assignment]
     timestamp: float = property(itemgetter(3))  # type: ignore[assignment]
-    _meta: MessageMeta = property(itemgetter(4))  # type: ignore[assignment]
 
     def __new__(
         cls,
@@ -62,26 +63,39 @@ class Message(tuple):  # type: ignore[type-arg]  # a 5-tuple laid out as documen
         key: Any = None,
         headers: Mapping[str, Any] | None = None,
     ) -> Message:
-        frozen = EMPTY_HEADERS if not headers else MappingProxyType(dict(headers))
-        return _tuple_new(cls, (event, payload, offset, timestamp, MessageMeta(queue, key, frozen)))
+        return _tuple_new(cls, (event, payload, offset, timestamp, make_meta(queue, key, headers)))
 
     @property
     def queue(self) -> str:
         """The name of the queue this message belongs to."""
-        return self[4].queue  # type: ignore[no-any-return]  # self[4] is a MessageMeta
+        return self[4].queue if len(self) > 4 else self._queue
 
     @property
     def key(self) -> Any:
         """The key given at publish, or None."""
-        return self[4].key
+        return self[4].key if len(self) > 4 else None
 
     @property
     def headers(self) -> Mapping[str, Any]:
         """The headers given at publish, as a read-only mapping (empty when none were given)."""
-        return self[4].headers  # type: ignore[no-any-return]  # self[4] is a MessageMeta
+        return self[4].headers if len(self) > 4 else EMPTY_HEADERS
 
-    def __getnewargs__(self) -> tuple[Any, ...]:  # pickle support
-        return (self.queue, self.event, self.payload, self.offset, self.timestamp, self.key, dict(self.headers))
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.queue, self[0], self[1], self[2], self[3], self.key, dict(self.headers))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickles as a plain Message: a queue's own subclass exists only in its process.
+        return (Message, self._fields())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __ne__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self._fields() != other._fields()
 
     def __repr__(self) -> str:
         extra = ""
@@ -95,8 +109,13 @@ class Message(tuple):  # type: ignore[type-arg]  # a 5-tuple laid out as documen
         )
 
     def __hash__(self) -> int:
-        # Payloads are often dicts, so hash by identity of the log entry instead of the payload.
-        return hash((self[4].queue, self[2], self[0]))
+        # Payloads are often dicts, so hash by where the message sits in the log, not its payload.
+        return hash((self.queue, self[2], self[0]))
+
+
+def message_class(queue: str) -> type[Message]:
+    """The Message subclass whose four-field instances belong to ``queue``."""
+    return type("Message", (Message,), {"__slots__": (), "_queue": queue, "__module__": __name__})
 
 
 def make_meta(queue: str, key: Any, headers: Mapping[str, Any] | None) -> MessageMeta:
@@ -108,8 +127,3 @@ def make_meta(queue: str, key: Any, headers: Mapping[str, Any] | None) -> Messag
             raise InvalidArgument(f"headers must be a mapping or None, got {type(headers).__name__}")
         frozen = MappingProxyType(dict(headers))
     return MessageMeta(queue, key, frozen)
-
-
-def new_message(event: str, payload: Any, offset: int, timestamp: float, meta: MessageMeta) -> Message:
-    """The fast constructor used by the log: no validation, no copies."""
-    return _tuple_new(Message, (event, payload, offset, timestamp, meta))

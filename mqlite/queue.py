@@ -23,7 +23,7 @@ from mqlite.errors import (
     SubscriptionClosed,
 )
 from mqlite.filters import EventFilter, check_event_name
-from mqlite.message import EMPTY_HEADERS, Message, MessageMeta, make_meta
+from mqlite.message import Message, make_meta, message_class
 from mqlite.storage.memory import MemoryLog
 
 __all__ = ["DeadLetter", "Queue", "QueueConfig", "Start"]
@@ -116,7 +116,6 @@ class Queue:
         self.name = name
         # _lock guards every attribute below and every cursor of this queue.
         self._lock = threading.Lock()
-        self.lock = self._lock  # also guards each consumer's read-ahead buffer
         self._config = config
         self._log = MemoryLog()
         self._append = self._log.append
@@ -135,7 +134,7 @@ class Queue:
         self._check_at = 0
         self._closed = False
         self._outbox: list[DeadLetter] = []
-        self._meta = MessageMeta(name, None, EMPTY_HEADERS)
+        self._message_class = message_class(name)
         self._clock = clock
         self._time = clock.time
         self._monotonic = clock.monotonic
@@ -162,18 +161,19 @@ class Queue:
             QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
             BrokerClosed: the broker was closed.
         """
-        meta = self._meta if key is None and headers is None else make_meta(self.name, key, headers)
         with self._lock:
-            if self._closed:
-                raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
             try:
                 postings = self._events[event]
             except (KeyError, TypeError):
                 postings = self._new_event_locked(event)
             offset = self._end
-            if offset >= self._check_at:
+            if offset >= self._check_at:  # housekeeping due, queue full, or broker closed
                 self._make_room_locked(1)
-            message: Message = _tuple_new(Message, (event, payload, offset, self._time(), meta))
+            if key is None and headers is None:
+                message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
+            else:
+                meta = make_meta(self.name, key, headers)
+                message = _tuple_new(Message, (event, payload, offset, self._time(), meta))
             self._append(message)
             self._end = offset + 1
             if postings is not None:
@@ -193,7 +193,7 @@ class Queue:
         for pair in pairs:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise InvalidArgument(f"publish_many takes (event, payload) pairs, got {pair!r}")
-        meta = self._meta
+        cls = self._message_class
         with self._lock:
             if self._closed:
                 raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
@@ -208,8 +208,7 @@ class Queue:
                 self._make_room_locked(len(pairs))
             now = self._time()
             messages: list[Message] = [
-                _tuple_new(Message, (event, payload, offset, now, meta))
-                for offset, (event, payload) in enumerate(pairs, start)
+                _tuple_new(cls, (event, payload, offset, now)) for offset, (event, payload) in enumerate(pairs, start)
             ]
             for event, _ in pairs:
                 if event not in events:
@@ -238,6 +237,8 @@ class Queue:
     # -- retention -------------------------------------------------------------------------
 
     def _make_room_locked(self, count: int) -> None:
+        if self._closed:
+            raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
         self._housekeep_locked()
         config = self._config
         limit = config.max_messages
@@ -279,7 +280,7 @@ class Queue:
         config = self._config
         if config.overflow == "reject" and config.max_messages is not None:
             check_at = min(check_at, start + config.max_messages)
-        self._check_at = check_at
+        self._check_at = -1 if self._closed else check_at
 
     def _reclaim_locked(self, offset: int) -> None:
         self._log.drop_before(offset)
@@ -495,8 +496,14 @@ class Queue:
         """Detach a closing consumer: what it held unacked goes back for redelivery."""
         with self._lock:
             consumer.mark_closed("the subscription was closed")
-            self._give_back_locked(cursor, list(consumer.buffer), pulled=True)
-            consumer.buffer.clear()
+            buffer = consumer.buffer
+            unread = []
+            while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
+                try:
+                    unread.append(buffer.popleft())
+                except IndexError:
+                    break
+            self._give_back_locked(cursor, unread, pulled=True)
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
             closing_broker = self._closed
@@ -957,6 +964,7 @@ class Queue:
         """Refuse further publishes, close every consumer and wake every waiter; returns the consumers."""
         with self._lock:
             self._closed = True
+            self._check_at = -1  # every publish now takes the slow path, which refuses it
             members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
             for member in members:
                 member.mark_closed("the broker was closed")

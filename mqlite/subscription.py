@@ -65,8 +65,8 @@ class Subscription:
         self._close_lock = threading.Lock()
         self._detached = False
         self._loop = loop
-        # Messages iteration read ahead and has not returned yet; guarded by the queue's lock.
-        # Closing hands them back to the cursor, so nothing taken here is ever lost.
+        # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
+        # popped with deque's atomic popleft. Closing hands them back to the cursor.
         self.buffer: deque[Message] = deque()
 
     # -- what the queue needs from a consumer --------------------------------------------
@@ -183,9 +183,12 @@ class Subscription:
         if self.buffer:  # the fast path: a message read ahead, no future, no take
             if asyncio.get_running_loop() is not self._loop:
                 self._bind_loop()
-            with self._queue.lock:
-                if self.buffer:
-                    return self.buffer.popleft()
+            try:
+                # deque.popleft is atomic (documented thread-safe, with or without the GIL), so
+                # this pop and close()'s hand-back never both get one message.
+                return self.buffer.popleft()
+            except IndexError:
+                pass
         # Yield to the loop once per refill, so a consumer that always finds messages waiting
         # still lets the loop's other tasks run (asyncio does not switch on a ready await).
         await asyncio.sleep(0)
