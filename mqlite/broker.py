@@ -274,7 +274,8 @@ class Broker:
         """Wait until every push subscription has handled everything published before the call.
 
         "Handled" means its callback returned for each matching message, or the message was
-        dead-lettered. Returns False if ``timeout`` seconds passed first.
+        dead-lettered. Returns False if ``timeout`` seconds passed first, or if the broker is (or
+        becomes) closed, since a closed broker's subscriptions handle nothing more.
         """
         timeout = check_timeout(timeout)
         targets = [(queue, queue.end_offset) for queue in list(self._queues.values())]
@@ -283,6 +284,8 @@ class Broker:
             self._dispatcher.run_ready()
             with self._progress:
                 seen = self._progress_count
+                if self._stopped:
+                    return False  # a closed broker's push subscriptions are gone, finished or not
             if all(queue.push_settled(end) for queue, end in targets):
                 return True
             with self._progress:
@@ -297,7 +300,7 @@ class Broker:
                     self._drainers -= 1
                 stopped = self._stopped
             if stopped:
-                return all(queue.push_settled(end) for queue, end in targets)
+                return False  # closed first: its push subscriptions left without finishing
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for asyncio code: waits without blocking the event loop."""

@@ -58,3 +58,29 @@ def test_delete_subscription_refuses_while_attached() -> None:
         broker.subscribe("jobs", name="vendor")
         with pytest.raises(mqlite.ConfigConflict, match="close them first"):
             broker.delete_subscription("jobs", "vendor")
+
+
+def test_drain_returns_false_when_the_broker_closes_before_callbacks_finish() -> None:
+    import threading
+
+    broker = mqlite.Broker()
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow(message: mqlite.Message) -> None:
+        started.set()
+        release.wait(10)
+
+    broker.subscribe("jobs", callback=slow)
+    broker.publish("jobs", "run", 1)
+    broker.publish("jobs", "run", 2)
+    assert started.wait(10)
+    result: list[bool] = []
+    drainer = threading.Thread(target=lambda: result.append(broker.drain(timeout=10)))
+    drainer.start()
+    try:
+        broker.close(timeout=0.05)
+    finally:
+        release.set()
+        drainer.join(10)
+    assert result == [False]
