@@ -16,7 +16,7 @@ import attrs
 
 from mqlite.aio import loop_waker
 from mqlite.clock import Clock, SystemClock
-from mqlite.cursor import Backoff
+from mqlite.cursor import Backoff, Cursor
 from mqlite.dispatch import AsyncPushWorker, Dispatcher, PushWorker, ThreadDispatcher
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
 from mqlite.filters import EventFilter, check_name
@@ -270,6 +270,20 @@ class Broker:
             queue.wake_all()
         self._note_progress()
 
+    def _drain_targets(self) -> list[tuple[Queue, int, list[Cursor] | None]]:
+        return [(queue, queue.end_offset, None) for queue in list(self._queues.values())]
+
+    @staticmethod
+    def _settle(targets: list[tuple[Queue, int, list[Cursor] | None]]) -> bool:
+        """Re-check what is still unsettled, in place; True once everything is."""
+        for i, (queue, end, cursors) in enumerate(targets):
+            if cursors is not None and not cursors:
+                continue
+            targets[i] = (queue, end, queue.push_unsettled(end, cursors))
+            if targets[i][2]:
+                return False
+        return True
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every push subscription has handled everything published before the call.
 
@@ -278,7 +292,7 @@ class Broker:
         becomes) closed, since a closed broker's subscriptions handle nothing more.
         """
         timeout = check_timeout(timeout)
-        targets = [(queue, queue.end_offset) for queue in list(self._queues.values())]
+        targets = self._drain_targets()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatcher.run_ready()
@@ -286,7 +300,7 @@ class Broker:
                 seen = self._progress_count
                 if self._stopped:
                     return False  # a closed broker's push subscriptions are gone, finished or not
-            if all(queue.push_settled(end) for queue, end in targets):
+            if self._settle(targets):
                 return True
             with self._progress:
                 self._drainers += 1
@@ -298,15 +312,12 @@ class Broker:
                         self._progress.wait(remaining)
                 finally:
                     self._drainers -= 1
-                stopped = self._stopped
-            if stopped:
-                return False  # closed first: its push subscriptions left without finishing
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for asyncio code: waits without blocking the event loop."""
         timeout = check_timeout(timeout)
         loop = asyncio.get_running_loop()
-        targets = [(queue, queue.end_offset) for queue in list(self._queues.values())]
+        targets = self._drain_targets()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             self._dispatcher.run_ready()
@@ -314,17 +325,17 @@ class Broker:
             with self._progress:
                 self._async_drainers.append(loop_waker(loop, future))
                 stopped = self._stopped
-            if all(queue.push_settled(end) for queue, end in targets):
-                return True
             if stopped:
                 return False
+            if self._settle(targets):
+                return True
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return False
             try:
                 await asyncio.wait_for(future, remaining)
             except TimeoutError:
-                return all(queue.push_settled(end) for queue, end in targets)
+                return self._settle(targets)
 
     # -- introspection -------------------------------------------------------------------
 

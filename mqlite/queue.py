@@ -947,18 +947,24 @@ class Queue:
                 cursors.append((cursor, figures))
             return (self._config, start, self._end), cursors
 
-    def push_settled(self, offset: int) -> bool:
-        """Whether every push cursor has handled every matching message below ``offset``."""
+    def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:
+        """The push cursors that have not yet handled every matching message below ``offset``.
+
+        Checks ``cursors`` (all of this queue's when None) in order and stops at the first one
+        still busy, returning it and the unchecked rest: a drain that calls again with the result
+        looks at each settled cursor once, not once per wake-up.
+        """
         with self._lock:
-            for cursor in self._all_cursors_locked():
+            candidates = self._all_cursors_locked() if cursors is None else cursors
+            start = self._limit_floor_locked()
+            for index, cursor in enumerate(candidates):
                 if not any(member.is_push for member in cursor.members):
                     continue
-                if cursor.unsettled_before_locked(offset):
-                    return False
-                start = self._limit_floor_locked()
-                if self._count_locked(cursor, max(cursor.position, start), offset):
-                    return False
-            return True
+                if cursor.unsettled_before_locked(offset) or self._count_locked(
+                    cursor, max(cursor.position, start), offset
+                ):
+                    return candidates[index:]
+            return []
 
     def close(self) -> list[Any]:
         """Refuse further publishes, close every consumer and wake every waiter; returns the consumers."""
