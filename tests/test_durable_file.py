@@ -1,0 +1,345 @@
+"""Durable brokers: what a file keeps across restarts and crashes, and the files it refuses.
+
+The core behaviour runs on the file backend through the parametrized ``make_broker`` fixture;
+this file covers only what exists because there is a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import WAIT, offsets, payloads, pull_all
+
+import mqlite
+
+# -- restarts ------------------------------------------------------------------------------
+
+
+def test_a_durable_subscription_catches_up_on_what_it_missed_while_the_process_was_gone(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("orders", name="billing")
+        broker.publish("orders", "created", {"id": 1})
+        assert payloads(pull_all(sub)) == [{"id": 1}]
+    with mqlite.Broker(path) as broker:
+        broker.publish("orders", "created", {"id": 2})
+    with mqlite.Broker(path) as broker:
+        broker.publish("orders", "created", {"id": 3})
+        sub = broker.subscribe("orders", name="billing")
+        assert [(m.offset, m.payload) for m in pull_all(sub)] == [(1, {"id": 2}), (2, {"id": 3})]
+
+
+def test_acked_messages_never_come_back_and_unacked_ones_do_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        broker.queue("q").publish_many([("e", i) for i in range(4)])
+        first = sub.poll(max_messages=3)
+        sub.ack(first[0])
+        sub.ack(first[2])
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        again = pull_all(sub)
+        assert offsets(again) == [1, 3]
+        info = broker.info().subscription("q", "w")
+        assert (info.pending, info.redelivered) == (2, 1)  # offset 1 is a redelivery, 3 is new
+
+
+def test_delivery_counts_survive_a_restart_and_still_reach_max_deliveries(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    settings: dict[str, Any] = {"name": "w", "ack": "manual", "max_deliveries": 2}
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", **settings)
+        broker.publish("q", "e", "poison")
+        assert sub.get(timeout=WAIT) is not None  # delivery 1, never acked
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", **settings)
+        message = sub.get(timeout=WAIT)  # delivery 2
+        assert message is not None
+        sub.nack(message)  # the second failure: dead-lettered
+        dead = broker.subscribe("q.dead-letter", start="earliest")
+        letter = dead.get(timeout=WAIT)
+        assert letter is not None
+        assert (letter.payload, letter.headers["dead_letter.deliveries"]) == ("poison", 2)
+    with mqlite.Broker(path) as broker:
+        assert pull_all(broker.subscribe("q", **settings)) == []
+
+
+def test_auto_acked_pulls_are_not_redelivered_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w")
+        broker.queue("q").publish_many([("e", i) for i in range(3)])
+        assert sub.get(timeout=WAIT) is not None
+    with mqlite.Broker(path) as broker:
+        assert offsets(pull_all(broker.subscribe("q", name="w"))) == [1, 2]
+
+
+def test_iteration_on_a_file_reads_no_further_ahead_than_it_returns(tmp_path: Path) -> None:
+    # A message read ahead counts as taken; on a file that would lose it in a crash.
+    with mqlite.Broker(tmp_path / "app.mqlite") as broker:
+        sub = broker.subscribe("q", name="w")
+        broker.queue("q").publish_many([("e", i) for i in range(5)])
+        assert next(iter(sub)).offset == 0
+        assert sub.position == 1
+
+
+def test_offsets_continue_after_a_restart_even_when_every_message_was_trimmed(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        broker.queue("q").publish_many([("e", i) for i in range(10_000)])  # nobody reads: all dropped
+    with mqlite.Broker(path) as broker:
+        assert broker.publish("q", "e", "next").offset == 10_000
+
+
+def test_event_filter_and_settings_of_a_detached_subscription_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", events=["a.*"], name="w", ack="manual", max_deliveries=3)
+        sub.join("b")
+        sub.close()
+    with mqlite.Broker(path) as broker:
+        info = broker.info().subscription("q", "w")
+        assert (info.events, info.ack, info.mode) == (("b", "a.*"), "manual", "detached")
+        broker.publish("q", "c", 0)
+        broker.publish("q", "a.x", 1)
+        sub = broker.subscribe("q", events=["a.*", "b"], name="w", ack="manual", max_deliveries=3)
+        assert payloads(pull_all(sub)) == [1]
+
+
+def test_ephemeral_subscriptions_are_never_written_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q")
+        broker.publish("q", "e", 1)
+        assert sub.get(timeout=WAIT) is not None
+    with mqlite.Broker(path) as broker:
+        assert broker.info().subscriptions == ()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM cursors").fetchone() == (0,)
+
+
+def test_queue_settings_key_and_headers_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        broker.queue("q", retention="limits", max_messages=50)
+        broker.publish("q", "e", {"x": [1, 2]}, key="k1", headers={"trace": "abc"})
+    with mqlite.Broker(path) as broker:
+        assert broker.queue("q").config == mqlite.QueueConfig(retention="limits", max_messages=50)
+        (message,) = pull_all(broker.subscribe("q", start="earliest"))
+        assert (message.payload, message.key, dict(message.headers)) == ({"x": [1, 2]}, "k1", {"trace": "abc"})
+
+
+def test_synchronous_full_is_accepted_and_a_bad_level_is_refused(tmp_path: Path) -> None:
+    with mqlite.Broker(tmp_path / "full.mqlite", synchronous="full") as broker:
+        assert broker.publish("q", "e", 1).offset == 0
+    with pytest.raises(mqlite.StorageError, match="synchronous"):
+        mqlite.Broker(tmp_path / "x.mqlite", synchronous="sometimes")  # type: ignore[arg-type]
+
+
+def test_an_in_memory_broker_has_no_file() -> None:
+    with mqlite.Broker() as broker:
+        assert broker.path is None
+        assert broker.queue("q")._journal is None
+
+
+# -- payloads ------------------------------------------------------------------------------
+
+
+def test_an_unencodable_payload_raises_at_publish_and_uses_no_offset(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        q = broker.queue("q", retention="limits")
+        q.publish("e", 0)
+        with pytest.raises(mqlite.SerializationError, match="json serializer failed"):
+            q.publish("e", object())
+        with pytest.raises(mqlite.SerializationError):
+            q.publish_many([("e", 1), ("e", {1, 2})])
+        assert q.end_offset == 1
+        assert q.publish("e", 2).offset == 1
+    with mqlite.Broker(path) as broker:
+        assert payloads(pull_all(broker.subscribe("q", start="earliest"))) == [0, 2]
+
+
+def test_pickle_is_opt_in_and_keeps_python_types(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path, serializer=mqlite.PickleSerializer()) as broker:
+        broker.queue("q", retention="limits").publish("e", (1, {2, 3}))
+    with mqlite.Broker(path, serializer=mqlite.PickleSerializer()) as broker:
+        assert payloads(pull_all(broker.subscribe("q", start="earliest"))) == [(1, {2, 3})]
+
+
+def test_a_file_is_only_read_with_the_serializer_that_wrote_it(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    mqlite.Broker(path, serializer=mqlite.PickleSerializer()).close()
+    with pytest.raises(mqlite.StorageError, match="'pickle' serializer"):
+        mqlite.Broker(path)
+
+
+# -- files that are refused ----------------------------------------------------------------
+
+
+def _fingerprint(path: Path) -> tuple[bytes, int, bool]:
+    return path.read_bytes(), path.stat().st_mtime_ns, Path(f"{path}-wal").exists()
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"just some text, not SQLite at all\n" * 200)
+    before = _fingerprint(path)
+    with pytest.raises(mqlite.StorageError, match="not an mqlite file"):
+        mqlite.Broker(path)
+    assert _fingerprint(path) == before
+
+
+def test_another_applications_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE people (name TEXT)")
+    before = _fingerprint(path)
+    with pytest.raises(mqlite.StorageError, match="not an mqlite file"):
+        mqlite.Broker(path)
+    assert _fingerprint(path) == before
+
+
+def test_a_file_from_a_newer_mqlite_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    mqlite.Broker(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE mqlite_schema SET version = version + 1")
+    db.close()
+    before = _fingerprint(path)
+    with pytest.raises(mqlite.StorageError, match="newer than the 1 this mqlite understands"):
+        mqlite.Broker(path)
+    assert _fingerprint(path) == before
+
+
+def test_a_truncated_file_raises_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        broker.queue("q", retention="limits").publish_many([("e", "x" * 100) for _ in range(500)])
+    data = path.read_bytes()
+    path.write_bytes(data[:4096] + b"\xff" * 4096)
+    with pytest.raises(mqlite.StorageError):
+        mqlite.Broker(path)
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+# The child publishes, consumes and acks in a loop, and reports each step on stdout: "p seq"
+# before a publish and "P seq offset" once it returned; "D offset" for a delivery; "a offset"
+# before an ack and "A offset" once it returned. The parent kills it with SIGKILL at a random line.
+_CHILD = """
+import random, sys
+import mqlite
+
+path, first_seq, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+out = sys.stdout
+broker = mqlite.Broker(path)
+queue = broker.queue("q", retention="limits")
+sub = broker.subscribe("q", name="c", ack="manual", start="earliest")
+out.write("ready\\n")
+out.flush()
+seq = first_seq
+while True:
+    for _ in range(rng.randint(1, 3)):
+        out.write(f"p {seq}\\n"); out.flush()
+        message = queue.publish("e", {"seq": seq})
+        out.write(f"P {seq} {message.offset}\\n"); out.flush()
+        seq += 1
+    for message in sub.poll(max_messages=rng.randint(1, 4), timeout=0):
+        out.write(f"D {message.offset}\\n")
+        if rng.random() < 0.7:
+            out.write(f"a {message.offset}\\n"); out.flush()
+            sub.ack(message)
+            out.write(f"A {message.offset}\\n"); out.flush()
+"""
+
+KILLS = 24
+
+
+def test_sigkill_at_random_moments_loses_no_publish_and_no_ack(tmp_path: Path) -> None:
+    path = tmp_path / "crash.mqlite"
+    rng = random.Random(0xC0FFEE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mqlite.__file__).parent.parent), *sys.path])}
+    published: dict[int, int] = {}  # seq -> offset, for every publish that returned
+    acked: set[int] = set()  # offsets whose ack returned (or was proved committed)
+    attempted: set[int] = set()  # seq of every publish that was started
+    checked = 0
+    for round_ in range(KILLS):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(path), str(round_ * 1_000_000), str(rng.randrange(1 << 30))],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        seen: list[str] = []
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n", "child failed to start"
+            for _ in range(rng.randint(1, 400)):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=WAIT)
+            # The pipe has its writer gone, so this read ends; it also returns what readline buffered.
+            rest = proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=WAIT)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        assert proc.returncode == -signal.SIGKILL, "the child died before it was killed"
+        ack_unsure: set[int] = set()
+        for line in "".join(seen + [rest]).splitlines():
+            kind, *fields = line.split()
+            if kind == "p":
+                attempted.add(int(fields[0]))
+            elif kind == "P":
+                published[int(fields[0])] = int(fields[1])
+            elif kind == "a":
+                ack_unsure.add(int(fields[0]))
+            elif kind == "A":
+                acked.add(int(fields[0]))
+        ack_unsure -= acked
+        checked += _check_file(path, published, attempted)
+        # Reopen: the durable subscription must get back exactly what was never acked.
+        with mqlite.Broker(path) as broker:
+            sub = broker.subscribe("q", name="c", ack="manual", start="earliest")
+            delivered = set(offsets(pull_all(sub)))
+            end = broker.queue("q").end_offset
+        assert not delivered & acked, f"round {round_}: acked messages delivered again"
+        lost = set(range(end)) - acked - ack_unsure - delivered
+        assert not lost, f"round {round_}: unacked messages {lost} lost; " + repr(
+            [line for line in "".join(seen + [rest]).splitlines() if line.split()[-1] in {str(x) for x in lost}]
+        )
+        acked |= ack_unsure - delivered  # those acks did commit before the kill
+    assert len(published) > KILLS
+    assert checked >= len(published)
+
+
+def _check_file(path: Path, published: dict[int, int], attempted: set[int]) -> int:
+    """Every publish that returned is stored exactly once at its offset; offsets are contiguous."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT \"offset\", payload FROM messages WHERE queue = 'q' ORDER BY \"offset\"").fetchall()
+    db.close()
+    assert [offset for offset, _ in rows] == list(range(len(rows))), "offsets are not contiguous"
+    stored = {json.loads(payload)["seq"]: offset for offset, payload in rows}
+    assert len(stored) == len(rows), "a publish is stored twice"
+    for seq, offset in published.items():
+        assert stored.get(seq) == offset, f"publish {seq} returned offset {offset} but is not stored there"
+    assert set(stored) <= attempted, "a message was stored that nobody published"
+    return len(rows)
