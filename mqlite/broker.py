@@ -77,9 +77,7 @@ class Broker:
     ) -> None:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
-        self._store = (
-            None if path is None else SqliteStore(path, synchronous=synchronous, serializer=serializer)
-        )
+        self._store = None if path is None else SqliteStore(path, synchronous=synchronous, serializer=serializer)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
         # _lock guards _closed and writes of _queues. _queues is copy-on-write: it is replaced,

@@ -304,7 +304,7 @@ def test_sigkill_at_random_moments_loses_no_publish_and_no_ack(tmp_path: Path) -
                 proc.stdout.close()
         assert proc.returncode == -signal.SIGKILL, "the child died before it was killed"
         ack_unsure: set[int] = set()
-        for line in "".join(seen + [rest]).splitlines():
+        for line in "".join([*seen, rest]).splitlines():
             kind, *fields = line.split()
             if kind == "p":
                 attempted.add(int(fields[0]))
@@ -324,7 +324,7 @@ def test_sigkill_at_random_moments_loses_no_publish_and_no_ack(tmp_path: Path) -
         assert not delivered & acked, f"round {round_}: acked messages delivered again"
         lost = set(range(end)) - acked - ack_unsure - delivered
         assert not lost, f"round {round_}: unacked messages {lost} lost; " + repr(
-            [line for line in "".join(seen + [rest]).splitlines() if line.split()[-1] in {str(x) for x in lost}]
+            [line for line in "".join([*seen, rest]).splitlines() if line.split()[-1] in {str(x) for x in lost}]
         )
         acked |= ack_unsure - delivered  # those acks did commit before the kill
     assert len(published) > KILLS
@@ -334,7 +334,7 @@ def test_sigkill_at_random_moments_loses_no_publish_and_no_ack(tmp_path: Path) -
 def _check_file(path: Path, published: dict[int, int], attempted: set[int]) -> int:
     """Every publish that returned is stored exactly once at its offset; offsets are contiguous."""
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT \"offset\", payload FROM messages WHERE queue = 'q' ORDER BY \"offset\"").fetchall()
+        rows = db.execute('SELECT "offset", payload FROM messages WHERE queue = \'q\' ORDER BY "offset"').fetchall()
     db.close()
     assert [offset for offset, _ in rows] == list(range(len(rows))), "offsets are not contiguous"
     stored = {json.loads(payload)["seq"]: offset for offset, payload in rows}

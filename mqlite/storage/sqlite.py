@@ -114,7 +114,7 @@ class PickleSerializer:
 
     def loads(self, data: bytes) -> Any:
         """Unpickle; runs code from the file (see the class docstring)."""
-        return pickle.loads(data)  # noqa: S301  # opt-in, documented as unsafe
+        return pickle.loads(data)  # opt-in, documented as unsafe
 
 
 class StoredCursor:
@@ -156,9 +156,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._closed = False
         try:
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
             raise StorageError(f"cannot open {self.path!r} as an mqlite file: {error}") from error
         try:
@@ -179,9 +177,7 @@ class SqliteStore:
             ) from error
         if tables or application_id:
             if "mqlite_schema" not in tables or application_id != APPLICATION_ID:
-                raise StorageError(
-                    f"{self.path!r} is an SQLite database but not an mqlite file; it was left untouched"
-                )
+                raise StorageError(f"{self.path!r} is an SQLite database but not an mqlite file; it was left untouched")
             try:
                 version, serializer = db.execute("SELECT version, serializer FROM mqlite_schema").fetchone()
             except (sqlite3.DatabaseError, TypeError) as error:
@@ -347,7 +343,7 @@ class SqliteStore:
             payload = dumps(message[1])
             key = None if meta.key is None else dumps(meta.key)
             headers = dumps(dict(meta.headers)) if meta.headers else None
-        except Exception as error:  # noqa: BLE001  # any encoder failure is the user's value, reported as such
+        except Exception as error:  # any encoder failure is the user's value, reported as such
             raise SerializationError(
                 f"cannot store the message {message[0]!r} for queue {meta.queue!r}: the "
                 f"{self.serializer.name} serializer failed ({type(error).__name__}: {error}); publish "
@@ -362,9 +358,11 @@ class SqliteStore:
             if key is None and headers is None:
                 meta = MessageMeta(queue, None, EMPTY_HEADERS)
             else:
-                meta = make_meta(queue, None if key is None else loads(key), None if headers is None else loads(headers))
+                meta = make_meta(
+                    queue, None if key is None else loads(key), None if headers is None else loads(headers)
+                )
             return new_message(event, loads(payload), offset, timestamp, meta)
-        except Exception as error:  # noqa: BLE001  # a bad row is a corrupt file, whatever the decoder raised
+        except Exception as error:  # a bad row is a corrupt file, whatever the decoder raised
             raise StorageError(f"{self.path!r}: cannot decode message {offset} of {queue!r}: {error}") from error
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -426,9 +424,7 @@ class SqliteStore:
             self._db.close()
 
 
-_INSERT = (
-    'INSERT INTO messages (queue, "offset", event, payload, key, headers, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?)'
-)
+_INSERT = 'INSERT INTO messages (queue, "offset", event, payload, key, headers, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?)'
 
 
 class SqliteLog:
