@@ -343,3 +343,18 @@ def _check_file(path: Path, published: dict[int, int], attempted: set[int]) -> i
         assert stored.get(seq) == offset, f"publish {seq} returned offset {offset} but is not stored there"
     assert set(stored) <= attempted, "a message was stored that nobody published"
     return len(rows)
+
+
+def test_a_steady_publish_and_consume_loop_reaches_a_steady_file_size(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    sizes = []
+    with mqlite.Broker(path) as broker:
+        queue = broker.queue("q")
+        sub = broker.subscribe("q", name="w")
+        for _ in range(5):
+            for _ in range(10):
+                queue.publish_many([("e", {"blob": "x" * 100})] * 1000)
+                assert len(sub.poll(max_messages=1000)) == 1000
+            sizes.append(path.stat().st_size)
+    assert sizes[-1] <= sizes[1] * 1.1, f"file kept growing: {sizes}"
+    assert sizes[-1] < 10_000 * 100, "the file holds more than a round of messages"

@@ -89,10 +89,11 @@ class JsonSerializer:
     """
 
     name = "json"
+    _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
     def dumps(self, value: Any) -> bytes:
         """Encode ``value``; raises TypeError or ValueError when JSON cannot represent it."""
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return self._encode(value).encode()
 
     def loads(self, data: bytes) -> Any:
         """Decode what :meth:`dumps` wrote."""
@@ -365,14 +366,19 @@ class SqliteStore:
         except Exception as error:  # a bad row is a corrupt file, whatever the decoder raised
             raise StorageError(f"{self.path!r}: cannot decode message {offset} of {queue!r}: {error}") from error
 
+    def insert_one(self, message: Message) -> None:
+        """Append one message, committed (autocommit) before returning. The durable publish path."""
+        row = self.encode(message)
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            self._db.execute(_INSERT, row)
+
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Append encoded messages, committed before returning."""
+        """Append encoded messages in one transaction, committed before returning."""
         with self._lock:
             self._check_open()
             db = self._db
-            if len(rows) == 1:
-                db.execute(_INSERT, rows[0])
-                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_INSERT, rows)
@@ -435,7 +441,7 @@ class SqliteLog:
     cannot be stored never gets an offset.
     """
 
-    __slots__ = ("_cache", "_store", "append", "cursors", "queue")
+    __slots__ = ("_cache", "_cache_append", "_insert_one", "_store", "append", "cursors", "queue")
 
     def __init__(self, store: SqliteStore, queue: str, cache: MemoryLog, cursors: list[StoredCursor]) -> None:
         self._store = store
@@ -443,10 +449,12 @@ class SqliteLog:
         self._cache = cache
         self.cursors = cursors
         self.append = self._append
+        self._insert_one = store.insert_one
+        self._cache_append = cache.append
 
     def _append(self, message: Message) -> None:
-        self._store.insert([self._store.encode(message)])
-        self._cache.append(message)
+        self._insert_one(message)
+        self._cache_append(message)
 
     @property
     def first_offset(self) -> int:
