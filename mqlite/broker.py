@@ -24,7 +24,7 @@ from mqlite.filters import EventFilter, check_name
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import DeadLetter, Overflow, Queue, QueueConfig, Retention, Start
-from mqlite.storage.sqlite import Serializer, SqliteStore, Synchronous
+from mqlite.storage.sqlite import Commit, Serializer, SqliteStore, Synchronous
 from mqlite.subscription import Subscription, check_timeout
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ class Broker:
             crashes (see ``docs/durability.md``).
         synchronous: For a file: ``"normal"`` (default) makes every publish and ack survive the
             process being killed once it returns; ``"full"`` also survives power loss, slower.
+        commit: For a file: ``"each"`` (default) commits every publish, delivery and ack before
+            it returns. ``"batch"`` returns at once and a writer thread commits in the background,
+            many writes (from any number of threads) per transaction; :meth:`flush` waits for it.
         serializer: For a file: how payloads, keys and headers are stored. Default
             :class:`~mqlite.JsonSerializer`; :class:`~mqlite.PickleSerializer` is opt-in and
             unsafe for files you did not write.
@@ -73,11 +76,14 @@ class Broker:
         clock: Clock | None = None,
         dispatcher: Dispatcher | None = None,
         synchronous: Synchronous = "normal",
+        commit: Commit = "each",
         serializer: Serializer | None = None,
     ) -> None:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
-        self._store = None if path is None else SqliteStore(path, synchronous=synchronous, serializer=serializer)
+        self._store = (
+            None if path is None else SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        )
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
         # _lock guards _closed and writes of _queues. _queues is copy-on-write: it is replaced,
@@ -426,6 +432,18 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every publish, delivery and ack made before the call is committed to the file.
+
+        Only a file-backed broker with ``commit="batch"`` ever has to wait; otherwise returns True
+        at once. Returns False if ``timeout`` seconds passed first.
+
+        Raises:
+            StorageError: the background writer failed (for example, the disk is full).
+        """
+        timeout = check_timeout(timeout)
+        return True if self._store is None else self._store.flush(timeout)
 
     @property
     def path(self) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT, offsets, payloads, pull_all
+from helpers import WAIT, Worker, offsets, payloads, pull_all
 
 import mqlite
 
@@ -144,6 +144,39 @@ def test_synchronous_full_is_accepted_and_a_bad_level_is_refused(tmp_path: Path)
         assert broker.publish("q", "e", 1).offset == 0
     with pytest.raises(mqlite.StorageError, match="synchronous"):
         mqlite.Broker(tmp_path / "x.mqlite", synchronous="sometimes")  # type: ignore[arg-type]
+
+
+def test_batched_commits_from_many_threads_are_all_in_the_file_once_flush_returns(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path, commit="batch") as broker:
+        queue = broker.queue("q", retention="limits")
+        sub = broker.subscribe("q", name="w", ack="manual")
+
+        def publish(thread: int) -> None:
+            for i in range(500):
+                queue.publish("e", [thread, i])
+
+        workers = [Worker(lambda t=t: publish(t)) for t in range(4)]
+        for worker in workers:
+            worker.join()
+        for message in sub.poll(max_messages=1500):
+            sub.ack(message)
+        assert broker.flush(timeout=WAIT)
+        with sqlite3.connect(path) as db:  # a second reader sees what was committed
+            assert db.execute("SELECT count(*) FROM messages").fetchone() == (2000,)
+            assert db.execute("SELECT position FROM cursors").fetchone() == (1500,)
+            assert db.execute("SELECT count(*) FROM pending").fetchone() == (0,)
+        db.close()
+    with mqlite.Broker(path) as broker:
+        assert len(pull_all(broker.subscribe("q", name="w", ack="manual"))) == 500
+
+
+def test_flush_returns_at_once_when_nothing_is_batched(tmp_path: Path) -> None:
+    with mqlite.Broker() as memory, mqlite.Broker(tmp_path / "app.mqlite") as each:
+        memory.publish("q", "e", 1)
+        each.publish("q", "e", 1)
+        assert memory.flush(timeout=0)
+        assert each.flush(timeout=0)
 
 
 def test_an_in_memory_broker_has_no_file() -> None:

@@ -23,7 +23,8 @@ import os
 import pickle
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 from mqlite.errors import SerializationError, StorageError
@@ -66,6 +67,7 @@ CREATE TABLE pending (
 """
 
 Synchronous = Literal["normal", "full"]
+Commit = Literal["each", "batch"]
 
 
 class Serializer(Protocol):
@@ -131,11 +133,16 @@ class StoredCursor:
 
 
 class SqliteStore:
-    """One open mqlite file. Thread-safe: ``_lock`` guards the connection and ``_closed``.
+    """One open mqlite file. Thread-safe.
 
-    Every write is committed before the call returns (autocommit for single statements, an
-    explicit transaction otherwise). With WAL and ``synchronous=NORMAL`` a commit survives the
-    process being killed; with ``synchronous=FULL`` it also survives power loss.
+    ``_db_lock`` guards the connection and ``_closed``; ``_cond`` guards the batched writer's
+    buffer and counters. Lock order: ``_cond`` is never held while taking ``_db_lock``.
+
+    With ``commit="each"`` every write is committed before the call returns (autocommit for
+    single statements, an explicit transaction otherwise). With ``commit="batch"`` writes are
+    queued in order and a writer thread commits everything queued so far as one transaction
+    (group commit); :meth:`flush` waits for it. With WAL and ``synchronous=NORMAL`` a commit
+    survives the process being killed; with ``synchronous=FULL`` it also survives power loss.
 
     Raises:
         StorageError: the file is not an mqlite file, is corrupt, was written by a newer mqlite,
@@ -148,14 +155,27 @@ class SqliteStore:
         *,
         serializer: Serializer | None = None,
         synchronous: Synchronous = "normal",
+        commit: Commit = "each",
         busy_timeout: float = 10.0,
     ) -> None:
         if synchronous not in ("normal", "full"):
             raise StorageError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        if commit not in ("each", "batch"):
+            raise StorageError(f"commit must be 'each' or 'batch', got {commit!r}")
         self.path = os.fspath(path)
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
-        self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
         self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        # Batched mode only: ops waiting for the writer (None when every write commits at once),
+        # how many writes were submitted and how many of them are committed.
+        self._buffer: list[_Op] | None = [] if commit == "batch" else None
+        self._vacuum = False
+        self._submitted = 0
+        self._committed = 0
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self._writer: threading.Thread | None = None
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
@@ -165,6 +185,9 @@ class SqliteStore:
         except BaseException:
             self._db.close()
             raise
+        if self._buffer is not None:
+            self._writer = threading.Thread(target=self._write_batches, name="mqlite-writer", daemon=True)
+            self._writer.start()
 
     def _check_or_create(self, synchronous: Synchronous) -> None:
         db = self._db
@@ -231,13 +254,14 @@ class SqliteStore:
 
     def queues(self) -> list[tuple[str, dict[str, Any]]]:
         """Every stored queue with its retention settings, by name."""
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute("SELECT name, config FROM queues ORDER BY name").fetchall()
         return [(name, json.loads(config)) for name, config in rows]
 
     def open_log(self, queue: str, config: dict[str, Any]) -> SqliteLog:
         """The log of ``queue``, created with ``config`` if new, loaded into memory if it exists."""
-        with self._lock:
+        self.flush()
+        with self._db_lock:
             self._check_open()
             db = self._db
             db.execute(
@@ -264,7 +288,7 @@ class SqliteStore:
 
     def save_config(self, queue: str, config: dict[str, Any]) -> None:
         """Remember a queue's retention settings."""
-        self._write("UPDATE queues SET config = ? WHERE name = ?", (json.dumps(config), queue))
+        self._submit([("UPDATE queues SET config = ? WHERE name = ?", (json.dumps(config), queue), False)])
 
     # -- cursors ---------------------------------------------------------------------------
 
@@ -290,11 +314,11 @@ class SqliteStore:
 
     def save_cursor(self, queue: str, name: str, position: int, settings: dict[str, Any]) -> None:
         """Create or update a durable cursor's position and settings."""
-        self._write(
-            "INSERT INTO cursors (queue, name, position, settings) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (queue, name) DO UPDATE SET position = excluded.position, settings = excluded.settings",
-            (queue, name, position, json.dumps(settings)),
+        sql = (
+            "INSERT INTO cursors (queue, name, position, settings) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(queue, name) DO UPDATE SET position = excluded.position, settings = excluded.settings"
         )
+        self._submit([(sql, (queue, name, position, json.dumps(settings)), False)])
 
     def sync_cursor(
         self,
@@ -305,30 +329,18 @@ class SqliteStore:
         deletes: Sequence[int],
     ) -> None:
         """In one transaction: set the position, record ``(offset, attempts)`` pending, forget ``deletes``."""
-        with self._lock:
-            if self._closed:
-                _log.warning("cursor %r of %r changed after its broker closed; the change is not saved", name, queue)
-                return
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("UPDATE cursors SET position = ? WHERE queue = ? AND name = ?", (position, queue, name))
-                if upserts:
-                    db.executemany(
-                        'INSERT INTO pending (queue, name, "offset", attempts) VALUES (?, ?, ?, ?) '
-                        'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts',
-                        [(queue, name, offset, attempts) for offset, attempts in upserts],
-                    )
-                if deletes:
-                    db.executemany(
-                        'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?',
-                        [(queue, name, offset) for offset in deletes],
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        ops: list[_Op] = [
+            ("UPDATE cursors SET position = ? WHERE queue = ? AND name = ?", (position, queue, name), False)
+        ]
+        if upserts:
+            rows = [(queue, name, offset, attempts) for offset, attempts in upserts]
+            ops.append((_UPSERT_PENDING, rows, True))
+        if deletes:
+            ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
+        if self._closed or self._stopping:
+            _log.warning("cursor %r of %r changed after its broker closed; the change is not saved", name, queue)
+            return
+        self._submit(ops)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -367,69 +379,147 @@ class SqliteStore:
             raise StorageError(f"{self.path!r}: cannot decode message {offset} of {queue!r}: {error}") from error
 
     def insert_one(self, message: Message) -> None:
-        """Append one message, committed (autocommit) before returning. The durable publish path."""
+        """Append one message. The durable publish path."""
         row = self.encode(message)
-        with self._lock:
+        if self._buffer is not None:
+            self._submit([(_INSERT, row, False)])
+            return
+        with self._db_lock:
             if self._closed:
                 self._check_open()
             self._db.execute(_INSERT, row)
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Append encoded messages in one transaction, committed before returning."""
-        with self._lock:
-            self._check_open()
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(_INSERT, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        """Append encoded messages in one transaction."""
+        self._submit([(_INSERT, rows, True)])
 
     def drop_before(self, queue: str, offset: int) -> None:
         """Delete the messages of ``queue`` below ``offset`` that no durable cursor still has pending."""
-        with self._lock:
-            if self._closed:
-                return
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
+        if self._closed:
+            return
+        ops: list[_Op] = [
+            ("UPDATE queues SET start_offset = max(start_offset, ?) WHERE name = ?", (offset, queue), False),
+            (_DROP_MESSAGES, (queue, offset, queue), False),
+        ]
+        self._submit(ops, vacuum=True)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _submit(self, ops: list[_Op], *, vacuum: bool = False) -> None:
+        """Run ``ops`` as one transaction now, or (batched) hand them to the writer thread."""
+        if self._buffer is None:
+            with self._db_lock:
+                self._check_open()
+                self._execute_locked(ops)
+                if vacuum:
+                    # Give freed pages back to the file system: a steady workload keeps a steady size.
+                    self._db.execute("PRAGMA incremental_vacuum")
+            return
+        with self._cond:
+            if self._stopping:
+                raise StorageError(f"{self.path!r} is closed")
+            if self._failure is not None:
+                raise StorageError(f"{self.path!r}: the background writer failed: {self._failure}")
+            self._buffer.extend(ops)
+            self._vacuum = self._vacuum or vacuum
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def _execute_locked(self, ops: list[_Op]) -> None:
+        db = self._db
+        if len(ops) == 1 and not ops[0][2]:
+            db.execute(ops[0][0], ops[0][1])  # autocommit: one statement, one transaction
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params, many in ops:
+                if many:
+                    db.executemany(sql, params)
+                else:
+                    db.execute(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _write_batches(self) -> None:
+        """The batched writer: commit everything submitted since its last commit as one transaction."""
+        while True:
+            with self._cond:
+                while not self._buffer and not self._stopping:
+                    self._cond.wait()
+                if not self._buffer:
+                    return  # stopping, and nothing left to write
+                ops, self._buffer = self._buffer, []
+                vacuum, self._vacuum = self._vacuum, False
+                upto = self._submitted
             try:
-                db.execute("UPDATE queues SET start_offset = max(start_offset, ?) WHERE name = ?", (offset, queue))
-                db.execute(
-                    'DELETE FROM messages WHERE queue = ? AND "offset" < ? AND "offset" NOT IN '
-                    '(SELECT "offset" FROM pending WHERE queue = ?)',
-                    (queue, offset, queue),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            # Give freed pages back to the file system so a steady workload keeps a steady size.
-            db.execute("PRAGMA incremental_vacuum")
+                with self._db_lock:
+                    self._execute_locked(ops)
+                    if vacuum:
+                        self._db.execute("PRAGMA incremental_vacuum")
+            except Exception as error:  # noqa: BLE001  # kept and raised by every later flush() and write
+                _log.exception("the background writer of %r failed; nothing more will be written", self.path)
+                with self._cond:
+                    self._failure = error
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._committed = upto
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything written before the call is committed; False if ``timeout`` passed first.
+
+        Raises:
+            StorageError: the background writer failed.
+        """
+        if self._buffer is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._submitted
+            while self._committed < target:
+                if self._failure is not None:
+                    raise StorageError(f"{self.path!r}: the background writer failed: {self._failure}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
     # -- plumbing --------------------------------------------------------------------------
-
-    def _write(self, sql: str, params: Iterable[Any]) -> None:
-        with self._lock:
-            self._check_open()
-            self._db.execute(sql, tuple(params))
 
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"{self.path!r} is closed")
 
     def close(self) -> None:
-        """Close the file. Idempotent; later writes are refused (cursor changes are dropped with a warning)."""
-        with self._lock:
+        """Commit what is still buffered, then close the file. Idempotent; later writes are refused."""
+        writer = self._writer
+        if writer is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            writer.join()
+        with self._db_lock:
             if self._closed:
                 return
             self._closed = True
             self._db.close()
 
 
+_Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
+_UPSERT_PENDING = (
+    'INSERT INTO pending (queue, name, "offset", attempts) VALUES (?, ?, ?, ?) '
+    'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts'
+)
+_DELETE_PENDING = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
+_DROP_MESSAGES = (
+    'DELETE FROM messages WHERE queue = ? AND "offset" < ? AND "offset" NOT IN '
+    '(SELECT "offset" FROM pending WHERE queue = ?)'
+)
 _INSERT = 'INSERT INTO messages (queue, "offset", event, payload, key, headers, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?)'
 
 
