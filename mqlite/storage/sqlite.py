@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -180,8 +181,10 @@ class SqliteStore:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
             raise StorageError(f"cannot open {self.path!r} as an mqlite file: {error}") from error
+        self._owner: Any = None
         try:
             self._check_or_create(synchronous)
+            self._owner = _claim(self.path)
         except BaseException:
             self._db.close()
             raise
@@ -387,7 +390,10 @@ class SqliteStore:
         with self._db_lock:
             if self._closed:
                 self._check_open()
-            self._db.execute(_INSERT, row)
+            try:
+                self._db.execute(_INSERT, row)
+            except sqlite3.Error as error:
+                raise StorageError(f"cannot write to {self.path!r}: {error}; nothing was published") from error
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Append encoded messages in one transaction."""
@@ -410,10 +416,13 @@ class SqliteStore:
         if self._buffer is None:
             with self._db_lock:
                 self._check_open()
-                self._execute_locked(ops)
-                if vacuum:
-                    # Give freed pages back to the file system: a steady workload keeps a steady size.
-                    self._db.execute("PRAGMA incremental_vacuum")
+                try:
+                    self._execute_locked(ops)
+                    if vacuum:
+                        # Give freed pages back to the file system: a steady workload keeps a steady size.
+                        self._db.execute("PRAGMA incremental_vacuum")
+                except sqlite3.Error as error:
+                    raise StorageError(f"cannot write to {self.path!r}: {error}; the change was not saved") from error
             return
         with self._cond:
             if self._stopping:
@@ -508,6 +517,8 @@ class SqliteStore:
                 return
             self._closed = True
             self._db.close()
+            if self._owner is not None:
+                self._owner.close()  # releases the claim
 
 
 _Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
@@ -590,3 +601,27 @@ class SqliteLog:
     def sync_cursor(self, name: str, position: int, upserts: Sequence[tuple[int, int]], deletes: Sequence[int]) -> None:
         """Record a durable cursor's position and changes to its pending set, atomically."""
         self._store.sync_cursor(self.queue, name, position, upserts, deletes)
+
+
+def _claim(path: str) -> Any:
+    """Claim ``path`` for this broker, so a second broker on the same file fails clearly.
+
+    Several brokers on one file (in this process or others) are not supported yet: each keeps
+    its own view of the log in memory. The claim is an ``flock`` on the database file, which
+    SQLite's own (POSIX) locks never touch; it lasts until the returned file is closed or the
+    process dies. Where ``flock`` does not exist (Windows), nothing is claimed.
+    """
+    if sys.platform == "win32":
+        return None
+    import fcntl
+
+    handle = open(path, "rb")  # noqa: SIM115  # held open for the broker's lifetime, closed by close()
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StorageError(
+            f"{path!r} is already open in another mqlite Broker (this process or another one); "
+            "close that broker first: several brokers on one file are not supported yet"
+        ) from None
+    return handle
