@@ -101,8 +101,13 @@ class Broker:
         self._stopped = False
         self._clock.add_listener(self._on_clock)
         if self._store is not None:
-            for name, config in self._store.queues():
-                self._queue(name, {}, QueueConfig(**config))
+            try:
+                for name, config in self._store.queues():
+                    self._queue(name, {}, QueueConfig(**config))
+            except BaseException:
+                self._clock.remove_listener(self._on_clock)
+                self._store.close()  # a damaged file must not stay claimed
+                raise
 
     # -- queues and publishing -----------------------------------------------------------
 

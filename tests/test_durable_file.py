@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,34 @@ def test_auto_acked_pulls_are_not_redelivered_after_a_restart(tmp_path: Path) ->
         assert sub.get(timeout=WAIT) is not None
     with mqlite.Broker(path) as broker:
         assert offsets(pull_all(broker.subscribe("q", name="w"))) == [1, 2]
+
+
+def test_a_message_in_an_auto_ack_push_callback_is_saved_as_pending_until_the_callback_returns(
+    tmp_path: Path,
+) -> None:
+    # So a crash while the callback runs delivers it again (at least once), as a manual ack would.
+    path = tmp_path / "app.mqlite"
+    entered = threading.Event()
+    release = threading.Event()
+
+    def callback(message: mqlite.Message) -> None:
+        entered.set()
+        assert release.wait(WAIT)
+
+    def pending_rows() -> list[tuple[int, int]]:
+        with sqlite3.connect(path) as db:
+            rows = db.execute('SELECT "offset", attempts FROM pending').fetchall()
+        db.close()
+        return rows
+
+    with mqlite.Broker(path) as broker:
+        broker.subscribe("q", name="w", callback=callback)
+        broker.publish("q", "e", 1)
+        assert entered.wait(WAIT)
+        assert pending_rows() == [(0, 1)]
+        release.set()
+        assert broker.drain(timeout=WAIT)
+        assert pending_rows() == []
 
 
 def test_iteration_on_a_file_reads_no_further_ahead_than_it_returns(tmp_path: Path) -> None:
@@ -242,6 +271,19 @@ def test_another_applications_database_is_refused_and_left_untouched(tmp_path: P
     with pytest.raises(mqlite.StorageError, match="not an mqlite file"):
         mqlite.Broker(path)
     assert _fingerprint(path) == before
+
+
+def test_a_gap_in_a_queues_offsets_is_reported_as_a_damaged_file(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        broker.queue("q", retention="limits").publish_many([("e", i) for i in range(5)])
+    with sqlite3.connect(path) as db:
+        db.execute('DELETE FROM messages WHERE "offset" = 2')
+    db.close()
+    with pytest.raises(mqlite.StorageError, match="corrupt: queue 'q' jumps from offset 1 to 3"):
+        mqlite.Broker(path)
+    with pytest.raises(mqlite.StorageError, match="corrupt"):
+        mqlite.Broker(path)  # the failed open released the file: the same error again, not "already open"
 
 
 def test_a_file_from_a_newer_mqlite_is_refused_and_left_untouched(tmp_path: Path) -> None:
