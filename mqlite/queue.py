@@ -199,8 +199,10 @@ class Queue:
         }
         self._journal.save_cursor(cursor.name, cursor.position, settings)
 
-    def _sync_locked(self, cursor: Cursor, offsets: Iterable[int], inflight: Iterable[int] = ()) -> None:
-        """Save a durable cursor's position and, for ``offsets``, whether each is still pending.
+    def _sync_locked(
+        self, cursor: Cursor, offsets: Iterable[int], inflight: Iterable[int] = (), *, moved: bool = False
+    ) -> None:
+        """Save, for ``offsets``, whether each is still pending on a durable cursor (and its position if ``moved``).
 
         ``inflight`` are offsets handed to a push callback with automatic acks: they are saved as
         pending (delivered once) until the callback returns, so a crash redelivers them.
@@ -218,7 +220,7 @@ class Queue:
             else:
                 upserts.append((offset, entry.attempts))
         upserts.extend((offset, 1) for offset in inflight)
-        journal.sync_cursor(cursor.name, cursor.position, upserts, deletes)
+        journal.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
 
     def __repr__(self) -> str:
         return f"<mqlite.Queue {self.name!r} offsets [{self.start_offset}, {self.end_offset})>"
@@ -621,11 +623,11 @@ class Queue:
             if self._journal is not None and cursor.name is not None:
                 fresh_offsets = [m[2] for m in out[redelivered:]]
                 if manual:
-                    self._sync_locked(cursor, [m[2] for m in out])
+                    self._sync_locked(cursor, [m[2] for m in out], moved=True)
                 elif push:
-                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]], fresh_offsets)
+                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]], fresh_offsets, moved=True)
                 else:
-                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]])
+                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]], moved=bool(fresh_offsets))
         return out, redelivered
 
     def _track_locked(self, consumer: Any, cursor: Cursor, messages: list[Message]) -> None:
@@ -935,7 +937,7 @@ class Queue:
             cursor: Cursor = consumer.cursor
             cursor.position = self._resolve_locked(target)
             if self._journal is not None:
-                self._sync_locked(cursor, ())
+                self._sync_locked(cursor, (), moved=True)
             self._wake_all_locked()
             return cursor.position
 

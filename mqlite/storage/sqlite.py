@@ -327,19 +327,22 @@ class SqliteStore:
         self,
         queue: str,
         name: str,
-        position: int,
+        position: int | None,
         upserts: Sequence[tuple[int, int]],
         deletes: Sequence[int],
     ) -> None:
-        """In one transaction: set the position, record ``(offset, attempts)`` pending, forget ``deletes``."""
-        ops: list[_Op] = [
-            ("UPDATE cursors SET position = ? WHERE queue = ? AND name = ?", (position, queue, name), False)
-        ]
+        """In one transaction: set the position (unless None), record ``(offset, attempts)`` pending,
+        forget ``deletes``."""
+        ops: list[_Op] = []
+        if position is not None:
+            ops.append(("UPDATE cursors SET position = ? WHERE queue = ? AND name = ?", (position, queue, name), False))
         if upserts:
             rows = [(queue, name, offset, attempts) for offset, attempts in upserts]
             ops.append((_UPSERT_PENDING, rows, True))
         if deletes:
             ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
+        if not ops:
+            return
         if self._closed or self._stopping:
             _log.warning("cursor %r of %r changed after its broker closed; the change is not saved", name, queue)
             return
@@ -436,9 +439,14 @@ class SqliteStore:
 
     def _execute_locked(self, ops: list[_Op]) -> None:
         db = self._db
-        if len(ops) == 1 and not ops[0][2]:
-            db.execute(ops[0][0], ops[0][1])  # autocommit: one statement, one transaction
-            return
+        if len(ops) == 1:
+            sql, params, many = ops[0]
+            if not many:
+                db.execute(sql, params)  # autocommit: one statement, one transaction
+                return
+            if len(params) == 1:
+                db.execute(sql, params[0])
+                return
         db.execute("BEGIN IMMEDIATE")
         try:
             for sql, params, many in ops:
@@ -598,7 +606,9 @@ class SqliteLog:
         """Create or update a durable cursor."""
         self._store.save_cursor(self.queue, name, position, settings)
 
-    def sync_cursor(self, name: str, position: int, upserts: Sequence[tuple[int, int]], deletes: Sequence[int]) -> None:
+    def sync_cursor(
+        self, name: str, position: int | None, upserts: Sequence[tuple[int, int]], deletes: Sequence[int]
+    ) -> None:
         """Record a durable cursor's position and changes to its pending set, atomically."""
         self._store.sync_cursor(self.queue, name, position, upserts, deletes)
 
