@@ -9,16 +9,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
 
@@ -459,3 +464,90 @@ def test_a_second_broker_on_an_open_file_is_refused(tmp_path: Path) -> None:
         with pytest.raises(mqlite.StorageError, match="already open in another mqlite Broker"):
             mqlite.Broker(path)
     mqlite.Broker(path).close()  # free again once the first one closed
+
+
+# -- a model of restarts -------------------------------------------------------------------
+
+
+class RestartMachine(RuleBasedStateMachine):
+    """A durable manual-ack subscription, restarted at random, against a plain model.
+
+    The model: which offsets were published, acked, handed out in this session (``out``) and
+    owed again (``owed``: nacked, or unacked at a restart). After any sequence, a restart
+    changes nothing a subscriber can tell apart from a disconnection.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directory = tempfile.mkdtemp(prefix="mqlite-restarts-")
+        self.path = Path(self.directory) / "app.mqlite"
+        self.published = 0
+        self.next_fresh = 0
+        self.acked: set[int] = set()
+        self.out: dict[int, mqlite.Message] = {}
+        self.owed: set[int] = set()
+        self._open()
+
+    def _open(self) -> None:
+        self.broker = mqlite.Broker(self.path)
+        self.sub = self.broker.subscribe("q", name="w", ack="manual")
+
+    @rule(count=st.integers(1, 4))
+    def publish(self, count: int) -> None:
+        self.broker.queue("q").publish_many([("e", self.published + i) for i in range(count)])
+        self.published += count
+
+    @rule(count=st.integers(1, 5))
+    def pull(self, count: int) -> None:
+        for message in self.sub.poll(max_messages=count):
+            offset = message.offset
+            assert message.payload == offset
+            assert offset not in self.acked, f"acked offset {offset} delivered again"
+            assert offset not in self.out, f"offset {offset} delivered twice while out"
+            if offset in self.owed:
+                self.owed.remove(offset)
+            else:
+                assert offset == self.next_fresh, f"expected fresh offset {self.next_fresh}, got {offset}"
+                self.next_fresh += 1
+            self.out[offset] = message
+
+    @precondition(lambda self: self.out)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        offset = data.draw(st.sampled_from(sorted(self.out)))
+        self.sub.ack(self.out.pop(offset))
+        self.acked.add(offset)
+
+    @precondition(lambda self: self.out)
+    @rule(data=st.data())
+    def nack(self, data: st.DataObject) -> None:
+        offset = data.draw(st.sampled_from(sorted(self.out)))
+        self.sub.nack(self.out.pop(offset))
+        self.owed.add(offset)
+
+    @rule()
+    def restart(self) -> None:
+        self.broker.close()
+        self._open()
+        self.owed |= set(self.out)
+        self.out.clear()
+
+    @invariant()
+    def figures_match_the_model(self) -> None:
+        assert self.sub.pending == len(self.out) + len(self.owed)
+        assert self.sub.position == self.next_fresh
+        assert self.broker.queue("q").end_offset == self.published
+
+    def teardown(self) -> None:
+        try:
+            self.restart()
+            self.pull(10_000)
+            assert not self.owed, f"owed offsets never delivered again: {self.owed}"
+            assert self.next_fresh == self.published
+        finally:
+            self.broker.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+RestartMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_restarts_match_the_model = RestartMachine.TestCase
