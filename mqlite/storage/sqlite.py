@@ -335,7 +335,7 @@ class SqliteStore:
         forget ``deletes``."""
         ops: list[_Op] = []
         if position is not None:
-            ops.append(("UPDATE cursors SET position = ? WHERE queue = ? AND name = ?", (position, queue, name), False))
+            ops.append((_SET_POSITION, (position, queue, name), False))
         if upserts:
             rows = [(queue, name, offset, attempts) for offset, attempts in upserts]
             ops.append((_UPSERT_PENDING, rows, True))
@@ -472,6 +472,7 @@ class SqliteStore:
                 vacuum, self._vacuum = self._vacuum, False
                 upto = self._submitted
             try:
+                ops = _coalesce(ops)
                 with self._db_lock:
                     self._execute_locked(ops)
                     if vacuum:
@@ -535,6 +536,7 @@ _UPSERT_PENDING = (
     'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts'
 )
 _DELETE_PENDING = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
+_SET_POSITION = "UPDATE cursors SET position = ? WHERE queue = ? AND name = ?"
 _DROP_MESSAGES = (
     'DELETE FROM messages WHERE queue = ? AND "offset" < ? AND "offset" NOT IN '
     '(SELECT "offset" FROM pending WHERE queue = ?)'
@@ -635,3 +637,53 @@ def _claim(path: str) -> Any:
             "close that broker first: several brokers on one file are not supported yet"
         ) from None
     return handle
+
+
+def _coalesce(ops: list[_Op]) -> list[_Op]:
+    """The same final state in fewer statements: the batched writer's net cursor changes.
+
+    Within each run of consecutive cursor changes (positions, pending rows), only the last
+    position of each cursor and the last change of each pending row matter: a message taken and
+    acked in one batch costs one DELETE instead of an INSERT and a DELETE. Consecutive message
+    inserts become one ``executemany``. Other operations (settings, retention) keep their
+    place, so runs never move across them.
+    """
+    out: list[_Op] = []
+    positions: dict[tuple[str, str], int] = {}
+    pending: dict[tuple[str, str, int], int | None] = {}  # attempts, or None to delete
+
+    def end_run() -> None:
+        if positions:
+            out.append((_SET_POSITION, [(p, q, n) for (q, n), p in positions.items()], True))
+            positions.clear()
+        if pending:
+            upserts = [(q, n, o, a) for (q, n, o), a in pending.items() if a is not None]
+            deletes = [(q, n, o) for (q, n, o), a in pending.items() if a is None]
+            if upserts:
+                out.append((_UPSERT_PENDING, upserts, True))
+            if deletes:
+                out.append((_DELETE_PENDING, deletes, True))
+            pending.clear()
+
+    for op in ops:
+        sql, params, _ = op
+        if sql is _SET_POSITION:
+            positions[(params[1], params[2])] = params[0]
+        elif sql is _UPSERT_PENDING:
+            for queue, name, offset, attempts in params:
+                pending[(queue, name, offset)] = attempts
+        elif sql is _DELETE_PENDING:
+            for queue, name, offset in params:
+                pending[(queue, name, offset)] = None
+        elif sql is _INSERT:
+            end_run()
+            rows = params if op[2] else [params]
+            if out and out[-1][0] is _INSERT:
+                out[-1][1].extend(rows)
+            else:
+                out.append((_INSERT, list(rows), True))
+        else:
+            end_run()
+            out.append(op)
+    end_run()
+    return out
