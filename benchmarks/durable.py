@@ -11,6 +11,7 @@ The targets are the ratios of issue 5, measured in one run:
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 import sys
@@ -21,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import mqlite
+from mqlite.storage.sqlite import Commit
 
-try:
-    import persistqueue
-except ImportError:
-    persistqueue = None
-try:
-    import litequeue
-except ImportError:
-    litequeue = None
+
+def _optional(module: str) -> Any:
+    """The peer module, or None when it is not installed (pip install -e '.[bench]')."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+persistqueue = _optional("persistqueue")
+litequeue = _optional("litequeue")
 
 
 def best(run: Callable[[Path, int], float], n: int, repeat: int = 3) -> float:
@@ -68,9 +73,9 @@ def raw_executemany_1000(directory: Path, n: int) -> float:
     return time.perf_counter() - start
 
 
-def mqlite_publish(commit: str) -> Callable[[Path, int], float]:
+def mqlite_publish(commit: Commit) -> Callable[[Path, int], float]:
     def run(directory: Path, n: int) -> float:
-        with mqlite.Broker(directory / "b.mqlite", commit=commit) as broker:  # type: ignore[arg-type]
+        with mqlite.Broker(directory / "b.mqlite", commit=commit) as broker:
             queue = broker.queue("q", retention="limits")
             start = time.perf_counter()
             for i in range(n):
@@ -90,9 +95,9 @@ def mqlite_publish_many_1000(directory: Path, n: int) -> float:
         return time.perf_counter() - start
 
 
-def mqlite_get_ack(commit: str) -> Callable[[Path, int], float]:
+def mqlite_get_ack(commit: Commit) -> Callable[[Path, int], float]:
     def run(directory: Path, n: int) -> float:
-        with mqlite.Broker(directory / "b.mqlite", commit=commit) as broker:  # type: ignore[arg-type]
+        with mqlite.Broker(directory / "b.mqlite", commit=commit) as broker:
             queue = broker.queue("q")
             sub = broker.subscribe("q", name="w", ack="manual")
             queue.publish_many([("e", {"i": i}) for i in range(n)])
@@ -109,7 +114,7 @@ def mqlite_get_ack(commit: str) -> Callable[[Path, int], float]:
 
 
 def persistqueue_put(directory: Path, n: int) -> float:
-    queue: Any = persistqueue.SQLiteQueue(str(directory / "pq"), auto_commit=True)  # type: ignore[union-attr]
+    queue: Any = persistqueue.SQLiteQueue(str(directory / "pq"), auto_commit=True)
     start = time.perf_counter()
     for i in range(n):
         queue.put({"i": i})
@@ -117,7 +122,7 @@ def persistqueue_put(directory: Path, n: int) -> float:
 
 
 def persistqueue_get_ack(directory: Path, n: int) -> float:
-    queue: Any = persistqueue.SQLiteAckQueue(str(directory / "pq"), auto_commit=True)  # type: ignore[union-attr]
+    queue: Any = persistqueue.SQLiteAckQueue(str(directory / "pq"), auto_commit=True)
     for i in range(n):
         queue.put({"i": i})
     start = time.perf_counter()
@@ -127,7 +132,7 @@ def persistqueue_get_ack(directory: Path, n: int) -> float:
 
 
 def litequeue_put(directory: Path, n: int) -> float:
-    queue: Any = litequeue.LiteQueue(str(directory / "lq.db"))  # type: ignore[union-attr]
+    queue: Any = litequeue.LiteQueue(str(directory / "lq.db"))
     start = time.perf_counter()
     for i in range(n):
         queue.put(json.dumps({"i": i}))

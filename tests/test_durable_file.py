@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all
@@ -177,7 +177,7 @@ def test_synchronous_full_is_accepted_and_a_bad_level_is_refused(tmp_path: Path)
     with mqlite.Broker(tmp_path / "full.mqlite", synchronous="full") as broker:
         assert broker.publish("q", "e", 1).offset == 0
     with pytest.raises(mqlite.StorageError, match="synchronous"):
-        mqlite.Broker(tmp_path / "x.mqlite", synchronous="sometimes")  # type: ignore[arg-type]
+        mqlite.Broker(tmp_path / "x.mqlite", synchronous="sometimes")  # type: ignore[arg-type]  # the wrong value is the point
 
 
 def test_batched_commits_from_many_threads_are_all_in_the_file_once_flush_returns(tmp_path: Path) -> None:
@@ -257,6 +257,11 @@ def test_a_file_is_only_read_with_the_serializer_that_wrote_it(tmp_path: Path) -
 
 def _fingerprint(path: Path) -> tuple[bytes, int, bool]:
     return path.read_bytes(), path.stat().st_mtime_ns, Path(f"{path}-wal").exists()
+
+
+def test_a_path_in_a_missing_directory_raises_a_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(mqlite.StorageError, match="cannot open"):
+        mqlite.Broker(tmp_path / "missing" / "app.mqlite")
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
@@ -477,6 +482,8 @@ class RestartMachine(RuleBasedStateMachine):
     changes nothing a subscriber can tell apart from a disconnection.
     """
 
+    commit: Literal["each", "batch"] = "each"
+
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="mqlite-restarts-")
@@ -489,7 +496,7 @@ class RestartMachine(RuleBasedStateMachine):
         self._open()
 
     def _open(self) -> None:
-        self.broker = mqlite.Broker(self.path)
+        self.broker = mqlite.Broker(self.path, commit=self.commit)
         self.sub = self.broker.subscribe("q", name="w", ack="manual")
 
     @rule(count=st.integers(1, 4))
@@ -549,5 +556,13 @@ class RestartMachine(RuleBasedStateMachine):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class BatchedRestartMachine(RestartMachine):
+    """The same model with ``commit="batch"``: a clean close commits everything."""
+
+    commit = "batch"
+
+
 RestartMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+BatchedRestartMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
 test_restarts_match_the_model = RestartMachine.TestCase
+test_batched_restarts_match_the_model = BatchedRestartMachine.TestCase
