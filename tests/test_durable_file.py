@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
+from mqlite.storage.sqlite import SqliteStore
 
 # -- restarts ------------------------------------------------------------------------------
 
@@ -566,3 +567,20 @@ RestartMachine.TestCase.settings = settings(max_examples=40, stateful_step_count
 BatchedRestartMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
 test_restarts_match_the_model = RestartMachine.TestCase
 test_batched_restarts_match_the_model = BatchedRestartMachine.TestCase
+
+
+@pytest.mark.parametrize("commit", ["each", "batch"])
+def test_a_deleted_cursor_is_gone_from_the_file(tmp_path: Path, commit: Literal["each", "batch"]) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        broker.publish("q", "e", 1)
+        assert sub.get(timeout=WAIT) is not None
+    store = SqliteStore(path, commit=commit)
+    try:
+        store.open_log("q", {}).delete_cursor("w")
+        assert store.flush(timeout=WAIT)
+    finally:
+        store.close()
+    with mqlite.Broker(path) as broker:
+        assert broker.info().subscriptions == ()

@@ -348,6 +348,15 @@ class SqliteStore:
             return
         self._submit(ops)
 
+    def delete_cursor(self, queue: str, name: str) -> None:
+        """Forget a durable cursor and its pending rows (messages only it kept go at the next reclaim)."""
+        self._submit(
+            [
+                ("DELETE FROM pending WHERE queue = ? AND name = ?", (queue, name), False),
+                ("DELETE FROM cursors WHERE queue = ? AND name = ?", (queue, name), False),
+            ]
+        )
+
     # -- messages --------------------------------------------------------------------------
 
     def encode(self, message: Message) -> tuple[Any, ...]:
@@ -607,6 +616,10 @@ class SqliteLog:
     def save_cursor(self, name: str, position: int, settings: dict[str, Any]) -> None:
         """Create or update a durable cursor."""
         self._store.save_cursor(self.queue, name, position, settings)
+
+    def delete_cursor(self, name: str) -> None:
+        """Forget a durable cursor for good (``Queue.delete_cursor`` on ``main`` calls this after the merge)."""
+        self._store.delete_cursor(self.queue, name)
 
     def sync_cursor(
         self, name: str, position: int | None, upserts: Sequence[tuple[int, int]], deletes: Sequence[int]
