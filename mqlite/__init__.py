@@ -13,12 +13,15 @@ from mqlite.errors import (
     MqliteError,
     NotPending,
     QueueFull,
+    SerializationError,
+    StorageError,
     SubscriptionClosed,
     WrongEventLoop,
 )
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import Queue, QueueConfig
+from mqlite.storage.sqlite import JsonSerializer, PickleSerializer, Serializer
 from mqlite.subscription import Subscription
 
 __all__ = [
@@ -33,15 +36,20 @@ __all__ = [
     "Dispatcher",
     "InvalidArgument",
     "InvalidName",
+    "JsonSerializer",
     "ManualClock",
     "ManualDispatcher",
     "Message",
     "MqliteError",
     "NotPending",
+    "PickleSerializer",
     "Queue",
     "QueueConfig",
     "QueueFull",
     "QueueInfo",
+    "SerializationError",
+    "Serializer",
+    "StorageError",
     "Subscription",
     "SubscriptionClosed",
     "SubscriptionInfo",

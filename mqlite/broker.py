@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,6 +24,7 @@ from mqlite.filters import EventFilter, check_name
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import DeadLetter, Overflow, Queue, QueueConfig, Retention, Start
+from mqlite.storage.sqlite import Commit, Serializer, SqliteStore, Synchronous
 from mqlite.subscription import Subscription, check_timeout
 
 if TYPE_CHECKING:
@@ -44,19 +46,44 @@ def dead_letter_queue_name(queue: str) -> str:
 
 
 class Broker:
-    """Holds named queues and their subscriptions, in memory. Thread-safe.
+    """Holds named queues and their subscriptions, in memory or in a file. Thread-safe.
 
     Every method may be called from any thread. Use it as a context manager, or call
-    :meth:`close`, to stop its push threads.
+    :meth:`close`, to stop its push threads (and close its file).
 
     Args:
+        path: None (the default) keeps everything in memory. A file path opens that mqlite file,
+            or creates it: queues, messages and durable subscriptions survive restarts and
+            crashes (see ``docs/durability.md``).
+        synchronous: For a file: ``"normal"`` (default) makes every publish and ack survive the
+            process being killed once it returns; ``"full"`` also survives power loss, slower.
+        commit: For a file: ``"each"`` (default) commits every publish, delivery and ack before
+            it returns. ``"batch"`` returns at once and a writer thread commits in the background,
+            many writes (from any number of threads) per transaction; :meth:`flush` waits for it.
+        serializer: For a file: how payloads, keys and headers are stored. Default
+            :class:`~mqlite.JsonSerializer`; :class:`~mqlite.PickleSerializer` is opt-in and
+            unsafe for files you did not write.
         clock: Where time comes from (default: the system clock). Pass a
             :class:`~mqlite.ManualClock` in tests to control timeouts and retries.
         dispatcher: What runs push callbacks (default: one thread per push subscription). Pass a
             :class:`~mqlite.ManualDispatcher` in tests to run them when you choose.
     """
 
-    def __init__(self, *, clock: Clock | None = None, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        clock: Clock | None = None,
+        dispatcher: Dispatcher | None = None,
+        synchronous: Synchronous = "normal",
+        commit: Commit = "each",
+        serializer: Serializer | None = None,
+    ) -> None:
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
+        self._store = (
+            None if path is None else SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        )
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
         # _lock guards _closed and writes of _queues. _queues is copy-on-write: it is replaced,
@@ -73,6 +100,14 @@ class Broker:
         self._async_drainers: list[Callable[[], None]] = []
         self._stopped = False
         self._clock.add_listener(self._on_clock)
+        if self._store is not None:
+            try:
+                for name, config in self._store.queues():
+                    self._queue(name, {}, QueueConfig(**config))
+            except BaseException:
+                self._clock.remove_listener(self._on_clock)
+                self._store.close()  # a damaged file must not stay claimed
+                raise
 
     # -- queues and publishing -----------------------------------------------------------
 
@@ -113,7 +148,8 @@ class Broker:
             queue = self._queues.get(name)
             if queue is None:
                 config = attrs.evolve(default, **changes)
-                queue = Queue(name, config, self._clock, self._send_dead_letters)
+                log = None if self._store is None else self._store.open_log(name, attrs.asdict(config))
+                queue = Queue(name, config, self._clock, self._send_dead_letters, log)
                 self._queues = {**self._queues, name: queue}
                 return queue
         if changes:
@@ -411,6 +447,8 @@ class Broker:
         if not self._dispatcher.close(timeout):
             _log.warning("some push callbacks were still running %.1f s after close()", timeout)
         self._clock.remove_listener(self._on_clock)
+        if self._store is not None:
+            self._store.close()
         with self._progress:
             self._stopped = True
             self._progress.notify_all()
@@ -429,9 +467,27 @@ class Broker:
     ) -> None:
         self.close()
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every publish, delivery and ack made before the call is committed to the file.
+
+        Only a file-backed broker with ``commit="batch"`` ever has to wait; otherwise returns True
+        at once. Returns False if ``timeout`` seconds passed first.
+
+        Raises:
+            StorageError: the background writer failed (for example, the disk is full).
+        """
+        timeout = check_timeout(timeout)
+        return True if self._store is None else self._store.flush(timeout)
+
+    @property
+    def path(self) -> str | None:
+        """The file this broker keeps its state in, or None for an in-memory broker."""
+        return None if self._store is None else self._store.path
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<mqlite.Broker {state} queues={sorted(self._queues)!r}>"
+        where = "" if self._store is None else f" {self._store.path!r}"
+        return f"<mqlite.Broker{where} {state} queues={sorted(self._queues)!r}>"
 
 
 def _is_coroutine_function(callback: object) -> bool:

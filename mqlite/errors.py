@@ -11,6 +11,8 @@ __all__ = [
     "MqliteError",
     "NotPending",
     "QueueFull",
+    "SerializationError",
+    "StorageError",
     "SubscriptionClosed",
     "WrongEventLoop",
 ]
@@ -54,3 +56,11 @@ class ConfigConflict(InvalidArgument):
 
 class WrongEventLoop(MqliteError, RuntimeError):
     """An async call ran on an event loop other than the one its subscription is bound to."""
+
+
+class SerializationError(InvalidArgument):
+    """A payload, key or headers could not be encoded for a durable broker; nothing was written."""
+
+
+class StorageError(MqliteError):
+    """A broker file is not an mqlite file, is damaged, is too new, or could not be written."""

@@ -127,3 +127,9 @@ def make_meta(queue: str, key: Any, headers: Mapping[str, Any] | None) -> Messag
             raise InvalidArgument(f"headers must be a mapping or None, got {type(headers).__name__}")
         frozen = MappingProxyType(dict(headers))
     return MessageMeta(queue, key, frozen)
+
+
+def new_message(event: str, payload: Any, offset: int, timestamp: float, meta: MessageMeta) -> Message:
+    """Build a message with an explicit meta part (used when loading one from storage)."""
+    message: Message = _tuple_new(Message, (event, payload, offset, timestamp, meta))
+    return message

@@ -7,7 +7,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
@@ -25,6 +25,9 @@ from mqlite.errors import (
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.message import Message, make_meta, message_class
 from mqlite.storage.memory import MemoryLog
+
+if TYPE_CHECKING:
+    from mqlite.storage.sqlite import SqliteLog, StoredCursor
 
 __all__ = ["DeadLetter", "Queue", "QueueConfig", "Start"]
 
@@ -112,17 +115,21 @@ class Queue:
         config: QueueConfig,
         clock: Clock,
         dead_letter_sink: Callable[[list[DeadLetter]], None],
+        durable_log: SqliteLog | None = None,
     ) -> None:
         self.name = name
         # _lock guards every attribute below and every cursor of this queue.
         self._lock = threading.Lock()
         self._config = config
-        self._log = MemoryLog()
+        self._log: MemoryLog | SqliteLog = MemoryLog() if durable_log is None else durable_log
         self._append = self._log.append
-        self._end = 0
+        # _journal: where durable cursors are saved; None in memory, where nothing is saved and
+        # no code path pays for the check except on cursor changes.
+        self._journal = durable_log
+        self._end = self._log.first_offset + len(self._log)
         # _start: the oldest retained offset. Entries in [log.first_offset, _start) are dropped
         # logically and reclaimed in batches.
-        self._start = 0
+        self._start = self._log.first_offset
         # Known event names -> offsets of retained messages of that event, kept only while
         # some cursor filters by event (_indexed > 0); None values otherwise.
         self._events: dict[str, list[int] | None] = {}
@@ -140,7 +147,79 @@ class Queue:
         self._monotonic = clock.monotonic
         self._dead_letter_sink = dead_letter_sink
         with self._lock:
+            if durable_log is not None:
+                self._restore_locked(durable_log)
             self._housekeep_locked()
+
+    # -- durability (file-backed brokers only) ---------------------------------------------
+
+    def _restore_locked(self, log: SqliteLog) -> None:
+        """Rebuild the event names and the durable cursors saved in the file."""
+        for message in log.read(log.first_offset, self._end):
+            self._events.setdefault(message[0], None)
+        for stored in log.cursors:
+            self._restore_cursor_locked(stored)
+
+    def _restore_cursor_locked(self, stored: StoredCursor) -> None:
+        settings = stored.settings
+        cursor = Cursor(
+            queue=self.name,
+            name=stored.name,
+            event_filter=EventFilter(None),
+            position=stored.position,
+            manual_ack=settings["manual_ack"],
+            ack_timeout=settings["ack_timeout"],
+            max_deliveries=settings["max_deliveries"],
+            dead_letter=settings["dead_letter"],
+            backoff=Backoff(*settings["backoff"]),
+        )
+        for message, _ in stored.pending:
+            self._events.setdefault(message[0], None)
+        self._apply_filter_locked(cursor, EventFilter(settings["events"]))
+        for message, attempts in stored.pending:
+            # Delivered before the restart and never settled: due again, in offset order.
+            entry = Pending(message, attempts, None, READY)
+            cursor.pending[message[2]] = entry
+            cursor.ready.append(entry)
+        self._cursors[stored.name] = cursor
+
+    def _save_cursor_locked(self, cursor: Cursor) -> None:
+        """Write a durable cursor's settings and position (file-backed brokers only)."""
+        if self._journal is None or cursor.name is None:
+            return
+        backoff = cursor.backoff
+        settings = {
+            "events": cursor.filter.spec,
+            "manual_ack": cursor.manual_ack,
+            "ack_timeout": cursor.ack_timeout,
+            "max_deliveries": cursor.max_deliveries,
+            "dead_letter": cursor.dead_letter,
+            "backoff": [backoff.initial, backoff.factor, backoff.maximum],
+        }
+        self._journal.save_cursor(cursor.name, cursor.position, settings)
+
+    def _sync_locked(
+        self, cursor: Cursor, offsets: Iterable[int], inflight: Iterable[int] = (), *, moved: bool = False
+    ) -> None:
+        """Save, for ``offsets``, whether each is still pending on a durable cursor (and its position if ``moved``).
+
+        ``inflight`` are offsets handed to a push callback with automatic acks: they are saved as
+        pending (delivered once) until the callback returns, so a crash redelivers them.
+        """
+        journal = self._journal
+        if journal is None or cursor.name is None:
+            return
+        pending = cursor.pending
+        upserts: list[tuple[int, int]] = []
+        deletes: list[int] = []
+        for offset in offsets:
+            entry = pending.get(offset)
+            if entry is None:
+                deletes.append(offset)
+            else:
+                upserts.append((offset, entry.attempts))
+        upserts.extend((offset, 1) for offset in inflight)
+        journal.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
 
     def __repr__(self) -> str:
         return f"<mqlite.Queue {self.name!r} offsets [{self.start_offset}, {self.end_offset})>"
@@ -456,6 +535,7 @@ class Queue:
                     self._ephemeral.append(cursor)
                 else:
                     self._cursors[name] = cursor
+                    self._save_cursor_locked(cursor)
             elif cursor.settings() != settings:
                 if cursor.members:
                     raise ConfigConflict(
@@ -470,6 +550,7 @@ class Queue:
                 cursor.dead_letter = dead_letter
                 cursor.backoff = backoff
                 self._apply_filter_locked(cursor, event_filter)
+                self._save_cursor_locked(cursor)
             cursor.members.append(consumer)
             return cursor
 
@@ -488,6 +569,8 @@ class Queue:
                     f"subscription {name!r} on {self.name!r} has {len(cursor.members)} attached; close them first"
                 )
             del self._cursors[name]
+            if self._journal is not None:
+                self._journal.delete_cursor(name)
             self._change_index_locked(-int(cursor.names is not None))
             self._housekeep_locked()
             return True
@@ -504,6 +587,8 @@ class Queue:
                 except IndexError:
                     break
             self._give_back_locked(cursor, unread, pulled=True)
+            if unread and self._journal is not None:
+                self._sync_locked(cursor, [m[2] for m in unread])
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
             closing_broker = self._closed
@@ -568,6 +653,14 @@ class Queue:
                 cursor.acked += len(out)
             if push:
                 cursor.inflight += 1
+            if self._journal is not None and cursor.name is not None:
+                fresh_offsets = [m[2] for m in out[redelivered:]]
+                if manual:
+                    self._sync_locked(cursor, [m[2] for m in out], moved=True)
+                elif push:
+                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]], fresh_offsets, moved=True)
+                else:
+                    self._sync_locked(cursor, [m[2] for m in out[:redelivered]], moved=bool(fresh_offsets))
         return out, redelivered
 
     def _track_locked(self, consumer: Any, cursor: Cursor, messages: list[Message]) -> None:
@@ -628,6 +721,8 @@ class Queue:
             message = entry.message
             del cursor.pending[message[2]]
             cursor.dead_lettered += 1
+            if self._journal is not None:
+                self._sync_locked(cursor, (message[2],))
             headers = dict(message.headers)
             headers.update(
                 {
@@ -672,6 +767,9 @@ class Queue:
         cursor: Cursor = consumer.cursor
         if cursor.manual_ack:
             read_ahead = 0  # a message read ahead would start its ack timeout before anyone saw it
+        elif read_ahead and self._journal is not None and consumer.name is not None:
+            # A message read ahead counts as taken; on a file that would make a crash lose it.
+            read_ahead = 0
         messages = self.take_locked(consumer, cursor, max(max_messages, read_ahead), False)[0]
         if len(messages) > max_messages:
             buffer.extend(messages[max_messages:])
@@ -757,6 +855,8 @@ class Queue:
                     continue
                 self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
             self._give_back_locked(cursor, unprocessed, pulled=False)
+            if self._journal is not None:
+                self._sync_locked(cursor, [m[2] for m in batch])
             if unprocessed or failures:
                 self._wake_all_locked()
             dead = self._take_outbox_locked()
@@ -815,6 +915,8 @@ class Queue:
             del cursor.pending[entry.message[2]]
             entry.state = -1
             cursor.acked += 1
+            if self._journal is not None:
+                self._sync_locked(cursor, (entry.message[2],))
             if not cursor.pending:
                 cursor.clear_timers_locked()
 
@@ -870,6 +972,8 @@ class Queue:
                 raise SubscriptionClosed(consumer.closed_reason())
             cursor: Cursor = consumer.cursor
             cursor.position = self._resolve_locked(target)
+            if self._journal is not None:
+                self._sync_locked(cursor, (), moved=True)
             self._wake_all_locked()
             return cursor.position
 
@@ -880,6 +984,7 @@ class Queue:
                 raise SubscriptionClosed(consumer.closed_reason())
             cursor: Cursor = consumer.cursor
             self._apply_filter_locked(cursor, change(cursor.filter))
+            self._save_cursor_locked(cursor)
             self._wake_all_locked()
             return cursor.filter
 
@@ -895,6 +1000,8 @@ class Queue:
         """Apply new retention settings; they take effect at once."""
         with self._lock:
             self._config = config
+            if self._journal is not None:
+                self._journal.save_config(attrs.asdict(config))
             self._housekeep_locked()
 
     @property

@@ -1,12 +1,14 @@
 """Shared fixtures: every broker a test makes comes from ``make_broker`` and is closed afterwards.
 
-A later backend (a file-backed log) can parametrize ``make_broker`` and run the whole suite
-against itself.
+``make_broker`` is parametrized over the backends: ``memory`` (``Broker()``) and ``file``
+(``Broker(path)`` on SQLite), so every test that uses it runs against both. A test that only
+makes sense in memory marks itself ``@pytest.mark.memory_only``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,13 +16,27 @@ import pytest
 import mqlite
 
 
+@pytest.fixture(params=["memory", "file"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which storage the brokers of this test use."""
+    if request.param == "file" and request.node.get_closest_marker("memory_only"):
+        pytest.skip("in-memory behaviour only")
+    return str(request.param)
+
+
 @pytest.fixture
-def make_broker() -> Iterator[Callable[..., mqlite.Broker]]:
-    """A factory: ``make_broker(clock=..., dispatcher=...)`` returns a broker closed at teardown."""
+def make_broker(backend: str, tmp_path: Path) -> Iterator[Callable[..., mqlite.Broker]]:
+    """A factory: ``make_broker(clock=..., dispatcher=...)`` returns a broker closed at teardown.
+
+    On the ``file`` backend each broker gets its own new file.
+    """
     brokers: list[mqlite.Broker] = []
 
     def factory(**kwargs: Any) -> mqlite.Broker:
-        broker = mqlite.Broker(**kwargs)
+        if backend == "file":
+            broker = mqlite.Broker(tmp_path / f"broker{len(brokers)}.mqlite", **kwargs)
+        else:
+            broker = mqlite.Broker(**kwargs)
         brokers.append(broker)
         return broker
 
