@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import mqlite
@@ -84,3 +86,14 @@ def test_drain_returns_false_when_the_broker_closes_before_callbacks_finish() ->
         release.set()
         drainer.join(10)
     assert result == [False]
+
+
+def test_delete_subscription_on_a_file_survives_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "app.mqlite")
+    with mqlite.Broker(path) as broker:
+        broker.subscribe("jobs", name="vendor").close()
+        broker.publish("jobs", "run", 1)
+        assert broker.delete_subscription("jobs", "vendor")
+    with mqlite.Broker(path) as broker:
+        names = [s.name for s in broker.info().subscriptions]
+        assert "vendor" not in names
