@@ -179,17 +179,6 @@ class Cursor:
                 return entry
         return None
 
-    def has_ready_locked(self) -> bool:
-        """Whether a redelivery is due now (dropping stale entries on the way)."""
-        ready = self.ready
-        pending = self.pending
-        while ready:
-            entry = ready[0]
-            if entry.state == READY and pending.get(entry.message[2]) is entry:
-                return True
-            ready.popleft()
-        return False
-
     def unsettled_before_locked(self, offset: int) -> bool:
         """Whether a message below ``offset`` still waits for a retry or an in-flight push batch."""
         if self.inflight:
