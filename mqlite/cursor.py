@@ -90,6 +90,8 @@ class Cursor:
         self._scheduled: list[tuple[float, int, Pending]] = []
         self._timeouts: deque[tuple[float, list[Pending]]] = deque()
         self._seq = 0
+        # Shared files only: where entries made due again are noted, so other brokers can take them.
+        self.released: list[tuple[Cursor, Pending]] | None = None
         self.inflight = 0  # push batches taken and not yet reported done
         self.delivered = 0
         self.acked = 0
@@ -145,6 +147,8 @@ class Cursor:
         """Queue ``entry`` for the next read."""
         entry.state = READY
         entry.owner = None
+        if self.released is not None:
+            self.released.append((self, entry))
         if front:
             self.ready.appendleft(entry)
         else:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import attrs
 
 from mqlite.clock import Clock
-from mqlite.cursor import OUT, READY, Backoff, Cursor, Pending
+from mqlite.cursor import OUT, READY, WAITING, Backoff, Cursor, Pending
 from mqlite.errors import (
     AckModeError,
     BrokerClosed,
@@ -25,9 +25,10 @@ from mqlite.errors import (
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.message import Message, make_meta, message_class
 from mqlite.storage.memory import MemoryLog
+from mqlite.storage.sqlite import FileLock
 
 if TYPE_CHECKING:
-    from mqlite.storage.sqlite import SqliteLog, StoredCursor
+    from mqlite.storage.sqlite import QueueState, SqliteLog
 
 __all__ = ["DeadLetter", "Queue", "QueueConfig", "Start"]
 
@@ -118,8 +119,10 @@ class Queue:
         durable_log: SqliteLog | None = None,
     ) -> None:
         self.name = name
-        # _lock guards every attribute below and every cursor of this queue.
-        self._lock = threading.Lock()
+        # _lock guards every attribute below and every cursor of this queue. On a file that
+        # several brokers may share it is a FileLock: holding it also holds a write transaction,
+        # begun after reloading whatever other brokers changed.
+        self._lock: threading.Lock | FileLock = threading.Lock()
         self._config = config
         self._log: MemoryLog | SqliteLog = MemoryLog() if durable_log is None else durable_log
         self._append = self._log.append
@@ -146,57 +149,199 @@ class Queue:
         self._time = clock.time
         self._monotonic = clock.monotonic
         self._dead_letter_sink = dead_letter_sink
+        # Shared files only: the store generation this queue last reloaded at, and the pending
+        # entries of durable cursors made due again, which other brokers may now take (written
+        # when the transaction ends). None when no other broker can share the file.
+        self._synced = -1
+        self._released: list[tuple[Cursor, Pending]] | None = None
+        if durable_log is not None and durable_log.store.shared:
+            self._released = []
+            self._lock = FileLock(durable_log.store, self._on_begin, self._on_commit)
+            durable_log.store.watch(self.poke)
         with self._lock:
-            if durable_log is not None:
-                self._restore_locked(durable_log)
+            if durable_log is not None and self._released is None:
+                self._refresh_locked()  # a shared file reloaded when the lock began its transaction
             self._housekeep_locked()
 
     # -- durability (file-backed brokers only) ---------------------------------------------
 
-    def _restore_locked(self, log: SqliteLog) -> None:
-        """Rebuild the event names and the durable cursors saved in the file."""
-        for message in log.read(log.first_offset, self._end):
-            self._events.setdefault(message[0], None)
-        for stored in log.cursors:
-            self._restore_cursor_locked(stored)
+    def _on_begin(self, generation: int) -> None:
+        """A transaction began (shared files): reload first if another broker changed the file."""
+        if generation != self._synced:
+            self._refresh_locked()
+            self._synced = generation
 
-    def _restore_cursor_locked(self, stored: StoredCursor) -> None:
-        settings = stored.settings
-        cursor = Cursor(
-            queue=self.name,
-            name=stored.name,
-            event_filter=EventFilter(None),
-            position=stored.position,
-            manual_ack=settings["manual_ack"],
-            ack_timeout=settings["ack_timeout"],
-            max_deliveries=settings["max_deliveries"],
-            dead_letter=settings["dead_letter"],
-            backoff=Backoff(*settings["backoff"]),
-        )
-        for message, _ in stored.pending:
-            self._events.setdefault(message[0], None)
-        self._apply_filter_locked(cursor, EventFilter(settings["events"]))
-        for message, attempts in stored.pending:
-            # Delivered before the restart and never settled: due again, in offset order.
-            entry = Pending(message, attempts, None, READY)
-            cursor.pending[message[2]] = entry
-            cursor.ready.append(entry)
-        self._cursors[stored.name] = cursor
-
-    def _save_cursor_locked(self, cursor: Cursor) -> None:
-        """Write a durable cursor's settings and position (file-backed brokers only)."""
-        if self._journal is None or cursor.name is None:
+    def _on_commit(self) -> None:
+        """A transaction is about to commit (shared files): save entries made due for anyone."""
+        released = self._released
+        if not released:
             return
+        offsets: dict[Cursor, list[int]] = {}
+        for cursor, entry in released:
+            if entry.state == READY and cursor.pending.get(entry.message[2]) is entry:
+                offsets.setdefault(cursor, []).append(entry.message[2])
+        released.clear()
+        for cursor, due in offsets.items():
+            if cursor.name is not None and self._cursors.get(cursor.name) is cursor:
+                self._sync_locked(cursor, due)
+
+    def poke(self) -> None:
+        """Another broker changed the file: reload now if anyone waits here (the watcher calls this)."""
+        lock = self._lock
+        if not isinstance(lock, FileLock):
+            return
+        with lock.plain:
+            waiting = bool(self._waiters)
+        if waiting:
+            with lock:
+                pass  # beginning the transaction reloads and wakes whoever now has something to read
+
+    def _refresh_locked(self) -> None:
+        """Bring memory up to the file: new messages, settings, cursors and who holds what."""
+        log = self._journal
+        assert log is not None  # only file-backed queues reload
+        state = log.store.changes(self.name, self._end)
+        config = QueueConfig(**state.config)
+        if config != self._config:
+            self._config = config
+            self._check_at = min(self._check_at, self._end)
+        woke = self._load_messages_locked(log, state)
+        woke = self._load_cursors_locked(state) or woke
+        woke = self._load_pending_locked(log, state) or woke
+        if woke and self._waiters:
+            self._wake_all_locked()
+
+    def _load_messages_locked(self, log: SqliteLog, state: QueueState) -> bool:
+        if state.start > self._end:
+            # Another broker dropped messages this one never loaded: start after them.
+            self._trim_postings_locked(state.start)
+            self._end = state.start
+            self._start = max(self._start, state.start)
+        messages = state.messages
+        if not messages:
+            return False
+        log.load(state.start, messages)
+        events = self._events
+        for message in messages:
+            event = message[0]
+            if event not in events:
+                self._new_event_locked(event)
+            postings = events[event]
+            if postings is not None:
+                postings.append(message[2])
+        self._end = messages[-1][2] + 1
+        return True
+
+    def _load_cursors_locked(self, state: QueueState) -> bool:
+        changed = False
+        stored = set()
+        for name, position, settings in state.cursors:
+            stored.add(name)
+            cursor = self._cursors.get(name)
+            if cursor is None:
+                cursor = Cursor(
+                    queue=self.name,
+                    name=name,
+                    event_filter=EventFilter(None),
+                    position=position,
+                    manual_ack=False,
+                    ack_timeout=None,
+                    max_deliveries=None,
+                    dead_letter="",
+                    backoff=Backoff(),
+                )
+                cursor.released = self._released
+                self._cursors[name] = cursor
+                self._apply_settings_locked(cursor, settings)
+                changed = True
+                continue
+            if self._settings_locked(cursor) != settings:
+                self._apply_settings_locked(cursor, settings)
+                changed = True
+            if cursor.position != position:
+                cursor.position = position
+                changed = True
+        for name, cursor in list(self._cursors.items()):
+            if name in stored:
+                continue
+            if cursor.members:
+                self._save_cursor_locked(cursor)  # deleted elsewhere while attached here: keep it
+            else:
+                del self._cursors[name]
+                self._change_index_locked(-int(cursor.names is not None))
+                changed = True
+        return changed
+
+    def _load_pending_locked(self, log: SqliteLog, state: QueueState) -> bool:
+        """Match each durable cursor's pending entries to the file's rows and their holders."""
+        store = log.store
+        me = store.instance
+        rows: dict[str, dict[int, tuple[int, str | None]]] = {}
+        for name, offset, attempts, owner in state.pending:
+            rows.setdefault(name, {})[offset] = (attempts, owner)
+        changed = False
+        for name, cursor in self._cursors.items():
+            stored = rows.get(name, {})
+            pending = cursor.pending
+            for offset, entry in list(pending.items()):
+                row = stored.pop(offset, None)
+                if row is None or (row[1] is not None and row[1] != me):
+                    del pending[offset]  # settled, or taken, by another broker
+                    entry.state = -1
+                    changed = True
+            adopt = [
+                (offset, attempts)
+                for offset, (attempts, owner) in stored.items()
+                if owner is None or owner == me or not store.alive(owner)
+            ]
+            if not adopt:
+                continue
+            first = self._log.first_offset
+            cached = {o: self._log.get(o) for o, _ in adopt if o >= first}
+            missing = [o for o, _ in adopt if o < first]
+            messages = {m[2]: m for m in log.store.load_messages(self.name, missing)} if missing else {}
+            messages.update(cached)
+            for offset, attempts in adopt:
+                message = messages.get(offset)
+                if message is None:
+                    continue  # its message is gone from the file: nothing left to redeliver
+                self._events.setdefault(message[0], None)
+                # Delivered before and never settled, by a broker that is gone: due again, in order.
+                entry = Pending(message, attempts, None, READY)
+                pending[offset] = entry
+                cursor.ready.append(entry)
+                changed = True
+        return changed
+
+    @staticmethod
+    def _settings_locked(cursor: Cursor) -> dict[str, Any]:
+        """A durable cursor's settings as the file stores them."""
         backoff = cursor.backoff
-        settings = {
-            "events": cursor.filter.spec,
+        spec = cursor.filter.spec
+        return {
+            "events": None if spec is None else list(spec),
             "manual_ack": cursor.manual_ack,
             "ack_timeout": cursor.ack_timeout,
             "max_deliveries": cursor.max_deliveries,
             "dead_letter": cursor.dead_letter,
             "backoff": [backoff.initial, backoff.factor, backoff.maximum],
         }
-        self._journal.save_cursor(cursor.name, cursor.position, settings)
+
+    def _apply_settings_locked(self, cursor: Cursor, settings: dict[str, Any]) -> None:
+        cursor.manual_ack = settings["manual_ack"]
+        cursor.ack_timeout = settings["ack_timeout"]
+        cursor.max_deliveries = settings["max_deliveries"]
+        cursor.dead_letter = settings["dead_letter"]
+        cursor.backoff = Backoff(*settings["backoff"])
+        spec = settings["events"]
+        if cursor.filter.spec != (None if spec is None else tuple(spec)):
+            self._apply_filter_locked(cursor, EventFilter(spec))
+
+    def _save_cursor_locked(self, cursor: Cursor) -> None:
+        """Write a durable cursor's settings and position (file-backed brokers only)."""
+        if self._journal is None or cursor.name is None:
+            return
+        self._journal.save_cursor(cursor.name, cursor.position, self._settings_locked(cursor))
 
     def _sync_locked(
         self, cursor: Cursor, offsets: Iterable[int], inflight: Iterable[int] = (), *, moved: bool = False
@@ -210,15 +355,16 @@ class Queue:
         if journal is None or cursor.name is None:
             return
         pending = cursor.pending
-        upserts: list[tuple[int, int]] = []
+        upserts: list[tuple[int, int, bool]] = []
         deletes: list[int] = []
         for offset in offsets:
             entry = pending.get(offset)
             if entry is None:
                 deletes.append(offset)
             else:
-                upserts.append((offset, entry.attempts))
-        upserts.extend((offset, 1) for offset in inflight)
+                # Held by this broker unless it is due for redelivery to whoever reads next.
+                upserts.append((offset, entry.attempts, entry.state != READY))
+        upserts.extend((offset, 1, True) for offset in inflight)
         journal.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
 
     def __repr__(self) -> str:
@@ -363,6 +509,9 @@ class Queue:
 
     def _reclaim_locked(self, offset: int) -> None:
         self._log.drop_before(offset)
+        self._trim_postings_locked(offset)
+
+    def _trim_postings_locked(self, offset: int) -> None:
         if self._indexed:
             for postings in self._events.values():
                 if postings:
@@ -372,6 +521,8 @@ class Queue:
         """Move a cursor that fell behind the retained range up to ``to``, counting what it missed."""
         cursor.missed += self._count_locked(cursor, cursor.position, to)
         cursor.position = to
+        if self._journal is not None and cursor.name is not None:
+            self._sync_locked(cursor, (), moved=True)
 
     def _count_locked(self, cursor: Cursor, from_offset: int, to_offset: int) -> int:
         """How many messages in ``[from_offset, to_offset)`` pass the cursor's filter."""
@@ -534,6 +685,7 @@ class Queue:
                 if name is None:
                     self._ephemeral.append(cursor)
                 else:
+                    cursor.released = self._released
                     self._cursors[name] = cursor
                     self._save_cursor_locked(cursor)
             elif cursor.settings() != settings:
@@ -600,6 +752,12 @@ class Queue:
                         cursor.make_ready_locked(entry)
                     else:
                         self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
+            if not cursor.members and self._released is not None:
+                # The last subscriber of this name here: retries waiting on a delay are due now,
+                # so another broker sharing the file can take them instead of waiting for this one.
+                for entry in list(cursor.pending.values()):
+                    if entry.state == WAITING:
+                        cursor.make_ready_locked(entry)
             if not cursor.members and not cursor.durable and cursor in self._ephemeral:
                 self._ephemeral.remove(cursor)
                 self._change_index_locked(-int(cursor.names is not None))

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
-from mqlite.storage.sqlite import SqliteStore
+from mqlite.storage.sqlite import SCHEMA_VERSION, SqliteStore
 
 # -- restarts ------------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ def test_a_file_from_a_newer_mqlite_is_refused_and_left_untouched(tmp_path: Path
         db.execute("UPDATE mqlite_schema SET version = version + 1")
     db.close()
     before = _fingerprint(path)
-    with pytest.raises(mqlite.StorageError, match="newer than the 1 this mqlite understands"):
+    with pytest.raises(mqlite.StorageError, match=f"newer than the {SCHEMA_VERSION} this mqlite understands"):
         mqlite.Broker(path)
     assert _fingerprint(path) == before
 

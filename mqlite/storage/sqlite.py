@@ -1,6 +1,6 @@
 """The durable log: one SQLite file (WAL mode) holds every queue, message and named cursor.
 
-Layout of the file (schema version 1):
+Layout of the file (schema version 2):
 
 - ``mqlite_schema(version, serializer)``: one row. A file without it is not an mqlite file.
 - ``queues(name, start_offset, config)``: every queue, the offset below which its messages were
@@ -8,24 +8,34 @@ Layout of the file (schema version 1):
 - ``messages(queue, offset, event, payload, key, headers, timestamp)``: the log. Payload, key and
   headers are encoded by the broker's serializer (JSON by default).
 - ``cursors(queue, name, position, settings)``: every durable (named) cursor.
-- ``pending(queue, name, offset, attempts)``: each durable cursor's delivered, unsettled messages
-  and how many times each was delivered.
+- ``pending(queue, name, offset, attempts, owner)``: each durable cursor's delivered, unsettled
+  messages, how many times each was delivered, and which broker holds it (NULL: due for
+  redelivery to whoever reads next). Version 1 files lack ``owner`` and are upgraded on open.
 
 The retained part of each log is also held in memory (a :class:`MemoryLog`), so reads never touch
-the disk; the file is written through on every change and read only when the broker opens.
+the disk. Several brokers, in one process or many, can share a file (``commit="each"``): every
+operation on a queue runs as one SQLite write transaction, and when SQLite's ``data_version``
+shows that another connection committed since, the queue first reloads what changed
+(:meth:`SqliteStore.begin`). A watcher thread polls ``data_version`` so that waiting readers wake
+when another process publishes, and hands back the pending messages of brokers that died.
+
+Each broker holds an ``flock`` on its own file ``<path>-brokers/<id>.lock`` while it lives; a
+lock file nobody holds belongs to a dead broker, whose pending messages are then redelivered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
+import secrets
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from mqlite.errors import SerializationError, StorageError
@@ -34,17 +44,17 @@ from mqlite.storage.memory import MemoryLog
 
 __all__ = [
     "SCHEMA_VERSION",
+    "FileLock",
     "JsonSerializer",
     "PickleSerializer",
     "Serializer",
     "SqliteLog",
     "SqliteStore",
-    "StoredCursor",
 ]
 
 _log = logging.getLogger("mqlite")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The layout this version of mqlite writes; files with a higher version are refused."""
 
 # "mqlt": marks the file as mqlite's for tools such as `file` and for a quick check on open.
@@ -63,9 +73,16 @@ CREATE TABLE cursors (
 ) WITHOUT ROWID;
 CREATE TABLE pending (
     queue TEXT NOT NULL, name TEXT NOT NULL, "offset" INTEGER NOT NULL, attempts INTEGER NOT NULL,
-    PRIMARY KEY (queue, name, "offset")
+    owner TEXT, PRIMARY KEY (queue, name, "offset")
 ) WITHOUT ROWID;
 """
+
+# How often the watcher looks at data_version: soon after a change, then less and less often.
+WATCH_MIN = 0.001
+WATCH_MAX = 0.025
+# How often the watcher looks for dead brokers holding pending messages, and how long a broker
+# seen alive is believed alive.
+LIVENESS_EVERY = 0.5
 
 Synchronous = Literal["normal", "full"]
 Commit = Literal["each", "batch"]
@@ -121,33 +138,26 @@ class PickleSerializer:
         return pickle.loads(data)  # opt-in, documented as unsafe
 
 
-class StoredCursor:
-    """A durable cursor as read back from the file. A plain record, not shared between threads."""
-
-    __slots__ = ("name", "pending", "position", "settings")
-
-    def __init__(self, name: str, position: int, settings: dict[str, Any]) -> None:
-        self.name = name
-        self.position = position
-        self.settings = settings
-        self.pending: list[tuple[Message, int]] = []  # (message, attempts), by offset
-
-
 class SqliteStore:
     """One open mqlite file. Thread-safe.
 
-    ``_db_lock`` guards the connection and ``_closed``; ``_cond`` guards the batched writer's
-    buffer and counters. Lock order: ``_cond`` is never held while taking ``_db_lock``.
+    ``_db_lock`` (reentrant) guards the connection, ``_closed``, the data-version bookkeeping and
+    the liveness cache; ``_cond`` guards the batched writer's buffer and counters, and
+    ``_watched`` the watcher's list. Lock order: a queue's lock, then ``_db_lock``, then
+    ``_cond``; ``_cond`` is never held while taking ``_db_lock``.
 
-    With ``commit="each"`` every write is committed before the call returns (autocommit for
-    single statements, an explicit transaction otherwise). With ``commit="batch"`` writes are
-    queued in order and a writer thread commits everything queued so far as one transaction
-    (group commit); :meth:`flush` waits for it. With WAL and ``synchronous=NORMAL`` a commit
-    survives the process being killed; with ``synchronous=FULL`` it also survives power loss.
+    With ``commit="each"`` every write is committed before the call returns, and the file can be
+    shared with other brokers (:attr:`shared`): each queue operation is one transaction between
+    :meth:`begin` and :meth:`commit`. With ``commit="batch"`` writes are queued in order and a
+    writer thread commits everything queued so far as one transaction (group commit); :meth:`flush`
+    waits for it. A batched broker assigns offsets before it commits, so it needs the file to
+    itself. With WAL and ``synchronous=NORMAL`` a commit survives the process being killed; with
+    ``synchronous=FULL`` it also survives power loss.
 
     Raises:
         StorageError: the file is not an mqlite file, is corrupt, was written by a newer mqlite,
-            or with another serializer. The file is left untouched.
+            or with another serializer, or a batched broker has it (or wants it) to itself. The
+            file is left untouched.
     """
 
     def __init__(
@@ -165,35 +175,56 @@ class SqliteStore:
             raise StorageError(f"commit must be 'each' or 'batch', got {commit!r}")
         self.path = os.fspath(path)
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
-        self._db_lock = threading.Lock()
+        self.shared = commit == "each"
+        # This broker's name in the pending table's owner column.
+        self.instance = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._busy_timeout = busy_timeout
+        self._db_lock = threading.RLock()
         self._closed = False
+        # data_version as last seen, and how many times it was seen to change: a queue that
+        # synced at an older generation reloads before its next operation.
+        self._data_version = -1
+        self.generation = 0
+        self._alive_until: dict[str, float] = {}
         self._cond = threading.Condition(threading.Lock())
         # Batched mode only: ops waiting for the writer (None when every write commits at once),
         # how many writes were submitted and how many of them are committed.
-        self._buffer: list[_Op] | None = [] if commit == "batch" else None
+        self._buffer: list[_Op] | None = None if self.shared else []
         self._vacuum = False
         self._submitted = 0
         self._committed = 0
         self._failure: BaseException | None = None
         self._stopping = False
         self._writer: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
+        self._watched_lock = threading.Lock()
+        self._watched: list[Callable[[], None]] = []
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
             raise StorageError(f"cannot open {self.path!r} as an mqlite file: {error}") from error
-        self._owner: Any = None
+        self._claim: Any = None
+        self._liveness: Any = None
         try:
             self._check_or_create(synchronous)
-            self._owner = _claim(self.path)
+            self._claim = _claim(self.path, exclusive=not self.shared)
+            self._liveness = _Liveness(self.path, self.instance)
         except BaseException:
+            if self._claim is not None:
+                self._claim.close()
             self._db.close()
             raise
         if self._buffer is not None:
             self._writer = threading.Thread(target=self._write_batches, name="mqlite-writer", daemon=True)
             self._writer.start()
+        else:
+            self._watcher = threading.Thread(target=self._watch, name="mqlite-watcher", daemon=True)
+            self._watcher.start()
 
     def _check_or_create(self, synchronous: Synchronous) -> None:
         db = self._db
+        version = SCHEMA_VERSION
         # Read-only probes first: nothing is written until the file is known to be ours.
         try:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -220,6 +251,8 @@ class SqliteStore:
                     f"serializer={serializer!r}-compatible settings, not {self.serializer.name!r}"
                 )
         self._configure(synchronous)
+        if tables and version < SCHEMA_VERSION:
+            self._upgrade(version)
         if not tables:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -236,6 +269,20 @@ class SqliteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def _upgrade(self, version: int) -> None:
+        """Bring an older file up to :data:`SCHEMA_VERSION`, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if version < 2:
+                db.execute("ALTER TABLE pending ADD COLUMN owner TEXT")
+            db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _configure(self, synchronous: Synchronous) -> None:
         db = self._db
@@ -262,58 +309,73 @@ class SqliteStore:
         return [(name, json.loads(config)) for name, config in rows]
 
     def open_log(self, queue: str, config: dict[str, Any]) -> SqliteLog:
-        """The log of ``queue``, created with ``config`` if new, loaded into memory if it exists."""
+        """The log of ``queue``, created with ``config`` if new. Its queue loads it with :meth:`changes`."""
         self.flush()
         with self._db_lock:
             self._check_open()
-            db = self._db
-            db.execute(
-                "INSERT OR IGNORE INTO queues (name, start_offset, config) VALUES (?, 0, ?)",
-                (queue, json.dumps(config)),
+            self._execute_locked(
+                [
+                    (
+                        "INSERT OR IGNORE INTO queues (name, start_offset, config) VALUES (?, 0, ?)",
+                        (queue, json.dumps(config)),
+                        False,
+                    )
+                ]
             )
-            start = db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
+            start = self._db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
+        return SqliteLog(self, queue, MemoryLog(start))
+
+    def changes(self, queue: str, end: int) -> QueueState:
+        """What the file holds for ``queue``: its settings, messages from ``end`` on, cursors, pending rows.
+
+        Called with the queue's lock held, inside :meth:`begin` for a shared file, so what it
+        reads is one consistent state.
+        """
+        with self._db_lock:
+            db = self._db
+            start, config = db.execute("SELECT start_offset, config FROM queues WHERE name = ?", (queue,)).fetchone()
+            first = max(start, end)
             rows = db.execute(
                 'SELECT "offset", event, payload, key, headers, timestamp FROM messages '
                 'WHERE queue = ? AND "offset" >= ? ORDER BY "offset"',
-                (queue, start),
+                (queue, first),
             ).fetchall()
-            cursors = self._load_cursors_locked(queue)
-        cache = MemoryLog(start)
-        expected = start
-        for row in rows:
+            cursors = [
+                (name, position, json.loads(settings))
+                for name, position, settings in db.execute(
+                    "SELECT name, position, settings FROM cursors WHERE queue = ? ORDER BY name", (queue,)
+                )
+            ]
+            pending = db.execute(
+                'SELECT name, "offset", attempts, owner FROM pending WHERE queue = ? ORDER BY name, "offset"', (queue,)
+            ).fetchall()
+        messages = []
+        for expected, row in enumerate(rows, first):
             if row[0] != expected:
                 raise StorageError(
                     f"{self.path!r} is corrupt: queue {queue!r} jumps from offset {expected - 1} to {row[0]}"
                 )
-            cache.append(self._decode(queue, row))
-            expected += 1
-        return SqliteLog(self, queue, cache, cursors)
+            messages.append(self._decode(queue, row))
+        return QueueState(start, json.loads(config), messages, cursors, pending)
+
+    def load_messages(self, queue: str, offsets: Sequence[int]) -> list[Message]:
+        """The stored messages of ``queue`` at ``offsets`` (pending ones the memory log already dropped)."""
+        with self._db_lock:
+            rows = [
+                self._db.execute(
+                    'SELECT "offset", event, payload, key, headers, timestamp FROM messages '
+                    'WHERE queue = ? AND "offset" = ?',
+                    (queue, offset),
+                ).fetchone()
+                for offset in offsets
+            ]
+        return [self._decode(queue, row) for row in rows if row is not None]
 
     def save_config(self, queue: str, config: dict[str, Any]) -> None:
         """Remember a queue's retention settings."""
         self._submit([("UPDATE queues SET config = ? WHERE name = ?", (json.dumps(config), queue), False)])
 
     # -- cursors ---------------------------------------------------------------------------
-
-    def _load_cursors_locked(self, queue: str) -> list[StoredCursor]:
-        db = self._db
-        cursors = {
-            name: StoredCursor(name, position, json.loads(settings))
-            for name, position, settings in db.execute(
-                "SELECT name, position, settings FROM cursors WHERE queue = ? ORDER BY name", (queue,)
-            )
-        }
-        rows = db.execute(
-            'SELECT p.name, p.attempts, m."offset", m.event, m.payload, m.key, m.headers, m.timestamp '
-            'FROM pending p JOIN messages m ON m.queue = p.queue AND m."offset" = p."offset" '
-            'WHERE p.queue = ? ORDER BY p.name, p."offset"',
-            (queue,),
-        ).fetchall()
-        for row in rows:
-            cursor = cursors.get(row[0])
-            if cursor is not None:
-                cursor.pending.append((self._decode(queue, row[2:]), row[1]))
-        return list(cursors.values())
 
     def save_cursor(self, queue: str, name: str, position: int, settings: dict[str, Any]) -> None:
         """Create or update a durable cursor's position and settings."""
@@ -328,16 +390,17 @@ class SqliteStore:
         queue: str,
         name: str,
         position: int | None,
-        upserts: Sequence[tuple[int, int]],
+        upserts: Sequence[tuple[int, int, bool]],
         deletes: Sequence[int],
     ) -> None:
-        """In one transaction: set the position (unless None), record ``(offset, attempts)`` pending,
-        forget ``deletes``."""
+        """In one transaction: set the position (unless None), record ``(offset, attempts, held)``
+        pending (held: by this broker; otherwise due for whoever reads next), forget ``deletes``."""
         ops: list[_Op] = []
         if position is not None:
             ops.append((_SET_POSITION, (position, queue, name), False))
         if upserts:
-            rows = [(queue, name, offset, attempts) for offset, attempts in upserts]
+            me = self.instance
+            rows = [(queue, name, offset, attempts, me if held else None) for offset, attempts, held in upserts]
             ops.append((_UPSERT_PENDING, rows, True))
         if deletes:
             ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
@@ -347,6 +410,119 @@ class SqliteStore:
             _log.warning("cursor %r of %r changed after its broker closed; the change is not saved", name, queue)
             return
         self._submit(ops)
+
+    # -- sharing the file ------------------------------------------------------------------
+
+    def begin(self) -> int | None:
+        """Start a write transaction and return the generation; None (no transaction) once closed.
+
+        Holds the store's lock until :meth:`commit`. The generation grows when another connection
+        committed since it was last looked at: whoever synced at an older one must reload.
+
+        Raises:
+            StorageError: another connection held the file's write lock past the busy timeout.
+        """
+        self._db_lock.acquire()
+        try:
+            if self._closed:
+                self._db_lock.release()
+                return None
+            self._db.execute("BEGIN IMMEDIATE")
+            self._note_version_locked()
+        except sqlite3.Error as error:
+            self._db_lock.release()
+            raise StorageError(
+                f"{self.path!r} stayed locked by another connection for over {self._busy_timeout:g} s "
+                f"(SQLite says: {error}); nothing was changed"
+            ) from error
+        except BaseException:
+            self._db_lock.release()
+            raise
+        return self.generation
+
+    def commit(self) -> None:
+        """End the transaction :meth:`begin` started, and release the store's lock.
+
+        Raises:
+            StorageError: the commit failed; the transaction was rolled back.
+        """
+        db = self._db
+        try:
+            if db.in_transaction:
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error as error:
+                    db.execute("ROLLBACK")
+                    self.generation += 1  # memory may now be ahead of the file: reload everything
+                    raise StorageError(f"cannot commit to {self.path!r}: {error}") from error
+        finally:
+            self._db_lock.release()
+
+    def _note_version_locked(self) -> bool:
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return False
+        self._data_version = version
+        self.generation += 1
+        return True
+
+    def watch(self, poke: Callable[[], None]) -> None:
+        """Call ``poke`` (from the watcher thread) whenever another connection changed the file."""
+        with self._watched_lock:
+            self._watched.append(poke)
+
+    def _watch(self) -> None:
+        """The watcher: poll data_version, poke every queue when it moved, reclaim dead brokers' messages."""
+        delay = WATCH_MIN
+        check_liveness_at = 0.0
+        while not self._stop_watching.wait(delay):
+            try:
+                with self._db_lock:
+                    if self._closed:
+                        return
+                    changed = self._note_version_locked()
+                    if time.monotonic() >= check_liveness_at:
+                        check_liveness_at = time.monotonic() + LIVENESS_EVERY
+                        if self._release_dead_locked():
+                            self.generation += 1
+                            changed = True
+            except sqlite3.Error:
+                _log.warning("the watcher of %r could not read the file; retrying", self.path, exc_info=True)
+                changed = False
+            if changed:
+                delay = WATCH_MIN
+                with self._watched_lock:
+                    pokes = list(self._watched)
+                for poke in pokes:
+                    try:
+                        poke()
+                    except Exception:  # noqa: BLE001  # a queue that fails to reload must not stop the watcher
+                        _log.exception("reloading a queue of %r failed", self.path)
+            else:
+                delay = min(delay * 2, WATCH_MAX)
+
+    def _release_dead_locked(self) -> bool:
+        """Hand back, for redelivery, the pending messages of brokers that died; whether there were any."""
+        owners = [row[0] for row in self._db.execute("SELECT DISTINCT owner FROM pending WHERE owner IS NOT NULL")]
+        dead = [owner for owner in owners if not self.alive(owner)]
+        for owner in dead:
+            self._db.execute("UPDATE pending SET owner = NULL WHERE owner = ?", (owner,))
+        return bool(dead)
+
+    def alive(self, owner: str) -> bool:
+        """Whether the broker named ``owner`` still runs (brokers seen alive are believed for a while)."""
+        if owner == self.instance:
+            return True
+        now = time.monotonic()
+        with self._db_lock:
+            if self._alive_until.get(owner, 0.0) > now:
+                return True
+            alive = self._liveness is None or self._liveness.alive(owner)
+            if alive:
+                self._alive_until[owner] = now + LIVENESS_EVERY
+            else:
+                self._alive_until.pop(owner, None)
+            return alive
 
     def delete_cursor(self, queue: str, name: str) -> None:
         """Forget a durable cursor and its pending rows (messages only it kept go at the next reclaim)."""
@@ -447,6 +623,13 @@ class SqliteStore:
 
     def _execute_locked(self, ops: list[_Op]) -> None:
         db = self._db
+        if db.in_transaction:  # inside begin() ... commit(): part of that transaction
+            for sql, params, many in ops:
+                if many:
+                    db.executemany(sql, params)
+                else:
+                    db.execute(sql, params)
+            return
         if len(ops) == 1:
             sql, params, many = ops[0]
             if not many:
@@ -522,26 +705,119 @@ class SqliteStore:
             raise StorageError(f"{self.path!r} is closed")
 
     def close(self) -> None:
-        """Commit what is still buffered, then close the file. Idempotent; later writes are refused."""
+        """Commit what is still buffered, hand back what this broker held, close the file.
+
+        Idempotent; later writes are refused.
+        """
         writer = self._writer
         if writer is not None:
             with self._cond:
                 self._stopping = True
                 self._cond.notify_all()
             writer.join()
+        self._stop_watching.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
         with self._db_lock:
             if self._closed:
                 return
             self._closed = True
+            try:
+                # Unsettled messages this broker held are due again, for whoever reads next.
+                self._db.execute("UPDATE pending SET owner = NULL WHERE owner = ?", (self.instance,))
+            except sqlite3.Error:
+                _log.warning(
+                    "could not hand back the pending messages of %r; they wait for this broker's death to be noticed",
+                    self.path,
+                    exc_info=True,
+                )
             self._db.close()
-            if self._owner is not None:
-                self._owner.close()  # releases the claim
+            if self._liveness is not None:
+                self._liveness.close()
+            if self._claim is not None:
+                self._claim.close()  # releases the claim
+
+
+class QueueState:
+    """One queue as stored: what :meth:`SqliteStore.changes` read. A plain record."""
+
+    __slots__ = ("config", "cursors", "messages", "pending", "start")
+
+    def __init__(
+        self,
+        start: int,
+        config: dict[str, Any],
+        messages: list[Message],
+        cursors: list[tuple[str, int, dict[str, Any]]],
+        pending: list[tuple[str, int, int, str | None]],
+    ) -> None:
+        self.start = start
+        self.config = config
+        self.messages = messages  # from the requested offset on, in order
+        self.cursors = cursors  # (name, position, settings)
+        self.pending = pending  # (cursor name, offset, attempts, owner or None), by name and offset
+
+
+class FileLock:
+    """A queue's lock on a shared file: holding it also holds one SQLite write transaction.
+
+    ``acquire`` takes the queue's own lock, begins the transaction and lets the queue reload what
+    other connections changed; ``release`` lets the queue write what it still owes, commits and
+    releases. Everything a queue does under its lock is therefore one atomic step across every
+    process sharing the file. Once the store is closed it is a plain lock.
+    """
+
+    __slots__ = ("_began", "_on_begin", "_on_commit", "_store", "plain")
+
+    def __init__(self, store: SqliteStore, on_begin: Callable[[int], None], on_commit: Callable[[], None]) -> None:
+        self.plain = threading.Lock()
+        self._store = store
+        self._on_begin = on_begin
+        self._on_commit = on_commit
+        self._began = False  # guarded by plain
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock)."""
+        if not self.plain.acquire(blocking, timeout):
+            return False
+        try:
+            generation = self._store.begin()
+            self._began = generation is not None
+            if generation is not None:
+                try:
+                    self._on_begin(generation)
+                except BaseException:
+                    self._began = False
+                    self._store.commit()
+                    raise
+        except BaseException:
+            self.plain.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """Commit the transaction and release the lock."""
+        try:
+            if self._began:
+                self._began = False
+                try:
+                    self._on_commit()
+                finally:
+                    self._store.commit()
+        finally:
+            self.plain.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 _Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
 _UPSERT_PENDING = (
-    'INSERT INTO pending (queue, name, "offset", attempts) VALUES (?, ?, ?, ?) '
-    'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts'
+    'INSERT INTO pending (queue, name, "offset", attempts, owner) VALUES (?, ?, ?, ?, ?) '
+    'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts, owner = excluded.owner'
 )
 _DELETE_PENDING = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
 _SET_POSITION = "UPDATE cursors SET position = ? WHERE queue = ? AND name = ?"
@@ -560,13 +836,12 @@ class SqliteLog:
     cannot be stored never gets an offset.
     """
 
-    __slots__ = ("_cache", "_cache_append", "_insert_one", "_store", "append", "cursors", "queue")
+    __slots__ = ("_cache", "_cache_append", "_insert_one", "append", "queue", "store")
 
-    def __init__(self, store: SqliteStore, queue: str, cache: MemoryLog, cursors: list[StoredCursor]) -> None:
-        self._store = store
+    def __init__(self, store: SqliteStore, queue: str, cache: MemoryLog) -> None:
+        self.store = store
         self.queue = queue
         self._cache = cache
-        self.cursors = cursors
         self.append = self._append
         self._insert_one = store.insert_one
         self._cache_append = cache.append
@@ -582,9 +857,20 @@ class SqliteLog:
 
     def extend(self, messages: Sequence[Message]) -> None:
         """Append several messages in one transaction: all are stored or none."""
-        encode = self._store.encode
-        self._store.insert([encode(message) for message in messages])
+        encode = self.store.encode
+        self.store.insert([encode(message) for message in messages])
         self._cache.extend(messages)
+
+    def load(self, start: int, messages: Sequence[Message]) -> None:
+        """Add messages another broker stored (they are in the file already) to the memory log.
+
+        ``start`` is the file's oldest offset: when it is past the end of the memory log, what
+        the memory log holds is forgotten and it continues from there.
+        """
+        cache = self._cache
+        if start > cache.first_offset + len(cache):
+            cache.drop_before(start)
+        cache.extend(messages)
 
     def read(self, from_offset: int, to_offset: int) -> list[Message]:
         """Messages in ``[from_offset, to_offset)``, from memory."""
@@ -601,7 +887,7 @@ class SqliteLog:
     def drop_before(self, offset: int) -> None:
         """Forget every message below ``offset``, in memory and (unless still pending) on disk."""
         self._cache.drop_before(offset)
-        self._store.drop_before(self.queue, offset)
+        self.store.drop_before(self.queue, offset)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -610,30 +896,29 @@ class SqliteLog:
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Remember the queue's retention settings."""
-        self._store.save_config(self.queue, config)
+        self.store.save_config(self.queue, config)
 
     def save_cursor(self, name: str, position: int, settings: dict[str, Any]) -> None:
         """Create or update a durable cursor."""
-        self._store.save_cursor(self.queue, name, position, settings)
+        self.store.save_cursor(self.queue, name, position, settings)
 
     def delete_cursor(self, name: str) -> None:
         """Forget a durable cursor for good (``Broker.delete_subscription``)."""
-        self._store.delete_cursor(self.queue, name)
+        self.store.delete_cursor(self.queue, name)
 
     def sync_cursor(
-        self, name: str, position: int | None, upserts: Sequence[tuple[int, int]], deletes: Sequence[int]
+        self, name: str, position: int | None, upserts: Sequence[tuple[int, int, bool]], deletes: Sequence[int]
     ) -> None:
         """Record a durable cursor's position and changes to its pending set, atomically."""
-        self._store.sync_cursor(self.queue, name, position, upserts, deletes)
+        self.store.sync_cursor(self.queue, name, position, upserts, deletes)
 
 
-def _claim(path: str) -> Any:
-    """Claim ``path`` for this broker, so a second broker on the same file fails clearly.
+def _claim(path: str, *, exclusive: bool) -> Any:
+    """Claim ``path``: shared by brokers that commit each write, whole for a batched one.
 
-    Several brokers on one file (in this process or others) are not supported yet: each keeps
-    its own view of the log in memory. The claim is an ``flock`` on the database file, which
-    SQLite's own (POSIX) locks never touch; it lasts until the returned file is closed or the
-    process dies. Where ``flock`` does not exist (Windows), nothing is claimed.
+    The claim is an ``flock`` on the database file, which SQLite's own (POSIX) locks never touch;
+    it lasts until the returned file is closed or the process dies. Where ``flock`` does not
+    exist (Windows), nothing is claimed.
     """
     if sys.platform == "win32":
         return None
@@ -641,14 +926,80 @@ def _claim(path: str) -> Any:
 
     handle = open(path, "rb")  # noqa: SIM115  # held open for the broker's lifetime, closed by close()
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError:
         handle.close()
+        if exclusive:
+            why = "it is already open in another mqlite Broker (this process or another one)"
+        else:
+            why = "a Broker with commit='batch' has it open (this process or another one)"
         raise StorageError(
-            f"{path!r} is already open in another mqlite Broker (this process or another one); "
-            "close that broker first: several brokers on one file are not supported yet"
+            f"{path!r}: {why}; a batched broker assigns offsets before it commits, so it needs the "
+            "file to itself. Close that broker first, or open every broker with commit='each' to share the file"
         ) from None
     return handle
+
+
+class _Liveness:
+    """Tells live brokers from dead ones through lock files in ``<path>-brokers/``.
+
+    Each broker holds its ``<id>.lock`` while it lives, with an exclusive ``flock`` that the
+    kernel drops when the process dies, however it dies. The file is made and locked under a
+    temporary name, then renamed, so no one sees it unlocked while its broker lives. On Windows,
+    where there is no ``flock``, the file is simply kept open: an open file cannot be deleted, so
+    a lock file that can be deleted belongs to a dead broker.
+    """
+
+    def __init__(self, path: str, instance: str) -> None:
+        self._dir = f"{path}-brokers"
+        self._path = os.path.join(self._dir, f"{instance}.lock")
+        self._handle: Any = None
+        os.makedirs(self._dir, exist_ok=True)
+        if sys.platform == "win32":
+            self._handle = open(self._path, "wb")  # noqa: SIM115  # held for the broker's lifetime
+            return
+        import fcntl
+
+        temporary = f"{self._path}.new"
+        handle = open(temporary, "wb")  # noqa: SIM115  # held open for the broker's lifetime
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        os.replace(temporary, self._path)
+        self._handle = handle
+
+    def alive(self, instance: str) -> bool:
+        """Whether the broker ``instance`` still holds its lock file (a dead one's file is removed)."""
+        path = os.path.join(self._dir, f"{instance}.lock")
+        if sys.platform == "win32":
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                return True
+            return False
+        import fcntl
+
+        try:
+            handle = open(path, "rb")  # noqa: SIM115  # closed below
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # dead: nobody will lock this file again
+        return False
+
+    def close(self) -> None:
+        """Remove and release this broker's lock file."""
+        if self._handle is None:
+            return
+        self._handle.close()
+        self._handle = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
 
 
 def _coalesce(ops: list[_Op]) -> list[_Op]:
@@ -662,14 +1013,14 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
     """
     out: list[_Op] = []
     positions: dict[tuple[str, str], int] = {}
-    pending: dict[tuple[str, str, int], int | None] = {}  # attempts, or None to delete
+    pending: dict[tuple[str, str, int], tuple[int, str | None] | None] = {}  # (attempts, owner), or None to delete
 
     def end_run() -> None:
         if positions:
             out.append((_SET_POSITION, [(p, q, n) for (q, n), p in positions.items()], True))
             positions.clear()
         if pending:
-            upserts = [(q, n, o, a) for (q, n, o), a in pending.items() if a is not None]
+            upserts = [(q, n, o, *a) for (q, n, o), a in pending.items() if a is not None]
             deletes = [(q, n, o) for (q, n, o), a in pending.items() if a is None]
             if upserts:
                 out.append((_UPSERT_PENDING, upserts, True))
@@ -682,8 +1033,8 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
         if sql is _SET_POSITION:
             positions[(params[1], params[2])] = params[0]
         elif sql is _UPSERT_PENDING:
-            for queue, name, offset, attempts in params:
-                pending[(queue, name, offset)] = attempts
+            for queue, name, offset, attempts, owner in params:
+                pending[(queue, name, offset)] = (attempts, owner)
         elif sql is _DELETE_PENDING:
             for queue, name, offset in params:
                 pending[(queue, name, offset)] = None
