@@ -1,0 +1,277 @@
+"""Several brokers on one file: in one process (threads) and in several (multiprocessing)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import processes
+import pytest
+from helpers import WAIT, Worker, payloads, pull_all
+
+import mqlite
+
+spawn = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "shared.mqlite")
+
+
+@pytest.fixture
+def children() -> Iterator[list[Any]]:
+    """Processes a test starts: killed and joined at teardown whatever happened."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        if process.is_alive():
+            process.kill()
+        process.join(WAIT)
+
+
+def _start(children: list[Any], target: Any, *args: Any) -> Any:
+    process = spawn.Process(target=target, args=args, daemon=True)
+    process.start()
+    children.append(process)
+    return process
+
+
+# -- two brokers in one process ----------------------------------------------------------
+
+
+def test_a_message_published_by_one_broker_is_read_by_another(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        reader = b.subscribe("q", name="reader")
+        a.publish("q", "created", 1)
+        b.publish("q", "created", 2)
+        a.publish("q", "created", 3)
+        got = [reader.get(timeout=WAIT) for _ in range(3)]
+        assert [(m.offset, m.payload) for m in got if m is not None] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_competing_brokers_share_a_name_and_never_both_get_a_message(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        for i in range(10):
+            a.publish("q", "job", i)
+        first = sub_a.poll(max_messages=4)
+        rest = sub_b.poll(max_messages=100)
+        assert payloads(first) == [0, 1, 2, 3]
+        assert payloads(rest) == [4, 5, 6, 7, 8, 9]
+        for message in first:
+            sub_a.ack(message)
+        assert sub_a.poll(max_messages=100) == []
+        assert (sub_a.pending, sub_b.pending) == (0, 6)
+
+
+def test_acks_in_one_broker_are_seen_by_the_other(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        a.publish("q", "job", "x")
+        message = sub_a.get(timeout=WAIT)
+        assert message is not None
+        sub_a.ack(message)
+        sub_a.close()
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        assert sub_b.poll(max_messages=10) == []
+        assert sub_b.position == 1
+
+
+def test_a_closing_broker_hands_its_unacked_messages_to_the_other(path: str) -> None:
+    with mqlite.Broker(path) as a:
+        b = mqlite.Broker(path)
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        for i in range(3):
+            a.publish("q", "job", i)
+        assert payloads(sub_b.poll(max_messages=10)) == [0, 1, 2]
+        b.close()
+        again = sub_a.poll(max_messages=10, timeout=WAIT)
+        assert payloads(again) == [0, 1, 2]
+        assert a.info().subscriptions[0].redelivered == 3
+
+
+def test_a_nack_makes_the_message_due_for_the_other_broker(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        a.publish("q", "job", "retry me")
+        message = sub_a.get(timeout=WAIT)
+        assert message is not None
+        sub_a.nack(message)
+        again = sub_b.get(timeout=WAIT)
+        assert again is not None
+        assert again.payload == "retry me"
+        assert sub_a.poll(max_messages=10) == []
+
+
+def test_a_publish_in_one_broker_wakes_a_blocked_reader_of_the_other(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        reader = b.subscribe("q", name="reader")
+        worker = Worker(lambda: reader.get(timeout=WAIT))
+        assert worker.started.wait(WAIT)
+        try:
+            a.publish("q", "created", "hello")
+        finally:
+            message = worker.join()
+        assert message is not None
+        assert message.payload == "hello"
+
+
+def test_a_push_callback_in_one_broker_runs_for_a_publish_in_the_other(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        seen: list[Any] = []
+        both = threading.Event()
+
+        def record(message: mqlite.Message) -> None:
+            seen.append(message.payload)
+            if len(seen) == 2:
+                both.set()
+
+        b.subscribe("q", name="pusher", callback=record)
+        a.publish("q", "created", 1)
+        a.publish("q", "created", 2)
+        assert both.wait(WAIT)
+        assert seen == [1, 2]
+
+
+def test_different_names_in_different_brokers_each_get_everything(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        vendor = a.subscribe("q", name="vendor")
+        billing = b.subscribe("q", name="billing")
+        for i in range(5):
+            (a if i % 2 else b).publish("q", "delivered", i)
+        assert payloads(pull_all(vendor)) == [0, 1, 2, 3, 4]
+        assert payloads(pull_all(billing)) == [0, 1, 2, 3, 4]
+
+
+def test_a_subscription_deleted_in_one_broker_is_gone_from_the_other(path: str) -> None:
+    with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
+        a.subscribe("q", name="old").close()
+        b.publish("q", "e", 1)
+        assert [s.name for s in b.info().subscriptions] == ["old"]
+        assert a.delete_subscription("q", "old")
+        b.publish("q", "e", 2)
+        assert b.info().subscriptions == ()
+
+
+def test_a_batched_broker_needs_the_file_to_itself(path: str) -> None:
+    with mqlite.Broker(path, commit="batch"):
+        with pytest.raises(mqlite.StorageError, match="needs the file to itself"):
+            mqlite.Broker(path)
+        with pytest.raises(mqlite.StorageError, match="already open in another mqlite Broker"):
+            mqlite.Broker(path, commit="batch")
+    with mqlite.Broker(path), pytest.raises(mqlite.StorageError, match="commit='each' to share the file"):
+        mqlite.Broker(path, commit="batch")
+    mqlite.Broker(path, commit="batch").close()  # free again once the others closed
+
+
+def test_a_version_1_file_is_upgraded_and_keeps_its_pending_messages(path: str) -> None:
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        broker.publish("q", "e", "unacked")
+        assert sub.get(timeout=WAIT) is not None
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE pending DROP COLUMN owner")
+        db.execute("UPDATE mqlite_schema SET version = 1")
+    db.close()
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        message = sub.get(timeout=WAIT)
+        assert message is not None
+        assert message.payload == "unacked"
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM mqlite_schema").fetchone() == (2,)
+    db.close()
+
+
+# -- several processes -------------------------------------------------------------------
+
+
+def test_processes_publishing_at_once_get_contiguous_offsets_and_lose_nothing(path: str, children: list[Any]) -> None:
+    with mqlite.Broker(path) as broker:
+        audit = broker.subscribe("q", name="audit")  # keeps every message (interest retention)
+        writers = [_start(children, processes.publish, path, writer, 300) for writer in range(3)]
+        for process in writers:
+            process.join(processes.DEADLINE)
+            assert process.exitcode == 0
+        got = pull_all(audit)
+    assert [m.offset for m in got] == list(range(900))
+    assert Counter(tuple(m.payload) for m in got) == Counter((w, i) for w in range(3) for i in range(300))
+    for writer in range(3):
+        mine = [m.payload[1] for m in got if m.payload[0] == writer]
+        assert mine == sorted(mine), "one writer's messages kept their order"
+
+
+def test_competing_consumer_processes_ack_each_message_exactly_once(path: str, children: list[Any]) -> None:
+    acks = spawn.Queue()
+    ready = spawn.Barrier(4)
+    stop = spawn.Event()
+    total = 600
+    with mqlite.Broker(path) as broker:
+        broker.subscribe("q", name="workers", ack="manual").close()
+        consumers = [_start(children, processes.consume, path, acks, ready, stop, 7) for _ in range(3)]
+        ready.wait(processes.DEADLINE)  # every consumer subscribed before the first publish
+        writer = _start(children, processes.publish, path, 9, total // 2)
+        for i in range(total // 2):
+            broker.publish("q", "job", [0, i])
+        writer.join(processes.DEADLINE)
+        assert writer.exitcode == 0
+        acked = [acks.get(timeout=processes.DEADLINE) for _ in range(total)]
+        stop.set()
+        reports = [acks.get(timeout=processes.DEADLINE) for _ in consumers]
+        for process in consumers:
+            process.join(processes.DEADLINE)
+            assert process.exitcode == 0
+        info = broker.info().subscriptions[0]
+    assert Counter(tuple(payload) for _, payload in acked) == Counter(
+        [(0, i) for i in range(total // 2)] + [(9, i) for i in range(total // 2)]
+    )
+    assert [kind for kind, _ in reports] == ["done"] * 3, "no message was acked twice"
+    assert sorted(count for _, count in reports if count) == sorted(Counter(pid for pid, _ in acked).values())
+    assert len({pid for pid, _ in acked}) >= 2, "the work was shared between processes"
+    assert (info.pending, info.lag) == (0, 0)
+
+
+def test_a_killed_consumer_process_messages_are_redelivered_to_another(path: str, children: list[Any]) -> None:
+    results = spawn.Queue()
+    took = spawn.Event()
+    with mqlite.Broker(path) as broker:
+        sub = broker.subscribe("q", name="workers", ack="manual")
+        for i in range(5):
+            broker.publish("q", "job", i)
+        victim = _start(children, processes.take_and_hang, path, 5, took, results)
+        assert took.wait(processes.DEADLINE)
+        assert results.get(timeout=WAIT) == [0, 1, 2, 3, 4]
+        assert sub.poll(max_messages=10) == [], "the other process holds them while it lives"
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(WAIT)
+        again = sub.poll(max_messages=10, timeout=WAIT)
+        while len(again) < 5:
+            more = sub.poll(max_messages=10, timeout=WAIT)
+            assert more, f"only {payloads(again)} came back"
+            again += more
+        assert payloads(again) == [0, 1, 2, 3, 4]
+        for message in again:
+            sub.ack(message)
+        assert broker.info().subscriptions[0].redelivered == 5
+
+
+def test_a_publish_in_one_process_wakes_a_reader_blocked_in_another(path: str, children: list[Any]) -> None:
+    results = spawn.Queue()
+    ready = spawn.Event()
+    with mqlite.Broker(path) as broker:
+        _start(children, processes.wait_for_one, path, ready, results)
+        assert ready.wait(processes.DEADLINE)
+        broker.publish("q", "created", "wake up")
+        payload, _ = results.get(timeout=processes.DEADLINE)
+    assert payload == "wake up"
