@@ -1065,17 +1065,24 @@ class Queue:
             )
         return entry
 
-    def ack(self, consumer: Any, message: Message | int) -> None:
-        """Acknowledge a pending message so it is never redelivered."""
+    def ack(self, consumer: Any, messages: tuple[Message | int, ...]) -> None:
+        """Acknowledge pending messages, all or none, so they are never redelivered."""
         with self._lock:
             cursor = self._check_manual_locked(consumer, "ack")
-            entry = self._pending_entry_locked(cursor, message, "ack")
-            del cursor.pending[entry.message[2]]
-            entry.state = -1
-            cursor.acked += 1
+            if len(messages) == 1:
+                entries = [self._pending_entry_locked(cursor, messages[0], "ack")]
+            else:
+                entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
+                if len({id(entry) for entry in entries}) < len(entries):
+                    raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
+            pending = cursor.pending
+            for entry in entries:
+                del pending[entry.message[2]]
+                entry.state = -1
+            cursor.acked += len(entries)
             if self._journal is not None:
-                self._sync_locked(cursor, (entry.message[2],))
-            if not cursor.pending:
+                self._sync_locked(cursor, [entry.message[2] for entry in entries])
+            if not pending:
                 cursor.clear_timers_locked()
 
     def nack(self, consumer: Any, message: Message | int, delay: float) -> None:

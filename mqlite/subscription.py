@@ -210,14 +210,18 @@ class Subscription:
 
     # -- acknowledgement -----------------------------------------------------------------
 
-    def ack(self, message: Message | int) -> None:
-        """Acknowledge a message (or its offset) delivered to this subscription's name.
+    def ack(self, message: Message | int, *more: Message | int) -> None:
+        """Acknowledge one or more messages (or their offsets) delivered to this subscription's name.
+
+        Several at once are acked together, all or none: on a file that is one commit, so
+        ``sub.ack(*sub.poll(100))`` settles a whole batch for the price of one write.
 
         Raises:
             AckModeError: the subscription uses ``ack="auto"``.
-            NotPending: the message is not pending (never delivered, already acked, dead-lettered).
+            NotPending: a message is not pending (never delivered, already acked, dead-lettered,
+                or given twice); then none of them was acked.
         """
-        self._queue.ack(self, message)
+        self._queue.ack(self, (message, *more) if more else (message,))
 
     def nack(self, message: Message | int, delay: float = 0.0) -> None:
         """Give a message back: it is redelivered after ``delay`` seconds of broker clock.

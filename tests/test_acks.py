@@ -48,6 +48,34 @@ def test_auto_ack_settles_a_pushed_message_when_its_callback_returns(manual_brok
 # -- manual acks ---------------------------------------------------------------------------
 
 
+def test_several_messages_are_acked_in_one_call(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    for i in range(5):
+        broker.publish("q", "e", i)
+    batch = sub.poll(max_messages=5)
+    sub.ack(*batch[:3], batch[3].offset)
+    assert sub.pending == 1
+    assert broker.info().subscription("q", "n").acked == 4
+    sub.close()
+    again = broker.subscribe("q", name="n", ack="manual")
+    assert payloads(pull_all(again)) == [4], "only the unacked one comes back"
+
+
+def test_acking_several_is_all_or_none(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", name="n", ack="manual")
+    for i in range(3):
+        broker.publish("q", "e", i)
+    first, second, third = sub.poll(max_messages=3)
+    sub.ack(third)
+    with pytest.raises(mqlite.NotPending, match="offset 2"):
+        sub.ack(first, second, third)
+    with pytest.raises(mqlite.NotPending, match="twice"):
+        sub.ack(first, first)
+    assert sub.pending == 2, "a refused batch acked nothing"
+    sub.ack(first, second)
+    assert sub.pending == 0
+
+
 def test_a_manual_message_stays_pending_until_acked(broker: mqlite.Broker) -> None:
     sub = broker.subscribe("q", name="n", ack="manual")
     broker.publish("q", "e", 1)

@@ -463,15 +463,6 @@ def test_a_steady_publish_and_consume_loop_reaches_a_steady_file_size(tmp_path: 
     assert sizes[-1] < 10_000 * 100, "the file holds more than a round of messages"
 
 
-def test_a_second_broker_on_an_open_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "app.mqlite"
-    with mqlite.Broker(path) as broker:
-        broker.publish("q", "e", 1)
-        with pytest.raises(mqlite.StorageError, match="already open in another mqlite Broker"):
-            mqlite.Broker(path)
-    mqlite.Broker(path).close()  # free again once the first one closed
-
-
 # -- a model of restarts -------------------------------------------------------------------
 
 
