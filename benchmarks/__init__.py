@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.aio import asyncio_scenario
+from benchmarks.durable import durable_scenario
 from benchmarks.fanout import fanout_scenario
 from benchmarks.harness import Mode, Scenario
 from benchmarks.memory import memory_scenario
@@ -30,5 +31,6 @@ SCENARIOS: dict[str, Callable[[Mode], Scenario]] = {
     "scaling": scaling_scenario,
     "memory": memory_scenario,
     "asyncio": asyncio_scenario,
+    "durable": durable_scenario,
 }
-"""Every scenario, in the order of issue 3 (asyncio, from issue 4, last)."""
+"""Every scenario, in the order of issue 3, then asyncio (issue 4) and durable (issue 5)."""

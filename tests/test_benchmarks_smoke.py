@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import SCENARIOS, peers
+from benchmarks import SCENARIOS, durable, peers
 from benchmarks.__main__ import main
-from benchmarks.harness import Record, Scenario, evaluate_targets, run_scenario
+from benchmarks.harness import Record, Scenario, evaluate_targets, is_mqlite, run_scenario
 from benchmarks.report import markdown_scenario
 
 
@@ -32,14 +32,18 @@ def test_scenario_runs_one_tiny_round(key: str) -> None:
         assert target.versus is None or target.versus[0] in scenario.units
 
 
-@pytest.mark.parametrize("key", ["publish", "fanout", "cross_thread", "asyncio"])
+@pytest.mark.parametrize("key", ["publish", "fanout", "cross_thread", "asyncio", "durable"])
 def test_missing_peers_are_skipped_not_fatal(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for module in ("blinker", "pyee", "janus", "pubsub"):
         monkeypatch.setattr(peers, module, None)
-    _, records = _run_once(key)
+    for module in ("persistqueue", "litequeue"):  # the durable scenario's own peers
+        monkeypatch.setattr(durable, module, None)
+    scenario, records = _run_once(key)
     assert [r for r in records if r.status == "error"] == []
     skipped = {r.system for r in records if r.status == "skipped"}
     assert skipped, "a scenario with peers should report the missing ones as skipped"
+    if not scenario.skip:
+        assert any(r.values for r in records if is_mqlite(r.system)), "mqlite still runs without the peers"
 
 
 def test_command_line_writes_json_records(tmp_path: Path) -> None:
