@@ -149,14 +149,13 @@ class Queue:
         self._time = clock.time
         self._monotonic = clock.monotonic
         self._dead_letter_sink = dead_letter_sink
-        # Shared files only: the store generation this queue last reloaded at, and the pending
-        # entries of durable cursors made due again, which other brokers may now take (written
-        # when the transaction ends). None when no other broker can share the file.
-        self._synced = -1
+        # Shared files only: the pending entries of durable cursors made due again, which other
+        # brokers may now take (written when the transaction ends). None when no other broker
+        # can share the file.
         self._released: list[tuple[Cursor, Pending]] | None = None
         if durable_log is not None and durable_log.store.shared:
             self._released = []
-            self._lock = FileLock(durable_log.store, self._on_begin, self._on_commit)
+            self._lock = FileLock(durable_log.store, self._refresh_locked, self._released, self._on_commit)
             durable_log.store.watch(self.poke)
         with self._lock:
             if durable_log is not None and self._released is None:
@@ -164,12 +163,6 @@ class Queue:
             self._housekeep_locked()
 
     # -- durability (file-backed brokers only) ---------------------------------------------
-
-    def _on_begin(self, generation: int) -> None:
-        """A transaction began (shared files): reload first if another broker changed the file."""
-        if generation != self._synced:
-            self._refresh_locked()
-            self._synced = generation
 
     def _on_commit(self) -> None:
         """A transaction is about to commit (shared files): save entries made due for anyone."""

@@ -423,21 +423,28 @@ class SqliteStore:
             StorageError: another connection held the file's write lock past the busy timeout.
         """
         self._db_lock.acquire()
+        if self._closed:
+            self._db_lock.release()
+            return None
+        db = self._db
         try:
-            if self._closed:
+            db.execute("BEGIN IMMEDIATE")
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+        except BaseException as error:
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            finally:
                 self._db_lock.release()
-                return None
-            self._db.execute("BEGIN IMMEDIATE")
-            self._note_version_locked()
-        except sqlite3.Error as error:
-            self._db_lock.release()
-            raise StorageError(
-                f"{self.path!r} stayed locked by another connection for over {self._busy_timeout:g} s "
-                f"(SQLite says: {error}); nothing was changed"
-            ) from error
-        except BaseException:
-            self._db_lock.release()
+            if isinstance(error, sqlite3.Error):
+                raise StorageError(
+                    f"{self.path!r} stayed locked by another connection for over {self._busy_timeout:g} s "
+                    f"(SQLite says: {error}); nothing was changed"
+                ) from error
             raise
+        if version != self._data_version:
+            self._data_version = version
+            self.generation += 1
         return self.generation
 
     def commit(self) -> None:
@@ -767,14 +774,24 @@ class FileLock:
     process sharing the file. Once the store is closed it is a plain lock.
     """
 
-    __slots__ = ("_began", "_on_begin", "_on_commit", "_store", "plain")
+    __slots__ = ("_began", "_on_commit", "_refresh", "_released", "_store", "plain", "synced")
 
-    def __init__(self, store: SqliteStore, on_begin: Callable[[int], None], on_commit: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        refresh: Callable[[], None],
+        released: list[Any],
+        on_commit: Callable[[], None],
+    ) -> None:
         self.plain = threading.Lock()
         self._store = store
-        self._on_begin = on_begin
+        self._refresh = refresh  # reload the queue from the file
+        self._released = released  # non-empty when on_commit has something to write
         self._on_commit = on_commit
-        self._began = False  # guarded by plain
+        # Guarded by plain: whether a transaction is open, and the store generation the queue
+        # last reloaded at (-1: never, so the first acquire loads it).
+        self._began = False
+        self.synced = -1
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock)."""
@@ -782,14 +799,17 @@ class FileLock:
             return False
         try:
             generation = self._store.begin()
-            self._began = generation is not None
-            if generation is not None:
+            if generation is None:
+                return True  # the store is closed: a plain lock from now on
+            self._began = True
+            if generation != self.synced:
                 try:
-                    self._on_begin(generation)
+                    self._refresh()
                 except BaseException:
                     self._began = False
                     self._store.commit()
                     raise
+                self.synced = generation
         except BaseException:
             self.plain.release()
             raise
@@ -801,7 +821,8 @@ class FileLock:
             if self._began:
                 self._began = False
                 try:
-                    self._on_commit()
+                    if self._released:
+                        self._on_commit()
                 finally:
                     self._store.commit()
         finally:
