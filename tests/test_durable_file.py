@@ -575,3 +575,34 @@ def test_a_deleted_cursor_is_gone_from_the_file(tmp_path: Path, commit: Literal[
         store.close()
     with mqlite.Broker(path) as broker:
         assert broker.info().subscriptions == ()
+
+
+def test_a_batched_writer_that_falls_behind_holds_publishers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mqlite.storage import sqlite as storage
+
+    batches: list[int] = []
+    coalesce = storage._coalesce
+
+    def recording(ops: list[Any]) -> list[Any]:
+        batches.append(len(ops))
+        return coalesce(ops)
+
+    monkeypatch.setattr(storage, "MAX_BACKLOG", 8)
+    monkeypatch.setattr(storage, "_coalesce", recording)
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path, commit="batch") as broker:
+        broker.queue("q", retention="limits")
+
+        def publish(writer: int) -> None:
+            for i in range(500):
+                broker.publish("q", "e", [writer, i])
+
+        workers = [Worker(lambda w=w: publish(w)) for w in range(2)]  # type: ignore[misc]
+        for worker in workers:
+            worker.join()
+        assert broker.flush(timeout=WAIT)
+    assert max(batches) <= 8, f"the writer was handed {max(batches)} writes at once"
+    with mqlite.Broker(path) as broker:
+        assert len(broker.queue("q")) == 1000

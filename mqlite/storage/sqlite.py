@@ -77,6 +77,8 @@ CREATE TABLE pending (
 ) WITHOUT ROWID;
 """
 
+# commit="batch": how many writes may wait for the writer before callers wait for it.
+MAX_BACKLOG = 10_000
 # How often the watcher looks at data_version: soon after a change, then less and less often.
 WATCH_MIN = 0.001
 WATCH_MAX = 0.025
@@ -619,14 +621,19 @@ class SqliteStore:
                     raise StorageError(f"cannot write to {self.path!r}: {error}; the change was not saved") from error
             return
         with self._cond:
+            # Backpressure: a writer more than MAX_BACKLOG writes behind makes callers wait for it.
+            while len(self._buffer) >= MAX_BACKLOG and not self._stopping and self._failure is None:
+                self._cond.wait()
             if self._stopping:
                 raise StorageError(f"{self.path!r} is closed")
             if self._failure is not None:
                 raise StorageError(f"{self.path!r}: the background writer failed: {self._failure}")
+            idle = not self._buffer  # the writer waits only while the buffer is empty
             self._buffer.extend(ops)
             self._vacuum = self._vacuum or vacuum
             self._submitted += 1
-            self._cond.notify_all()
+            if idle:
+                self._cond.notify_all()
 
     def _execute_locked(self, ops: list[_Op]) -> None:
         db = self._db
@@ -669,6 +676,7 @@ class SqliteStore:
                 ops, self._buffer = self._buffer, []
                 vacuum, self._vacuum = self._vacuum, False
                 upto = self._submitted
+                self._cond.notify_all()  # callers held back by MAX_BACKLOG may go on
             try:
                 ops = _coalesce(ops)
                 with self._db_lock:
