@@ -57,6 +57,23 @@ def test_a_message_published_by_one_broker_is_read_by_another(path: str) -> None
         assert [(m.offset, m.payload) for m in got if m is not None] == [(0, 1), (1, 2), (2, 3)]
 
 
+def test_a_broker_alone_on_its_file_lets_another_in_without_losing_its_state(path: str) -> None:
+    with mqlite.Broker(path) as a:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        for i in range(4):
+            a.publish("q", "job", i)
+        held = sub_a.poll(max_messages=2)  # taken while a was alone on the file
+        with mqlite.Broker(path) as b:  # a makes room: b opens instead of failing
+            sub_b = b.subscribe("q", name="workers", ack="manual")
+            assert payloads(sub_b.poll(max_messages=10)) == [2, 3], "not the ones a holds"
+            a.publish("q", "job", 4)
+            assert payloads(sub_b.poll(max_messages=10, timeout=WAIT)) == [4]
+            sub_a.ack(*held)
+            assert sub_b.pending == 3
+        assert a.info().subscriptions[0].pending == 3, "b's unacked messages came back to the file"
+        assert payloads(sub_a.poll(max_messages=10, timeout=WAIT)) == [2, 3, 4]
+
+
 def test_competing_brokers_share_a_name_and_never_both_get_a_message(path: str) -> None:
     with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
         sub_a = a.subscribe("q", name="workers", ack="manual")

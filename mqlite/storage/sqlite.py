@@ -179,7 +179,10 @@ class SqliteStore:
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self.shared = commit == "each"
         # This broker's name in the pending table's owner column.
-        self.instance = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.instance = f"{os.getpid()}-{secrets.token_hex(6)}{'' if self.shared else '-batch'}"
+        # While no other broker has the file open (its claim is exclusive), every write simply
+        # autocommits: there is nobody to reload from. The watcher ends this when one shows up.
+        self._solo = False
         self._busy_timeout = busy_timeout
         self._db_lock = threading.RLock()
         self._closed = False
@@ -210,11 +213,11 @@ class SqliteStore:
         self._liveness: Any = None
         try:
             self._check_or_create(synchronous)
-            self._claim = _claim(self.path, exclusive=not self.shared)
             self._liveness = _Liveness(self.path, self.instance)
+            self._claim, self._solo = _claim(self.path, self._liveness, exclusive=not self.shared, wait=busy_timeout)
         except BaseException:
-            if self._claim is not None:
-                self._claim.close()
+            if self._liveness is not None:
+                self._liveness.close()
             self._db.close()
             raise
         if self._buffer is not None:
@@ -428,6 +431,8 @@ class SqliteStore:
         if self._closed:
             self._db_lock.release()
             return None
+        if self._solo:
+            return self.generation  # alone on the file: writes autocommit, nothing to reload
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -489,6 +494,11 @@ class SqliteStore:
                 with self._db_lock:
                     if self._closed:
                         return
+                    if self._solo:
+                        if self._liveness is not None and self._liveness.others_alive():
+                            self._share_locked()
+                        delay = WATCH_MAX
+                        continue
                     changed = self._note_version_locked()
                     if time.monotonic() >= check_liveness_at:
                         check_liveness_at = time.monotonic() + LIVENESS_EVERY
@@ -509,6 +519,19 @@ class SqliteStore:
                         _log.exception("reloading a queue of %r failed", self.path)
             else:
                 delay = min(delay * 2, WATCH_MAX)
+
+    def _share_locked(self) -> None:
+        """Another broker waits to open the file: from now on every operation is a transaction.
+
+        Holding the store's lock means no operation is between :meth:`begin` and :meth:`commit`,
+        so the switch falls between two operations. Then the claim becomes shared, which lets the
+        other broker in.
+        """
+        import fcntl  # only reached where flock exists: a solo claim needs it
+
+        self._solo = False
+        fcntl.flock(self._claim.fileno(), fcntl.LOCK_SH)
+        _log.debug("%r: another broker opened the file; sharing it", self.path)
 
     def _release_dead_locked(self) -> bool:
         """Hand back, for redelivery, the pending messages of brokers that died; whether there were any."""
@@ -942,31 +965,55 @@ class SqliteLog:
         self.store.sync_cursor(self.queue, name, position, upserts, deletes)
 
 
-def _claim(path: str, *, exclusive: bool) -> Any:
-    """Claim ``path``: shared by brokers that commit each write, whole for a batched one.
+def _claim(path: str, liveness: _Liveness, *, exclusive: bool, wait: float) -> tuple[Any, bool]:
+    """Claim ``path``; returns the claim (held until closed) and whether this broker is alone.
 
     The claim is an ``flock`` on the database file, which SQLite's own (POSIX) locks never touch;
-    it lasts until the returned file is closed or the process dies. Where ``flock`` does not
-    exist (Windows), nothing is claimed.
+    it lasts until the returned file is closed or the process dies. A batched broker (``exclusive``)
+    must have the file to itself. Any other broker first tries to be alone (an exclusive claim);
+    if another broker has the file, it waits up to ``wait`` seconds for a shared claim, which a
+    broker that was alone gives once its watcher sees this one's lock file. Where ``flock`` does
+    not exist (Windows), nothing is claimed and every broker shares.
     """
     if sys.platform == "win32":
-        return None
+        return None, False
     import fcntl
 
     handle = open(path, "rb")  # noqa: SIM115  # held open for the broker's lifetime, closed by close()
     try:
-        fcntl.flock(handle.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle, True
+        except OSError:
+            if exclusive:
+                raise StorageError(_batch_needs_the_file(path, "it is already open in another mqlite Broker")) from None
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while True:
+            if liveness.batch_alive():
+                raise StorageError(_batch_needs_the_file(path, "a Broker with commit='batch' has it open"))
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return handle, False
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"{path!r}: the broker that has it open did not make room for another within {wait:g} s"
+                )
+            time.sleep(pause)  # another process must act: nothing here to wait on but time
+            pause = min(pause * 2, WATCH_MAX)
+    except BaseException:
         handle.close()
-        if exclusive:
-            why = "it is already open in another mqlite Broker (this process or another one)"
-        else:
-            why = "a Broker with commit='batch' has it open (this process or another one)"
-        raise StorageError(
-            f"{path!r}: {why}; a batched broker assigns offsets before it commits, so it needs the "
-            "file to itself. Close that broker first, or open every broker with commit='each' to share the file"
-        ) from None
-    return handle
+        raise
+
+
+def _batch_needs_the_file(path: str, why: str) -> str:
+    return (
+        f"{path!r}: {why} (this process or another one); a batched broker assigns offsets before it "
+        "commits, so it needs the file to itself. Close that broker first, or open every broker with "
+        "commit='each' to share the file"
+    )
 
 
 class _Liveness:
@@ -1020,6 +1067,22 @@ class _Liveness:
         with contextlib.suppress(OSError):
             os.unlink(path)  # dead: nobody will lock this file again
         return False
+
+    def _others(self) -> list[str]:
+        try:
+            names = os.listdir(self._dir)
+        except OSError:
+            return []
+        mine = os.path.basename(self._path)
+        return [name[: -len(".lock")] for name in names if name.endswith(".lock") and name != mine]
+
+    def others_alive(self) -> bool:
+        """Whether another live broker has a lock file here (one that just opened the file, say)."""
+        return any(self.alive(instance) for instance in self._others())
+
+    def batch_alive(self) -> bool:
+        """Whether a live batched broker (which needs the file to itself) has a lock file here."""
+        return any(self.alive(instance) for instance in self._others() if instance.endswith("-batch"))
 
     def close(self) -> None:
         """Remove and release this broker's lock file."""
