@@ -6,15 +6,19 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis.strategies as st
 import processes
 import pytest
 from helpers import WAIT, Worker, payloads, pull_all
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import mqlite
 
@@ -292,3 +296,85 @@ def test_a_publish_in_one_process_wakes_a_reader_blocked_in_another(path: str, c
         broker.publish("q", "created", "wake up")
         payload, _ = results.get(timeout=processes.DEADLINE)
     assert payload == "wake up"
+
+
+# -- a model of two brokers competing on one file ----------------------------------------
+
+
+class SharedFileMachine(RuleBasedStateMachine):
+    """Two brokers on one file compete on one manual-ack name, checked against a plain model.
+
+    The model: every published offset is unread, held by one broker, due again (nacked or given
+    back by a closing broker, for whichever broker reads next), or acked. A take may return only
+    unread or due messages, exactly as many as it asked for while there are any, and never one
+    that the other broker holds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.directory = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.directory.name, "shared.mqlite")
+        self.brokers = [mqlite.Broker(self.path), mqlite.Broker(self.path)]
+        self.subs = [broker.subscribe("q", name="w", ack="manual") for broker in self.brokers]
+        self.published = 0
+        self.held: list[dict[int, mqlite.Message]] = [{}, {}]
+        self.due: set[int] = set()
+        self.acked: set[int] = set()
+
+    @rule(who=st.sampled_from([0, 1]), count=st.integers(1, 3))
+    def publish(self, who: int, count: int) -> None:
+        for _ in range(count):
+            message = self.brokers[who].publish("q", "job", self.published)
+            assert message.offset == self.published
+            self.published += 1
+
+    @rule(who=st.sampled_from([0, 1]), count=st.integers(1, 4))
+    def take(self, who: int, count: int) -> None:
+        unread = self.published - len(self.due) - len(self.acked) - sum(len(h) for h in self.held)
+        got = self.subs[who].poll(max_messages=count)
+        assert len(got) == min(count, unread + len(self.due)), "took as many as there were"
+        for message in got:
+            offset = message.offset
+            assert offset not in self.acked, f"acked message {offset} delivered again"
+            assert offset not in self.held[1 - who], f"message {offset} held by the other broker too"
+            assert offset not in self.held[who], f"message {offset} delivered twice to one broker"
+            self.due.discard(offset)
+            self.held[who][offset] = message
+
+    @rule(who=st.sampled_from([0, 1]), data=st.data())
+    def ack(self, who: int, data: st.DataObject) -> None:
+        if not self.held[who]:
+            return
+        offset = data.draw(st.sampled_from(sorted(self.held[who])))
+        self.subs[who].ack(self.held[who].pop(offset))
+        self.acked.add(offset)
+
+    @rule(who=st.sampled_from([0, 1]), data=st.data())
+    def nack(self, who: int, data: st.DataObject) -> None:
+        if not self.held[who]:
+            return
+        offset = data.draw(st.sampled_from(sorted(self.held[who])))
+        self.subs[who].nack(self.held[who].pop(offset))
+        self.due.add(offset)
+
+    @rule(who=st.sampled_from([0, 1]))
+    def restart(self, who: int) -> None:
+        self.brokers[who].close()
+        self.due.update(self.held[who])
+        self.held[who].clear()
+        self.brokers[who] = mqlite.Broker(self.path)
+        self.subs[who] = self.brokers[who].subscribe("q", name="w", ack="manual")
+
+    @invariant()
+    def each_broker_counts_what_it_holds_and_what_is_due(self) -> None:
+        for who in (0, 1):
+            assert self.subs[who].pending == len(self.held[who]) + len(self.due)
+
+    def teardown(self) -> None:
+        for broker in self.brokers:
+            broker.close()
+        self.directory.cleanup()
+
+
+SharedFileMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+test_two_brokers_on_one_file_match_the_model = SharedFileMachine.TestCase
