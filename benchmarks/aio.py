@@ -18,11 +18,6 @@ CHUNK = 100
 TIMEOUT = 120.0
 
 
-def has_async_api() -> bool:
-    """Whether this mqlite has the async pull API of issue 4."""
-    return hasattr(mqlite.Subscription, "__aiter__")
-
-
 def asyncio_scenario(mode: Mode) -> Scenario:
     """9. ``async for m in sub`` throughput against asyncio.Queue (same loop) and janus (cross-thread)."""
     n = {"full": 300_000, "quick": 50_000, "smoke": 300}[mode]
@@ -39,12 +34,7 @@ def asyncio_scenario(mode: Mode) -> Scenario:
                         await asyncio.sleep(0)
 
             async def consume() -> int:
-                got = 0
-                async for _ in sub:  # type: ignore[attr-defined]  # the async API of issue 4
-                    got += 1
-                    if got == n:
-                        break
-                return got
+                return await _read_async(sub, n)
 
             start = time.perf_counter()
             consumer = asyncio.create_task(consume())
@@ -86,12 +76,7 @@ def asyncio_scenario(mode: Mode) -> Scenario:
                     publish("q", "e", i)
 
             async def consume() -> int:
-                got = 0
-                async for _ in sub:  # type: ignore[attr-defined]  # the async API of issue 4
-                    got += 1
-                    if got == n:
-                        break
-                return got
+                return await _read_async(sub, n)
 
             return await _cross_thread(produce, consume, n)
 
@@ -147,9 +132,18 @@ def asyncio_scenario(mode: Mode) -> Scenario:
                 ("producer in a thread", "janus"),
             ),
         ],
-        skip="" if has_async_api() else "mqlite.Subscription has no __aiter__ yet (the async API of issue 4)",
         params={"messages": n},
     )
+
+
+async def _read_async(sub: mqlite.Subscription, n: int) -> int:
+    """Read ``n`` messages with ``async for``; how many came."""
+    got = 0
+    async for _ in sub:
+        got += 1
+        if got == n:
+            break
+    return got
 
 
 def _in_new_loop(main: Callable[[], Coroutine[Any, Any, Figures]]) -> Callable[[], Figures]:

@@ -55,7 +55,8 @@ def cross_thread_scenario(mode: Mode) -> Scenario:
     n = {"full": 1_000_000, "quick": 50_000, "smoke": 300}[mode]
     batch = 1000
 
-    def mqlite_poll() -> Figures:
+    def mqlite_pair(reader: Callable[[mqlite.Subscription], Callable[[], None]]) -> Figures:
+        """A producer thread publishing n messages, and ``reader(sub)`` reading them in another."""
         with mqlite.Broker() as broker:
             sub = broker.subscribe("q")
             publish = broker.publish
@@ -64,34 +65,35 @@ def cross_thread_scenario(mode: Mode) -> Scenario:
                 for i in range(n):
                     publish("q", "e", i)
 
-            def consume() -> None:
-                poll = sub.poll
-                got = 0
-                while got < n:
-                    messages = poll(batch, GET_TIMEOUT)
-                    if not messages:
-                        break
-                    got += len(messages)
-                _drained(got, n, "mqlite poll")
+            return _pair(produce, reader(sub), n)
 
-            return _pair(produce, consume, n)
+    def poll_reader(sub: mqlite.Subscription) -> Callable[[], None]:
+        def consume() -> None:
+            poll = sub.poll
+            got = 0
+            while got < n:
+                messages = poll(batch, GET_TIMEOUT)
+                if not messages:
+                    break
+                got += len(messages)
+            _drained(got, n, "mqlite poll")
+
+        return consume
+
+    def get_reader(sub: mqlite.Subscription) -> Callable[[], None]:
+        def consume() -> None:
+            get = sub.get
+            for got in range(n):
+                if get(GET_TIMEOUT) is None:
+                    _drained(got, n, "mqlite get")
+
+        return consume
+
+    def mqlite_poll() -> Figures:
+        return mqlite_pair(poll_reader)
 
     def mqlite_get() -> Figures:
-        with mqlite.Broker() as broker:
-            sub = broker.subscribe("q")
-            publish = broker.publish
-
-            def produce() -> None:
-                for i in range(n):
-                    publish("q", "e", i)
-
-            def consume() -> None:
-                get = sub.get
-                for got in range(n):
-                    if get(GET_TIMEOUT) is None:
-                        _drained(got, n, "mqlite get")
-
-            return _pair(produce, consume, n)
+        return mqlite_pair(get_reader)
 
     def stdlib(make: Callable[[], queue.Queue[int] | queue.SimpleQueue[int]]) -> Figures:
         q = make()

@@ -155,7 +155,7 @@ class Queue:
         self._released: list[tuple[Cursor, Pending]] | None = None
         if durable_log is not None and durable_log.store.shared:
             self._released = []
-            self._lock = FileLock(durable_log.store, self._refresh_locked, self._released, self._on_commit)
+            self._lock = FileLock(durable_log.store, self._refresh_locked, self._on_commit)
             durable_log.store.watch(self.poke)
         with self._lock:
             if durable_log is not None and self._released is None:
@@ -292,7 +292,7 @@ class Queue:
             first = self._log.first_offset
             cached = {o: self._log.get(o) for o, _ in adopt if o >= first}
             missing = [o for o, _ in adopt if o < first]
-            messages = {m[2]: m for m in log.store.load_messages(self.name, missing)} if missing else {}
+            messages = {m[2]: m for m in store.load_messages(self.name, missing)} if missing else {}
             messages.update(cached)
             for offset, attempts in adopt:
                 message = messages.get(offset)
@@ -321,14 +321,34 @@ class Queue:
         }
 
     def _apply_settings_locked(self, cursor: Cursor, settings: dict[str, Any]) -> None:
-        cursor.manual_ack = settings["manual_ack"]
-        cursor.ack_timeout = settings["ack_timeout"]
-        cursor.max_deliveries = settings["max_deliveries"]
-        cursor.dead_letter = settings["dead_letter"]
-        cursor.backoff = Backoff(*settings["backoff"])
-        spec = settings["events"]
-        if cursor.filter.spec != (None if spec is None else tuple(spec)):
-            self._apply_filter_locked(cursor, EventFilter(spec))
+        """Give a cursor the settings the file stores for it."""
+        self._configure_cursor_locked(
+            cursor,
+            EventFilter(settings["events"]),
+            settings["manual_ack"],
+            settings["ack_timeout"],
+            settings["max_deliveries"],
+            settings["dead_letter"],
+            Backoff(*settings["backoff"]),
+        )
+
+    def _configure_cursor_locked(
+        self,
+        cursor: Cursor,
+        event_filter: EventFilter,
+        manual_ack: bool,
+        ack_timeout: float | None,
+        max_deliveries: int | None,
+        dead_letter: str,
+        backoff: Backoff,
+    ) -> None:
+        cursor.manual_ack = manual_ack
+        cursor.ack_timeout = ack_timeout
+        cursor.max_deliveries = max_deliveries
+        cursor.dead_letter = dead_letter
+        cursor.backoff = backoff
+        if cursor.filter != event_filter:
+            self._apply_filter_locked(cursor, event_filter)
 
     def _save_cursor_locked(self, cursor: Cursor) -> None:
         """Write a durable cursor's settings and position (file-backed brokers only)."""
@@ -689,12 +709,7 @@ class Queue:
                         f"ack_timeout={cursor.ack_timeout!r}, max_deliveries={cursor.max_deliveries!r}, "
                         f"dead_letter={cursor.dead_letter!r}); subscriptions sharing a name must agree"
                     )
-                cursor.manual_ack = manual_ack
-                cursor.ack_timeout = ack_timeout
-                cursor.max_deliveries = max_deliveries
-                cursor.dead_letter = dead_letter
-                cursor.backoff = backoff
-                self._apply_filter_locked(cursor, event_filter)
+                self._configure_cursor_locked(cursor, *settings)
                 self._save_cursor_locked(cursor)
             cursor.members.append(consumer)
             return cursor
@@ -1062,12 +1077,9 @@ class Queue:
         """Acknowledge pending messages, all or none, so they are never redelivered."""
         with self._lock:
             cursor = self._check_manual_locked(consumer, "ack")
-            if len(messages) == 1:
-                entries = [self._pending_entry_locked(cursor, messages[0], "ack")]
-            else:
-                entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
-                if len({id(entry) for entry in entries}) < len(entries):
-                    raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
+            entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
+            if len(entries) > 1 and len({id(entry) for entry in entries}) < len(entries):
+                raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
             pending = cursor.pending
             for entry in entries:
                 del pending[entry.message[2]]

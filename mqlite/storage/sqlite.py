@@ -35,7 +35,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 from mqlite.errors import SerializationError, StorageError
@@ -259,8 +259,7 @@ class SqliteStore:
         if tables and version < SCHEMA_VERSION:
             self._upgrade(version)
         if not tables:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -269,25 +268,14 @@ class SqliteStore:
                     (SCHEMA_VERSION, self.serializer.name),
                 )
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
 
     def _upgrade(self, version: int) -> None:
         """Bring an older file up to :data:`SCHEMA_VERSION`, in one transaction."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             if version < 2:
                 db.execute("ALTER TABLE pending ADD COLUMN owner TEXT")
             db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _configure(self, synchronous: Synchronous) -> None:
         db = self._db
@@ -436,7 +424,7 @@ class SqliteStore:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            version = db.execute("PRAGMA data_version").fetchone()[0]
+            self._note_version_locked()
         except BaseException as error:
             try:
                 if db.in_transaction:
@@ -449,9 +437,6 @@ class SqliteStore:
                     f"(SQLite says: {error}); nothing was changed"
                 ) from error
             raise
-        if version != self._data_version:
-            self._data_version = version
-            self.generation += 1
         return self.generation
 
     def commit(self) -> None:
@@ -473,6 +458,7 @@ class SqliteStore:
             self._db_lock.release()
 
     def _note_version_locked(self) -> bool:
+        """Whether another connection committed since the last look; if so the generation grows."""
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._data_version:
             return False
@@ -660,14 +646,7 @@ class SqliteStore:
 
     def _execute_locked(self, ops: list[_Op]) -> None:
         db = self._db
-        if db.in_transaction:  # inside begin() ... commit(): part of that transaction
-            for sql, params, many in ops:
-                if many:
-                    db.executemany(sql, params)
-                else:
-                    db.execute(sql, params)
-            return
-        if len(ops) == 1:
+        if len(ops) == 1 and not db.in_transaction:
             sql, params, many = ops[0]
             if not many:
                 db.execute(sql, params)  # autocommit: one statement, one transaction
@@ -675,18 +654,13 @@ class SqliteStore:
             if len(params) == 1:
                 db.execute(sql, params[0])
                 return
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        # Inside begin() ... commit() the statements join that transaction; otherwise one of their own.
+        with contextlib.nullcontext() if db.in_transaction else _transaction(db):
             for sql, params, many in ops:
                 if many:
                     db.executemany(sql, params)
                 else:
                     db.execute(sql, params)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _write_batches(self) -> None:
         """The batched writer: commit everything submitted since its last commit as one transaction."""
@@ -805,20 +779,13 @@ class FileLock:
     process sharing the file. Once the store is closed it is a plain lock.
     """
 
-    __slots__ = ("_began", "_on_commit", "_refresh", "_released", "_store", "plain", "synced")
+    __slots__ = ("_began", "_on_commit", "_refresh", "_store", "plain", "synced")
 
-    def __init__(
-        self,
-        store: SqliteStore,
-        refresh: Callable[[], None],
-        released: list[Any],
-        on_commit: Callable[[], None],
-    ) -> None:
+    def __init__(self, store: SqliteStore, refresh: Callable[[], None], on_commit: Callable[[], None]) -> None:
         self.plain = threading.Lock()
         self._store = store
         self._refresh = refresh  # reload the queue from the file
-        self._released = released  # non-empty when on_commit has something to write
-        self._on_commit = on_commit
+        self._on_commit = on_commit  # write what the queue still owes the file
         # Guarded by plain: whether a transaction is open, and the store generation the queue
         # last reloaded at (-1: never, so the first acquire loads it).
         self._began = False
@@ -852,8 +819,7 @@ class FileLock:
             if self._began:
                 self._began = False
                 try:
-                    if self._released:
-                        self._on_commit()
+                    self._on_commit()
                 finally:
                     self._store.commit()
         finally:
@@ -963,6 +929,19 @@ class SqliteLog:
     ) -> None:
         """Record a durable cursor's position and changes to its pending set, atomically."""
         self.store.sync_cursor(self.queue, name, position, upserts, deletes)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _claim(path: str, liveness: _Liveness, *, exclusive: bool, wait: float) -> tuple[Any, bool]:
