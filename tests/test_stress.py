@@ -94,18 +94,29 @@ def test_competing_manual_consumers_that_nack_and_close_still_ack_each_message_o
     acked: list[int] = []
     acked_lock = threading.Lock()
     stop_by = time.monotonic() + DEADLINE
+    # The first consumer reads alone until it holds messages, then leaves with a batch unacked
+    # while the other two are polling: events, not volume, decide when, so it always happens.
+    leaver_holds_messages = threading.Event()
+    others_polling = [threading.Event(), threading.Event()]
 
     def consume(index: int, sub: mqlite.Subscription) -> None:
+        if index > 0:
+            leaver_holds_messages.wait(DEADLINE)
         seen = 0
         while time.monotonic() < stop_by:
             with acked_lock:
                 if len(acked) >= total:
                     return
             batch = sub.poll(max_messages=32, timeout=0.05)
+            if index > 0:
+                others_polling[index - 1].set()
             for message in batch:
                 seen += 1
-                if index == 0 and seen == 500:
-                    # Leave with this batch unacked: the others must get it back.
+                if index == 0 and seen == 50:
+                    # Leave with the rest of this batch unacked: the others must get it back.
+                    leaver_holds_messages.set()
+                    for polling in others_polling:
+                        polling.wait(DEADLINE)
                     sub.close()
                     return
                 if message.offset % 7 == 0 and seen % 2 == 0:
