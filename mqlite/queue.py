@@ -7,6 +7,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
@@ -47,6 +48,7 @@ _MIN_RECLAIM = 4096
 _NO_LIMIT = 1 << 62
 _MISSING: Any = object()
 _tuple_new = tuple.__new__
+_offset_of = itemgetter(2)  # a Message's offset: the key the per-event index is sorted by
 _allocate_lock = threading.Lock
 _R = TypeVar("_R")
 
@@ -133,9 +135,10 @@ class Queue:
         # _start: the oldest retained offset. Entries in [log.first_offset, _start) are dropped
         # logically and reclaimed in batches.
         self._start = self._log.first_offset
-        # Known event names -> offsets of retained messages of that event, kept only while
-        # some cursor filters by event (_indexed > 0); None values otherwise.
-        self._events: dict[str, list[int] | None] = {}
+        # Known event names -> the retained messages of that event in offset order, kept only
+        # while some cursor filters by event (_indexed > 0); None values otherwise. A filtered
+        # read slices one of these lists: no lookup per message.
+        self._events: dict[str, list[Message] | None] = {}
         self._indexed = 0
         self._cursors: dict[str, Cursor] = {}
         self._ephemeral: list[Cursor] = []
@@ -221,7 +224,7 @@ class Queue:
                 self._new_event_locked(event)
             postings = events[event]
             if postings is not None:
-                postings.append(message[2])
+                postings.append(message)
         self._end = messages[-1][2] + 1
         return True
 
@@ -415,7 +418,7 @@ class Queue:
             self._append(message)
             self._end = offset + 1
             if postings is not None:
-                postings.append(offset)
+                postings.append(message)
             if self._waiters:
                 self._wake_locked(event)
         return message
@@ -457,14 +460,14 @@ class Queue:
                 for message in messages:
                     postings = events[message[0]]
                     assert postings is not None  # indexing is on for every event while _indexed
-                    postings.append(message[2])
+                    postings.append(message)
             if self._waiters:
                 self._wake_all_locked()
         return messages
 
-    def _new_event_locked(self, event: object) -> list[int] | None:
+    def _new_event_locked(self, event: object) -> list[Message] | None:
         name = check_event_name(event)
-        postings: list[int] | None = [] if self._indexed else None
+        postings: list[Message] | None = [] if self._indexed else None
         self._events[name] = postings
         for cursor in self._all_cursors_locked():
             if cursor.names is not None and cursor.filter.matches(name):
@@ -528,7 +531,7 @@ class Queue:
         if self._indexed:
             for postings in self._events.values():
                 if postings:
-                    del postings[: bisect_left(postings, offset)]
+                    del postings[: bisect_left(postings, offset, key=_offset_of)]
 
     def _skip_locked(self, cursor: Cursor, to: int) -> None:
         """Move a cursor that fell behind the retained range up to ``to``, counting what it missed."""
@@ -547,7 +550,9 @@ class Queue:
         for name in cursor.names:
             postings = self._events[name]
             if postings:
-                total += bisect_left(postings, to_offset) - bisect_left(postings, from_offset)
+                total += bisect_left(postings, to_offset, key=_offset_of) - bisect_left(
+                    postings, from_offset, key=_offset_of
+                )
         return total
 
     def _all_cursors_locked(self) -> list[Cursor]:
@@ -569,10 +574,10 @@ class Queue:
         self._indexed += delta
         events = self._events
         if before == 0 and self._indexed > 0:
-            index: dict[str, list[int]] = {name: [] for name in events}
+            index: dict[str, list[Message]] = {name: [] for name in events}
             log = self._log
             for message in log.read(log.first_offset, self._end):
-                index[message[0]].append(message[2])
+                index[message[0]].append(message)
             events.update(index)
         elif before > 0 and self._indexed == 0:
             for name in events:
@@ -861,19 +866,19 @@ class Queue:
             for name in names:
                 postings = events[name]
                 assert postings is not None
-                i = bisect_left(postings, position)
-                offsets = postings[i : i + max_messages]
+                i = bisect_left(postings, position, key=_offset_of)
+                out = postings[i : i + max_messages]
         else:
-            gathered: list[int] = []
+            gathered: list[Message] = []
             for name in names:
                 postings = events[name]
                 assert postings is not None
-                i = bisect_left(postings, position)
+                i = bisect_left(postings, position, key=_offset_of)
                 gathered.extend(postings[i : i + max_messages])
-            gathered.sort()
-            offsets = gathered[:max_messages]
-        cursor.position = offsets[-1] + 1 if len(offsets) == max_messages else end
-        return self._log.get_many(offsets) if offsets else []
+            gathered.sort(key=_offset_of)
+            out = gathered[:max_messages]
+        cursor.position = out[-1][2] + 1 if len(out) == max_messages else end
+        return out
 
     def _fire_timers_locked(self, cursor: Cursor) -> None:
         for entry in cursor.expired_locked(self._monotonic()):

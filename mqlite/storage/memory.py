@@ -42,12 +42,6 @@ class MemoryLog:
         """The message at ``offset``."""
         return self._entries[offset - self._first]
 
-    def get_many(self, offsets: Sequence[int]) -> list[Message]:
-        """The messages at ``offsets``, in the order given."""
-        entries = self._entries
-        first = self._first
-        return [entries[o - first] for o in offsets]
-
     def drop_before(self, offset: int) -> None:
         """Forget every message below ``offset``."""
         count = offset - self._first

@@ -898,10 +898,6 @@ class SqliteLog:
         """The message at ``offset``, from memory."""
         return self._cache.get(offset)
 
-    def get_many(self, offsets: Sequence[int]) -> list[Message]:
-        """The messages at ``offsets``, from memory."""
-        return self._cache.get_many(offsets)
-
     def drop_before(self, offset: int) -> None:
         """Forget every message below ``offset``, in memory and (unless still pending) on disk."""
         self._cache.drop_before(offset)
