@@ -279,7 +279,9 @@ class Broker:
         target = self._queues.get(queue)
         return target is not None and target.delete_cursor(name)
 
-    def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
+    def _send_dead_letters(self, dead: list[DeadLetter]) -> list[DeadLetter]:
+        """Publish each dead letter to its queue; the ones that were published."""
+        sent = []
         for letter in dead:
             message = letter.message
             try:
@@ -289,6 +291,9 @@ class Broker:
                 _log.error(
                     "could not dead-letter %s offset %d to %r: %s", message.queue, message.offset, letter.queue, error
                 )
+            else:
+                sent.append(letter)
+        return sent
 
     # -- progress and draining -----------------------------------------------------------
 

@@ -92,6 +92,8 @@ class Cursor:
         self._seq = 0
         # Shared files only: where entries made due again are noted, so other brokers can take them.
         self.released: list[tuple[Cursor, Pending]] | None = None
+        # Files only: offsets dead-lettered whose pending row stays until the letter is published.
+        self.dead_in_transit: set[int] = set()
         self.inflight = 0  # push batches taken and not yet reported done
         self.delivered = 0
         self.acked = 0

@@ -101,6 +101,8 @@ class DeadLetter:
     queue: str
     message: Message
     headers: Mapping[str, Any]
+    # The durable cursor whose pending row on the file stays until the letter is published.
+    subscription: str | None = None
 
 
 class Queue:
@@ -117,7 +119,7 @@ class Queue:
         name: str,
         config: QueueConfig,
         clock: Clock,
-        dead_letter_sink: Callable[[list[DeadLetter]], None],
+        dead_letter_sink: Callable[[list[DeadLetter]], list[DeadLetter]],
         durable_log: SqliteLog | None = None,
     ) -> None:
         self.name = name
@@ -288,7 +290,7 @@ class Queue:
             adopt = [
                 (offset, attempts)
                 for offset, (attempts, owner) in stored.items()
-                if owner is None or owner == me or not store.alive(owner)
+                if (owner is None or owner == me or not store.alive(owner)) and offset not in cursor.dead_in_transit
             ]
             if not adopt:
                 continue
@@ -892,8 +894,11 @@ class Queue:
             message = entry.message
             del cursor.pending[message[2]]
             cursor.dead_lettered += 1
-            if self._journal is not None:
-                self._sync_locked(cursor, (message[2],))
+            held_on_file = self._journal is not None and cursor.name is not None
+            if held_on_file:
+                # The pending row stays until the dead letter is published (see
+                # send_dead_letters): a crash in between redelivers the message, never loses it.
+                cursor.dead_in_transit.add(message[2])
             headers = dict(message.headers)
             headers.update(
                 {
@@ -905,7 +910,7 @@ class Queue:
                     "dead_letter.error": None if error is None else repr(error),
                 }
             )
-            self._outbox.append(DeadLetter(cursor.dead_letter, message, headers))
+            self._outbox.append(DeadLetter(cursor.dead_letter, message, headers, cursor.name if held_on_file else None))
         elif delay > 0:
             cursor.schedule_locked(entry, self._monotonic() + delay)
         else:
@@ -920,9 +925,22 @@ class Queue:
         return outbox
 
     def send_dead_letters(self, dead: list[DeadLetter]) -> None:
-        """Publish dead letters to their queues. Called with no lock held."""
-        if dead:
-            self._dead_letter_sink(dead)
+        """Publish dead letters to their queues, then settle them. Called with no lock held.
+
+        On a file, a dead letter's pending row is deleted only once its publish has committed.
+        One that could not be published keeps its row: it is delivered again after a restart.
+        """
+        if not dead:
+            return
+        settle = [(letter.subscription, letter.message[2]) for letter in self._dead_letter_sink(dead)]
+        if not any(name is not None for name, _ in settle):
+            return
+        with self._lock:
+            for name, offset in settle:
+                cursor = self._cursors.get(name) if name is not None else None
+                if cursor is not None and offset in cursor.dead_in_transit:
+                    cursor.dead_in_transit.discard(offset)
+                    self._sync_locked(cursor, (offset,))
 
     def pull_attempt_locked(self, consumer: Any, max_messages: int, read_ahead: int = 0) -> tuple[bool, list[Message]]:
         """One try at reading for a pull consumer: (got something, messages).

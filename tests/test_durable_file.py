@@ -81,6 +81,56 @@ def test_delivery_counts_survive_a_restart_and_still_reach_max_deliveries(tmp_pa
         assert pull_all(broker.subscribe("q", **settings)) == []
 
 
+def _dead_letter_poison(broker: mqlite.Broker) -> None:
+    """Publish one message to "q" and fail its only allowed delivery on durable "w"."""
+    sub = broker.subscribe("q", name="w", ack="manual", max_deliveries=1)
+    broker.publish("q", "e", "poison")
+    message = sub.get(timeout=WAIT)
+    assert message is not None
+    sub.nack(message)
+
+
+def test_a_dead_letter_that_cannot_be_published_keeps_its_message_for_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        # A full dead-letter queue that rejects: the dead letter cannot be published.
+        broker.queue("q.dead-letter", retention="limits", max_messages=1, overflow="reject").publish("filler")
+        _dead_letter_poison(broker)
+        assert broker.info().subscription("q", "w").dead_lettered == 1
+        assert broker.queue("q.dead-letter").end_offset == 1
+    with mqlite.Broker(path) as broker:
+        again = pull_all(broker.subscribe("q", name="w", ack="manual", max_deliveries=1))
+        assert payloads(again) == ["poison"]
+
+
+def test_a_crash_after_the_dead_letter_is_published_redelivers_rather_than_loses(tmp_path: Path) -> None:
+    """The pending row goes only after the dead letter is on the file: a crash between the two
+    gives the message again (at least once), it never loses it."""
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        queue = broker.queue("q")
+        publish_dead_letters = queue._dead_letter_sink
+        # The dead letter is published, then the process "dies" before settling the pending row.
+        queue._dead_letter_sink = lambda dead: [publish_dead_letters(dead)][:0]  # type: ignore[method-assign]
+        _dead_letter_poison(broker)
+    with mqlite.Broker(path) as broker:
+        letters = pull_all(broker.subscribe("q.dead-letter", start="earliest"))
+        assert payloads(letters) == ["poison"]
+        again = pull_all(broker.subscribe("q", name="w", ack="manual", max_deliveries=1))
+        assert payloads(again) == ["poison"]
+
+
+def test_a_published_dead_letter_is_settled_on_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        _dead_letter_poison(broker)
+        assert payloads(pull_all(broker.subscribe("q.dead-letter", start="earliest"))) == ["poison"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM pending").fetchone() == (0,)
+    with mqlite.Broker(path) as broker:
+        assert pull_all(broker.subscribe("q", name="w", ack="manual", max_deliveries=1)) == []
+
+
 def test_auto_acked_pulls_are_not_redelivered_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "app.mqlite"
     with mqlite.Broker(path) as broker:

@@ -135,6 +135,30 @@ def test_a_nack_makes_the_message_due_for_the_other_broker(path: str) -> None:
         assert sub_a.poll(max_messages=10) == []
 
 
+def test_a_dead_letter_in_transit_stays_held_and_comes_back_only_when_its_broker_goes(path: str) -> None:
+    settings: dict[str, Any] = {"name": "workers", "ack": "manual", "max_deliveries": 1}
+    with mqlite.Broker(path) as b:
+        a = mqlite.Broker(path)
+        queue_a = a.queue("q")
+        publish_dead_letters = queue_a._dead_letter_sink
+        # a publishes its dead letters but never settles them, as if it stopped right after.
+        queue_a._dead_letter_sink = lambda dead: [publish_dead_letters(dead)][:0]  # type: ignore[method-assign]
+        sub_a = a.subscribe("q", **settings)
+        sub_b = b.subscribe("q", **settings)
+        a.publish("q", "job", "poison")
+        message = sub_a.get(timeout=WAIT)
+        assert message is not None
+        sub_a.nack(message)  # dead-lettered; its pending row on the file is still a's
+        b.publish("q", "job", "next")  # makes a reload the file's pending rows
+        taken = sub_a.poll(max_messages=10, timeout=WAIT)
+        assert payloads(taken) == ["next"]
+        sub_a.ack(*taken)
+        assert sub_b.poll(max_messages=10) == []
+        a.close()
+        assert payloads(sub_b.poll(max_messages=10, timeout=WAIT)) == ["poison"]
+        assert payloads(pull_all(b.subscribe("q.dead-letter", start="earliest"))) == ["poison"]
+
+
 def test_a_publish_in_one_broker_wakes_a_blocked_reader_of_the_other(path: str) -> None:
     with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
         reader = b.subscribe("q", name="reader")
