@@ -142,6 +142,7 @@ class Cursor:
         """Redeliver ``entry`` once the clock reaches ``due``."""
         entry.state = WAITING
         entry.owner = None
+        entry.deadline = due
         self._seq += 1
         heapq.heappush(self._scheduled, (due, self._seq, entry))
 

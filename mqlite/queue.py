@@ -274,9 +274,9 @@ class Queue:
         """Match each durable cursor's pending entries to the file's rows and their holders."""
         store = log.store
         me = store.instance
-        rows: dict[str, dict[int, tuple[int, str | None]]] = {}
-        for name, offset, attempts, owner in state.pending:
-            rows.setdefault(name, {})[offset] = (attempts, owner)
+        rows: dict[str, dict[int, tuple[int, str | None, float | None]]] = {}
+        for name, offset, attempts, owner, due in state.pending:
+            rows.setdefault(name, {})[offset] = (attempts, owner, due)
         changed = False
         for name, cursor in self._cursors.items():
             stored = rows.get(name, {})
@@ -288,26 +288,31 @@ class Queue:
                     entry.state = -1
                     changed = True
             adopt = [
-                (offset, attempts)
-                for offset, (attempts, owner) in stored.items()
+                (offset, attempts, due)
+                for offset, (attempts, owner, due) in stored.items()
                 if (owner is None or owner == me or not store.alive(owner)) and offset not in cursor.dead_in_transit
             ]
             if not adopt:
                 continue
             first = self._log.first_offset
-            cached = {o: self._log.get(o) for o, _ in adopt if o >= first}
-            missing = [o for o, _ in adopt if o < first]
+            cached = {o: self._log.get(o) for o, _, _ in adopt if o >= first}
+            missing = [o for o, _, _ in adopt if o < first]
             messages = {m[2]: m for m in store.load_messages(self.name, missing)} if missing else {}
             messages.update(cached)
-            for offset, attempts in adopt:
+            now = self._time()
+            for offset, attempts, due in adopt:
                 message = messages.get(offset)
                 if message is None:
                     continue  # its message is gone from the file: nothing left to redeliver
                 self._events.setdefault(message[0], None)
-                # Delivered before and never settled, by a broker that is gone: due again, in order.
+                # Delivered before and never settled, by a broker that is gone: due again, in
+                # order, unless it was nacked with a delay that has not ended yet.
                 entry = Pending(message, attempts, None, READY)
                 pending[offset] = entry
-                cursor.ready.append(entry)
+                if due is not None and due > now:
+                    cursor.schedule_locked(entry, self._monotonic() + (due - now))
+                else:
+                    cursor.ready.append(entry)
                 changed = True
         return changed
 
@@ -373,17 +378,24 @@ class Queue:
         if journal is None or cursor.name is None:
             return
         pending = cursor.pending
-        upserts: list[tuple[int, int, bool]] = []
+        upserts: list[tuple[int, int, bool, float | None]] = []
         deletes: list[int] = []
         for offset in offsets:
             entry = pending.get(offset)
             if entry is None:
                 deletes.append(offset)
+            elif entry.state == WAITING:
+                # Nacked with a delay: the wall-clock time it waits for survives a restart.
+                upserts.append((offset, entry.attempts, True, self._wall_due_locked(entry)))
             else:
                 # Held by this broker unless it is due for redelivery to whoever reads next.
-                upserts.append((offset, entry.attempts, entry.state != READY))
-        upserts.extend((offset, 1, True) for offset in inflight)
+                upserts.append((offset, entry.attempts, entry.state != READY, None))
+        upserts.extend((offset, 1, True, None) for offset in inflight)
         journal.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
+
+    def _wall_due_locked(self, entry: Pending) -> float:
+        """When a WAITING entry's delay ends, in the clock's wall time (what a file can keep)."""
+        return self._time() + max(entry.deadline - self._monotonic(), 0.0)
 
     def __repr__(self) -> str:
         return f"<mqlite.Queue {self.name!r} offsets [{self.start_offset}, {self.end_offset})>"
@@ -767,12 +779,16 @@ class Queue:
                         cursor.make_ready_locked(entry)
                     else:
                         self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
-            if not cursor.members and self._released is not None:
-                # The last subscriber of this name here: retries waiting on a delay are due now,
-                # so another broker sharing the file can take them instead of waiting for this one.
-                for entry in list(cursor.pending.values()):
+            if not cursor.members and self._released is not None and cursor.name is not None:
+                # The last subscriber of this name here: retries waiting on a delay are handed to
+                # the file, still waiting, for whichever broker sharing it reads the name next.
+                handed = []
+                for offset, entry in list(cursor.pending.items()):
                     if entry.state == WAITING:
-                        cursor.make_ready_locked(entry)
+                        del cursor.pending[offset]
+                        handed.append((offset, entry.attempts, False, self._wall_due_locked(entry)))
+                if handed and self._journal is not None:
+                    self._journal.sync_cursor(cursor.name, None, handed, ())
             if not cursor.members and not cursor.durable and cursor in self._ephemeral:
                 self._ephemeral.remove(cursor)
                 self._change_index_locked(-int(cursor.names is not None))
@@ -1121,6 +1137,8 @@ class Queue:
             if entry.state != OUT:
                 raise NotPending(f"offset {entry.message[2]} of {self.name!r} is already waiting for redelivery")
             self._fail_locked(cursor, entry, "nack", delay, None)
+            if entry.state == WAITING:
+                self._sync_locked(cursor, (entry.message[2],))
             self._wake_all_locked()
             dead = self._take_outbox_locked()
         self.send_dead_letters(dead)

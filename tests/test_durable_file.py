@@ -131,6 +131,62 @@ def test_a_published_dead_letter_is_settled_on_the_file(tmp_path: Path) -> None:
         assert pull_all(broker.subscribe("q", name="w", ack="manual", max_deliveries=1)) == []
 
 
+def _nack_with_delay(path: Path, clock: mqlite.ManualClock, delay: float) -> None:
+    with mqlite.Broker(path, clock=clock) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        broker.publish("q", "e", "later")
+        message = sub.get(timeout=WAIT)
+        assert message is not None
+        sub.nack(message, delay=delay)
+
+
+def test_a_nack_delay_still_holds_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    _nack_with_delay(path, mqlite.ManualClock(start=1_000.0), delay=60)
+    clock = mqlite.ManualClock(start=1_030.0)  # the process comes back 30 s later
+    with mqlite.Broker(path, clock=clock) as broker:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        assert sub.poll(max_messages=10) == []
+        clock.advance(29.5)
+        assert sub.poll(max_messages=10) == []
+        clock.advance(1)
+        again = sub.poll(max_messages=10)
+        assert payloads(again) == ["later"]
+        assert broker.info().subscription("q", "w").redelivered == 1
+
+
+def test_a_nack_delay_that_ended_while_the_process_was_gone_is_due_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    _nack_with_delay(path, mqlite.ManualClock(start=1_000.0), delay=60)
+    with mqlite.Broker(path, clock=mqlite.ManualClock(start=1_100.0)) as broker:
+        assert payloads(broker.subscribe("q", name="w", ack="manual").poll(max_messages=10)) == ["later"]
+
+
+def test_a_push_retry_backoff_still_holds_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    calls: list[str] = []
+
+    def fail(message: mqlite.Message) -> None:
+        calls.append(message.payload)
+        raise RuntimeError("not yet")
+
+    settings: dict[str, Any] = {"name": "w", "backoff": mqlite.Backoff(initial=60, maximum=60)}
+    dispatcher = mqlite.ManualDispatcher()
+    with mqlite.Broker(path, clock=mqlite.ManualClock(start=1_000.0), dispatcher=dispatcher) as broker:
+        broker.subscribe("q", callback=fail, **settings)
+        broker.publish("q", "e", "flaky")
+        assert dispatcher.run_ready()
+        assert calls == ["flaky"]
+    clock = mqlite.ManualClock(start=1_030.0)
+    dispatcher = mqlite.ManualDispatcher()
+    with mqlite.Broker(path, clock=clock, dispatcher=dispatcher) as broker:
+        broker.subscribe("q", callback=lambda message: calls.append(message.payload), **settings)
+        assert not dispatcher.run_ready()
+        clock.advance(31)
+        assert dispatcher.run_ready()
+        assert calls == ["flaky", "flaky"]
+
+
 def test_auto_acked_pulls_are_not_redelivered_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "app.mqlite"
     with mqlite.Broker(path) as broker:

@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import mqlite
+from mqlite.storage.sqlite import SCHEMA_VERSION
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -159,6 +160,23 @@ def test_a_dead_letter_in_transit_stays_held_and_comes_back_only_when_its_broker
         assert payloads(pull_all(b.subscribe("q.dead-letter", start="earliest"))) == ["poison"]
 
 
+def test_a_retry_waiting_on_its_delay_goes_to_the_other_broker_still_waiting(path: str) -> None:
+    clock_a, clock_b = mqlite.ManualClock(start=1_000.0), mqlite.ManualClock(start=1_000.0)
+    with mqlite.Broker(path, clock=clock_a) as a, mqlite.Broker(path, clock=clock_b) as b:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        a.publish("q", "job", "retry in a minute")
+        message = sub_a.get(timeout=WAIT)
+        assert message is not None
+        sub_a.nack(message, delay=60)
+        sub_a.close()  # a's last subscriber of the name: the retry is handed to the file
+        assert sub_b.poll(max_messages=10) == []
+        clock_b.advance(59)
+        assert sub_b.poll(max_messages=10) == []
+        clock_b.advance(2)
+        assert payloads(sub_b.poll(max_messages=10)) == ["retry in a minute"]
+
+
 def test_a_publish_in_one_broker_wakes_a_blocked_reader_of_the_other(path: str) -> None:
     with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
         reader = b.subscribe("q", name="reader")
@@ -220,14 +238,18 @@ def test_a_batched_broker_needs_the_file_to_itself(path: str) -> None:
     mqlite.Broker(path, commit="batch").close()  # free again once the others closed
 
 
-def test_a_version_1_file_is_upgraded_and_keeps_its_pending_messages(path: str) -> None:
+@pytest.mark.parametrize(("version", "added_since"), [(1, ["owner", "due"]), (2, ["due"])])
+def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
+    path: str, version: int, added_since: list[str]
+) -> None:
     with mqlite.Broker(path) as broker:
         sub = broker.subscribe("q", name="w", ack="manual")
         broker.publish("q", "e", "unacked")
         assert sub.get(timeout=WAIT) is not None
-    with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE pending DROP COLUMN owner")
-        db.execute("UPDATE mqlite_schema SET version = 1")
+    with sqlite3.connect(path) as db:  # forge the older layout
+        for column in added_since:
+            db.execute(f"ALTER TABLE pending DROP COLUMN {column}")
+        db.execute("UPDATE mqlite_schema SET version = ?", (version,))
     db.close()
     with mqlite.Broker(path) as broker:
         sub = broker.subscribe("q", name="w", ack="manual")
@@ -235,7 +257,9 @@ def test_a_version_1_file_is_upgraded_and_keeps_its_pending_messages(path: str) 
         assert message is not None
         assert message.payload == "unacked"
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version FROM mqlite_schema").fetchone() == (2,)
+        assert db.execute("SELECT version FROM mqlite_schema").fetchone() == (SCHEMA_VERSION,)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(pending)")]
+        assert columns[-2:] == ["owner", "due"]
     db.close()
 
 

@@ -1,6 +1,6 @@
 """The durable log: one SQLite file (WAL mode) holds every queue, message and named cursor.
 
-Layout of the file (schema version 2):
+Layout of the file (schema version 3):
 
 - ``mqlite_schema(version, serializer)``: one row. A file without it is not an mqlite file.
 - ``queues(name, start_offset, config)``: every queue, the offset below which its messages were
@@ -8,9 +8,11 @@ Layout of the file (schema version 2):
 - ``messages(queue, offset, event, payload, key, headers, timestamp)``: the log. Payload, key and
   headers are encoded by the broker's serializer (JSON by default).
 - ``cursors(queue, name, position, settings)``: every durable (named) cursor.
-- ``pending(queue, name, offset, attempts, owner)``: each durable cursor's delivered, unsettled
-  messages, how many times each was delivered, and which broker holds it (NULL: due for
-  redelivery to whoever reads next). Version 1 files lack ``owner`` and are upgraded on open.
+- ``pending(queue, name, offset, attempts, owner, due)``: each durable cursor's delivered,
+  unsettled messages, how many times each was delivered, which broker holds it (NULL: due for
+  redelivery to whoever reads next), and for a nacked message waiting out its delay, the wall-clock
+  time (seconds since the epoch) before which it is not redelivered. Version 1 files lack
+  ``owner`` and ``due``, version 2 files ``due``; both are upgraded on open.
 
 The retained part of each log is also held in memory (a :class:`MemoryLog`), so reads never touch
 the disk. Several brokers, in one process or many, can share a file (``commit="each"``): every
@@ -54,7 +56,7 @@ __all__ = [
 
 _log = logging.getLogger("mqlite")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The layout this version of mqlite writes; files with a higher version are refused."""
 
 # "mqlt": marks the file as mqlite's for tools such as `file` and for a quick check on open.
@@ -73,7 +75,7 @@ CREATE TABLE cursors (
 ) WITHOUT ROWID;
 CREATE TABLE pending (
     queue TEXT NOT NULL, name TEXT NOT NULL, "offset" INTEGER NOT NULL, attempts INTEGER NOT NULL,
-    owner TEXT, PRIMARY KEY (queue, name, "offset")
+    owner TEXT, due REAL, PRIMARY KEY (queue, name, "offset")
 ) WITHOUT ROWID;
 """
 
@@ -275,6 +277,8 @@ class SqliteStore:
         with _transaction(db):
             if version < 2:
                 db.execute("ALTER TABLE pending ADD COLUMN owner TEXT")
+            if version < 3:
+                db.execute("ALTER TABLE pending ADD COLUMN due REAL")
             db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
 
     def _configure(self, synchronous: Synchronous) -> None:
@@ -340,7 +344,8 @@ class SqliteStore:
                 )
             ]
             pending = db.execute(
-                'SELECT name, "offset", attempts, owner FROM pending WHERE queue = ? ORDER BY name, "offset"', (queue,)
+                'SELECT name, "offset", attempts, owner, due FROM pending WHERE queue = ? ORDER BY name, "offset"',
+                (queue,),
             ).fetchall()
         messages = []
         for expected, row in enumerate(rows, first):
@@ -383,17 +388,20 @@ class SqliteStore:
         queue: str,
         name: str,
         position: int | None,
-        upserts: Sequence[tuple[int, int, bool]],
+        upserts: Sequence[tuple[int, int, bool, float | None]],
         deletes: Sequence[int],
     ) -> None:
-        """In one transaction: set the position (unless None), record ``(offset, attempts, held)``
-        pending (held: by this broker; otherwise due for whoever reads next), forget ``deletes``."""
+        """In one transaction: set the position (unless None), record ``(offset, attempts, held, due)``
+        pending (held: by this broker; otherwise due for whoever reads next; due: the wall-clock
+        time a nacked message waits for, or None), forget ``deletes``."""
         ops: list[_Op] = []
         if position is not None:
             ops.append((_SET_POSITION, (position, queue, name), False))
         if upserts:
             me = self.instance
-            rows = [(queue, name, offset, attempts, me if held else None) for offset, attempts, held in upserts]
+            rows = [
+                (queue, name, offset, attempts, me if held else None, due) for offset, attempts, held, due in upserts
+            ]
             ops.append((_UPSERT_PENDING, rows, True))
         if deletes:
             ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
@@ -761,13 +769,13 @@ class QueueState:
         config: dict[str, Any],
         messages: list[Message],
         cursors: list[tuple[str, int, dict[str, Any]]],
-        pending: list[tuple[str, int, int, str | None]],
+        pending: list[tuple[str, int, int, str | None, float | None]],
     ) -> None:
         self.start = start
         self.config = config
         self.messages = messages  # from the requested offset on, in order
         self.cursors = cursors  # (name, position, settings)
-        self.pending = pending  # (cursor name, offset, attempts, owner or None), by name and offset
+        self.pending = pending  # (cursor name, offset, attempts, owner or None, due or None), by name and offset
 
 
 class FileLock:
@@ -834,8 +842,9 @@ class FileLock:
 
 _Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
 _UPSERT_PENDING = (
-    'INSERT INTO pending (queue, name, "offset", attempts, owner) VALUES (?, ?, ?, ?, ?) '
-    'ON CONFLICT (queue, name, "offset") DO UPDATE SET attempts = excluded.attempts, owner = excluded.owner'
+    'INSERT INTO pending (queue, name, "offset", attempts, owner, due) VALUES (?, ?, ?, ?, ?, ?) '
+    'ON CONFLICT (queue, name, "offset") DO UPDATE SET '
+    "attempts = excluded.attempts, owner = excluded.owner, due = excluded.due"
 )
 _DELETE_PENDING = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
 _SET_POSITION = "UPDATE cursors SET position = ? WHERE queue = ? AND name = ?"
@@ -921,7 +930,11 @@ class SqliteLog:
         self.store.delete_cursor(self.queue, name)
 
     def sync_cursor(
-        self, name: str, position: int | None, upserts: Sequence[tuple[int, int, bool]], deletes: Sequence[int]
+        self,
+        name: str,
+        position: int | None,
+        upserts: Sequence[tuple[int, int, bool, float | None]],
+        deletes: Sequence[int],
     ) -> None:
         """Record a durable cursor's position and changes to its pending set, atomically."""
         self.store.sync_cursor(self.queue, name, position, upserts, deletes)
@@ -1080,7 +1093,8 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
     """
     out: list[_Op] = []
     positions: dict[tuple[str, str], int] = {}
-    pending: dict[tuple[str, str, int], tuple[int, str | None] | None] = {}  # (attempts, owner), or None to delete
+    # (attempts, owner, due), or None to delete
+    pending: dict[tuple[str, str, int], tuple[int, str | None, float | None] | None] = {}
 
     def end_run() -> None:
         if positions:
@@ -1100,8 +1114,8 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
         if sql is _SET_POSITION:
             positions[(params[1], params[2])] = params[0]
         elif sql is _UPSERT_PENDING:
-            for queue, name, offset, attempts, owner in params:
-                pending[(queue, name, offset)] = (attempts, owner)
+            for queue, name, offset, attempts, owner, due in params:
+                pending[(queue, name, offset)] = (attempts, owner, due)
         elif sql is _DELETE_PENDING:
             for queue, name, offset in params:
                 pending[(queue, name, offset)] = None
