@@ -575,9 +575,11 @@ def test_a_steady_publish_and_consume_loop_reaches_a_steady_file_size(tmp_path: 
 class RestartMachine(RuleBasedStateMachine):
     """A durable manual-ack subscription, restarted at random, against a plain model.
 
-    The model: which offsets were published, acked, handed out in this session (``out``) and
-    owed again (``owed``: nacked, or unacked at a restart). After any sequence, a restart
-    changes nothing a subscriber can tell apart from a disconnection.
+    The model: which offsets were published, acked, handed out in this session (``out``), owed
+    again (``owed``: nacked, or unacked at a restart) and nacked with a delay that has not ended
+    (``waiting``, with the time it ends). Time is a ManualClock that runs on across restarts.
+    After any sequence, a restart changes nothing a subscriber can tell apart from a
+    disconnection, and a nack delay ends when it would have without one.
     """
 
     commit: Literal["each", "batch"] = "each"
@@ -591,10 +593,13 @@ class RestartMachine(RuleBasedStateMachine):
         self.acked: set[int] = set()
         self.out: dict[int, mqlite.Message] = {}
         self.owed: set[int] = set()
+        self.waiting: dict[int, float] = {}
+        self.now = 1_000.0
         self._open()
 
     def _open(self) -> None:
-        self.broker = mqlite.Broker(self.path, commit=self.commit)
+        self.clock = mqlite.ManualClock(start=self.now)
+        self.broker = mqlite.Broker(self.path, commit=self.commit, clock=self.clock)
         self.sub = self.broker.subscribe("q", name="w", ack="manual")
 
     @rule(count=st.integers(1, 4))
@@ -609,6 +614,7 @@ class RestartMachine(RuleBasedStateMachine):
             assert message.payload == offset
             assert offset not in self.acked, f"acked offset {offset} delivered again"
             assert offset not in self.out, f"offset {offset} delivered twice while out"
+            assert offset not in self.waiting, f"offset {offset} delivered before its nack delay ended"
             if offset in self.owed:
                 self.owed.remove(offset)
             else:
@@ -624,11 +630,23 @@ class RestartMachine(RuleBasedStateMachine):
         self.acked.add(offset)
 
     @precondition(lambda self: self.out)
-    @rule(data=st.data())
-    def nack(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), delay=st.sampled_from([0, 5, 20]))
+    def nack(self, data: st.DataObject, delay: int) -> None:
         offset = data.draw(st.sampled_from(sorted(self.out)))
-        self.sub.nack(self.out.pop(offset))
-        self.owed.add(offset)
+        self.sub.nack(self.out.pop(offset), delay=delay)
+        if delay:
+            self.waiting[offset] = self.now + delay
+        else:
+            self.owed.add(offset)
+
+    @rule(seconds=st.sampled_from([1, 5, 20]))
+    def advance(self, seconds: int) -> None:
+        self.now += seconds
+        self.clock.advance(seconds)
+        for offset, due in list(self.waiting.items()):
+            if due <= self.now:
+                del self.waiting[offset]
+                self.owed.add(offset)
 
     @rule()
     def restart(self) -> None:
@@ -639,13 +657,14 @@ class RestartMachine(RuleBasedStateMachine):
 
     @invariant()
     def figures_match_the_model(self) -> None:
-        assert self.sub.pending == len(self.out) + len(self.owed)
+        assert self.sub.pending == len(self.out) + len(self.owed) + len(self.waiting)
         assert self.sub.position == self.next_fresh
         assert self.broker.queue("q").end_offset == self.published
 
     def teardown(self) -> None:
         try:
             self.restart()
+            self.advance(20)  # every delay has ended
             self.pull(10_000)
             assert not self.owed, f"owed offsets never delivered again: {self.owed}"
             assert self.next_fresh == self.published
@@ -660,7 +679,7 @@ class BatchedRestartMachine(RestartMachine):
     commit = "batch"
 
 
-RestartMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+RestartMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 BatchedRestartMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
 test_restarts_match_the_model = RestartMachine.TestCase
 test_batched_restarts_match_the_model = BatchedRestartMachine.TestCase
