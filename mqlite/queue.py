@@ -385,8 +385,9 @@ class Queue:
             if entry is None:
                 deletes.append(offset)
             elif entry.state == WAITING:
-                # Nacked with a delay: the wall-clock time it waits for survives a restart.
-                upserts.append((offset, entry.attempts, True, self._wall_due_locked(entry)))
+                # Waiting out a delay: held by nobody, so any broker sharing the file may take it
+                # once the delay ends, and the wall-clock time it waits for survives a restart.
+                upserts.append((offset, entry.attempts, False, self._wall_due_locked(entry)))
             else:
                 # Held by this broker unless it is due for redelivery to whoever reads next.
                 upserts.append((offset, entry.attempts, entry.state != READY, None))
@@ -779,16 +780,6 @@ class Queue:
                         cursor.make_ready_locked(entry)
                     else:
                         self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
-            if not cursor.members and self._released is not None and cursor.name is not None:
-                # The last subscriber of this name here: retries waiting on a delay are handed to
-                # the file, still waiting, for whichever broker sharing it reads the name next.
-                handed = []
-                for offset, entry in list(cursor.pending.items()):
-                    if entry.state == WAITING:
-                        del cursor.pending[offset]
-                        handed.append((offset, entry.attempts, False, self._wall_due_locked(entry)))
-                if handed and self._journal is not None:
-                    self._journal.sync_cursor(cursor.name, None, handed, ())
             if not cursor.members and not cursor.durable and cursor in self._ephemeral:
                 self._ephemeral.remove(cursor)
                 self._change_index_locked(-int(cursor.names is not None))

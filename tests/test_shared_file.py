@@ -177,6 +177,22 @@ def test_a_retry_waiting_on_its_delay_goes_to_the_other_broker_still_waiting(pat
         assert payloads(sub_b.poll(max_messages=10)) == ["retry in a minute"]
 
 
+def test_a_retry_waiting_on_its_delay_is_due_for_the_other_broker_when_the_delay_ends(path: str) -> None:
+    clock_a, clock_b = mqlite.ManualClock(start=1_000.0), mqlite.ManualClock(start=1_000.0)
+    with mqlite.Broker(path, clock=clock_a) as a, mqlite.Broker(path, clock=clock_b) as b:
+        sub_a = a.subscribe("q", name="workers", ack="manual")
+        sub_b = b.subscribe("q", name="workers", ack="manual")
+        a.publish("q", "job", "retry in a minute")
+        message = sub_a.get(timeout=WAIT)
+        assert message is not None
+        sub_a.nack(message, delay=60)  # a stays subscribed but reads nothing more
+        assert sub_b.poll(max_messages=10) == []
+        clock_a.advance(61)
+        clock_b.advance(61)
+        assert payloads(sub_b.poll(max_messages=10)) == ["retry in a minute"]
+        assert sub_a.poll(max_messages=10) == []  # b holds it now
+
+
 def test_a_publish_in_one_broker_wakes_a_blocked_reader_of_the_other(path: str) -> None:
     with mqlite.Broker(path) as a, mqlite.Broker(path) as b:
         reader = b.subscribe("q", name="reader")
@@ -352,21 +368,25 @@ def test_a_publish_in_one_process_wakes_a_reader_blocked_in_another(path: str, c
 class SharedFileMachine(RuleBasedStateMachine):
     """Two brokers on one file compete on one manual-ack name, checked against a plain model.
 
-    The model: every published offset is unread, held by one broker, due again (nacked or given
-    back by a closing broker, for whichever broker reads next), or acked. A take may return only
-    unread or due messages, exactly as many as it asked for while there are any, and never one
-    that the other broker holds.
+    The model: every published offset is unread, held by one broker, waiting out a nack delay,
+    due again (nacked, its delay over, or given back by a closing broker, for whichever broker
+    reads next), or acked. A take may return only unread or due messages, exactly as many as it
+    asked for while there are any, and never one that the other broker holds. Each broker has a
+    ManualClock; both advance together.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.TemporaryDirectory()
         self.path = os.path.join(self.directory.name, "shared.mqlite")
-        self.brokers = [mqlite.Broker(self.path), mqlite.Broker(self.path)]
+        self.now = 1_000.0
+        self.clocks = [mqlite.ManualClock(start=self.now), mqlite.ManualClock(start=self.now)]
+        self.brokers = [mqlite.Broker(self.path, clock=clock) for clock in self.clocks]
         self.subs = [broker.subscribe("q", name="w", ack="manual") for broker in self.brokers]
         self.published = 0
         self.held: list[dict[int, mqlite.Message]] = [{}, {}]
         self.due: set[int] = set()
+        self.waiting: dict[int, float] = {}
         self.acked: set[int] = set()
 
     @rule(who=st.sampled_from([0, 1]), count=st.integers(1, 3))
@@ -378,7 +398,7 @@ class SharedFileMachine(RuleBasedStateMachine):
 
     @rule(who=st.sampled_from([0, 1]), count=st.integers(1, 4))
     def take(self, who: int, count: int) -> None:
-        unread = self.published - len(self.due) - len(self.acked) - sum(len(h) for h in self.held)
+        unread = self.published - len(self.due) - len(self.waiting) - len(self.acked) - sum(len(h) for h in self.held)
         got = self.subs[who].poll(max_messages=count)
         assert len(got) == min(count, unread + len(self.due)), "took as many as there were"
         for message in got:
@@ -386,6 +406,7 @@ class SharedFileMachine(RuleBasedStateMachine):
             assert offset not in self.acked, f"acked message {offset} delivered again"
             assert offset not in self.held[1 - who], f"message {offset} held by the other broker too"
             assert offset not in self.held[who], f"message {offset} delivered twice to one broker"
+            assert offset not in self.waiting, f"message {offset} delivered before its nack delay ended"
             self.due.discard(offset)
             self.held[who][offset] = message
 
@@ -397,26 +418,40 @@ class SharedFileMachine(RuleBasedStateMachine):
         self.subs[who].ack(self.held[who].pop(offset))
         self.acked.add(offset)
 
-    @rule(who=st.sampled_from([0, 1]), data=st.data())
-    def nack(self, who: int, data: st.DataObject) -> None:
+    @rule(who=st.sampled_from([0, 1]), data=st.data(), delay=st.sampled_from([0, 5]))
+    def nack(self, who: int, data: st.DataObject, delay: int) -> None:
         if not self.held[who]:
             return
         offset = data.draw(st.sampled_from(sorted(self.held[who])))
-        self.subs[who].nack(self.held[who].pop(offset))
-        self.due.add(offset)
+        self.subs[who].nack(self.held[who].pop(offset), delay=delay)
+        if delay:
+            self.waiting[offset] = self.now + delay
+        else:
+            self.due.add(offset)
+
+    @rule(seconds=st.sampled_from([1, 5]))
+    def advance(self, seconds: int) -> None:
+        self.now += seconds
+        for clock in self.clocks:
+            clock.advance(seconds)
+        for offset, due in list(self.waiting.items()):
+            if due <= self.now:
+                del self.waiting[offset]
+                self.due.add(offset)
 
     @rule(who=st.sampled_from([0, 1]))
     def restart(self, who: int) -> None:
         self.brokers[who].close()
         self.due.update(self.held[who])
         self.held[who].clear()
-        self.brokers[who] = mqlite.Broker(self.path)
+        self.clocks[who] = mqlite.ManualClock(start=self.now)
+        self.brokers[who] = mqlite.Broker(self.path, clock=self.clocks[who])
         self.subs[who] = self.brokers[who].subscribe("q", name="w", ack="manual")
 
     @invariant()
     def each_broker_counts_what_it_holds_and_what_is_due(self) -> None:
         for who in (0, 1):
-            assert self.subs[who].pending == len(self.held[who]) + len(self.due)
+            assert self.subs[who].pending == len(self.held[who]) + len(self.due) + len(self.waiting)
 
     def teardown(self) -> None:
         for broker in self.brokers:
