@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
-from mqlite.storage.sqlite import SCHEMA_VERSION, SqliteStore
+from mqlite.storage.sqlite import SCHEMA_VERSION, SqliteStore, _Checkpointer
 
 # -- restarts ------------------------------------------------------------------------------
 
@@ -567,6 +567,29 @@ def test_a_steady_publish_and_consume_loop_reaches_a_steady_file_size(tmp_path: 
             sizes.append(path.stat().st_size)
     assert sizes[-1] <= sizes[1] * 1.1, f"file kept growing: {sizes}"
     assert sizes[-1] < 10_000 * 100, "the file holds more than a round of messages"
+
+
+def test_the_watchers_checkpointer_copies_the_wal_back_into_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path) as broker:
+        queue = broker.queue("q", retention="limits")
+        for i in range(200):
+            queue.publish("e", i)
+        checkpointer = _Checkpointer(str(path))
+        try:
+            result = checkpointer.maybe_run()
+            assert checkpointer.maybe_run() is None  # at most once per CHECKPOINT_EVERY
+        finally:
+            checkpointer.close()
+        assert result is not None
+        frames, copied = result
+        assert copied == frames
+        # The file alone, WAL ignored, now holds every message.
+        db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+        try:
+            assert db.execute("SELECT count(*) FROM messages").fetchone() == (200,)
+        finally:
+            db.close()
 
 
 # -- a model of restarts -------------------------------------------------------------------

@@ -87,6 +87,12 @@ WATCH_MAX = 0.025
 # How often the watcher looks for dead brokers holding pending messages, and how long a broker
 # seen alive is believed alive.
 LIVENESS_EVERY = 0.5
+# commit="each": the watcher checkpoints the WAL into the file this often, on its own connection,
+# so that publishers, whose every commit would otherwise copy pages back and fsync once the WAL
+# reaches SQLite's default 1,000 pages, never wait for it. A publisher checkpoints only when the
+# WAL passes WAL_AUTOCHECKPOINT pages (16 MiB of 4 KiB pages), that is, if the watcher falls behind.
+CHECKPOINT_EVERY = 0.025
+WAL_AUTOCHECKPOINT = 4096
 
 Synchronous = Literal["normal", "full"]
 Commit = Literal["each", "batch"]
@@ -293,6 +299,8 @@ class SqliteStore:
         if str(mode).lower() != "wal":
             raise StorageError(f"{self.path!r}: SQLite refused WAL mode (got {mode!r}); is it on a network share?")
         db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        if self.shared:
+            db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
 
     def _has_tables(self) -> bool:
         return bool(self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
@@ -483,36 +491,41 @@ class SqliteStore:
         """The watcher: poll data_version, poke every queue when it moved, reclaim dead brokers' messages."""
         delay = WATCH_MIN
         check_liveness_at = 0.0
-        while not self._stop_watching.wait(delay):
-            try:
-                with self._db_lock:
-                    if self._closed:
-                        return
-                    if self._solo:
-                        if self._liveness is not None and self._liveness.others_alive():
-                            self._share_locked()
-                        delay = WATCH_MAX
-                        continue
-                    changed = self._note_version_locked()
-                    if time.monotonic() >= check_liveness_at:
-                        check_liveness_at = time.monotonic() + LIVENESS_EVERY
-                        if self._release_dead_locked():
-                            self.generation += 1
-                            changed = True
-            except sqlite3.Error:
-                _log.warning("the watcher of %r could not read the file; retrying", self.path, exc_info=True)
-                changed = False
-            if changed:
-                delay = WATCH_MIN
-                with self._watched_lock:
-                    pokes = list(self._watched)
-                for poke in pokes:
-                    try:
-                        poke()
-                    except Exception:  # noqa: BLE001  # a queue that fails to reload must not stop the watcher
-                        _log.exception("reloading a queue of %r failed", self.path)
-            else:
-                delay = min(delay * 2, WATCH_MAX)
+        checkpointer = _Checkpointer(self.path)
+        try:
+            while not self._stop_watching.wait(delay):
+                checkpointer.maybe_run()
+                try:
+                    with self._db_lock:
+                        if self._closed:
+                            break
+                        if self._solo:
+                            if self._liveness is not None and self._liveness.others_alive():
+                                self._share_locked()
+                            delay = WATCH_MAX
+                            continue
+                        changed = self._note_version_locked()
+                        if time.monotonic() >= check_liveness_at:
+                            check_liveness_at = time.monotonic() + LIVENESS_EVERY
+                            if self._release_dead_locked():
+                                self.generation += 1
+                                changed = True
+                except sqlite3.Error:
+                    _log.warning("the watcher of %r could not read the file; retrying", self.path, exc_info=True)
+                    changed = False
+                if changed:
+                    delay = WATCH_MIN
+                    with self._watched_lock:
+                        pokes = list(self._watched)
+                    for poke in pokes:
+                        try:
+                            poke()
+                        except Exception:  # noqa: BLE001  # a queue that fails to reload must not stop the watcher
+                            _log.exception("reloading a queue of %r failed", self.path)
+                else:
+                    delay = min(delay * 2, WATCH_MAX)
+        finally:
+            checkpointer.close()
 
     def _share_locked(self) -> None:
         """Another broker waits to open the file: from now on every operation is a transaction.
@@ -756,6 +769,44 @@ class SqliteStore:
                 self._liveness.close()
             if self._claim is not None:
                 self._claim.close()  # releases the claim
+
+
+class _Checkpointer:
+    """The watcher's own connection, which copies the WAL back into the file every CHECKPOINT_EVERY s.
+
+    A passive checkpoint waits for nobody and blocks no writer; it runs with the GIL released, so
+    publishers keep going on the other core while it copies pages and syncs the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._next = 0.0
+
+    def maybe_run(self) -> tuple[int, int] | None:
+        """Checkpoint if CHECKPOINT_EVERY has passed since the last time.
+
+        Returns the WAL's frames and how many of them are now in the file, or None if it did not run.
+        """
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + CHECKPOINT_EVERY
+        try:
+            if self._db is None:
+                self._db = sqlite3.connect(self._path, isolation_level=None, timeout=0)
+            _, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            # Not fatal: a publisher checkpoints once the WAL reaches WAL_AUTOCHECKPOINT pages.
+            _log.debug("checkpointing %r failed; retrying", self._path, exc_info=True)
+            return None
+        return frames, copied
+
+    def close(self) -> None:
+        """Close the connection (the watcher's last act)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 class QueueState:
