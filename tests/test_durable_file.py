@@ -338,6 +338,10 @@ def test_an_unencodable_payload_raises_at_publish_and_uses_no_offset(tmp_path: P
             q.publish("e", object())
         with pytest.raises(mqlite.SerializationError):
             q.publish_many([("e", 1), ("e", {1, 2})])
+        circular: list[Any] = []
+        circular.append(circular)
+        with pytest.raises(mqlite.SerializationError, match="json serializer failed"):
+            q.publish("e", {"loop": circular})
         assert q.end_offset == 1
         assert q.publish("e", 2).offset == 1
     with mqlite.Broker(path) as broker:
@@ -754,3 +758,12 @@ def test_a_batched_writer_that_falls_behind_holds_publishers_back(
     assert max(batches) <= 8, f"the writer was handed {max(batches)} writes at once"
     with mqlite.Broker(path) as broker:
         assert len(broker.queue("q")) == 1000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"id": 1, "text": 'é\n"q"', "nested": [1, 2.5, None, True]}, "plain", 7, -0.5, [], {}, None, float("inf")],
+)
+def test_the_json_serializer_writes_what_the_standard_encoder_writes(payload: Any) -> None:
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    assert mqlite.JsonSerializer().dumps(payload) == encoder.encode(payload).encode()

