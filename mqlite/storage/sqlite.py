@@ -144,7 +144,7 @@ class JsonSerializer:
 
     def dumps(self, value: Any) -> bytes:
         """Encode ``value``; raises TypeError or ValueError when JSON cannot represent it."""
-        if _c_encode is None or type(value) is str:
+        if _c_encode is None:
             return self._encode(value).encode()
         return "".join(_c_encode(value, 0)).encode()
 
