@@ -22,6 +22,18 @@ def pull_all(sub: mqlite.Subscription) -> list[mqlite.Message]:
     return out
 
 
+def stop_after_publishing_dead_letters(queue: mqlite.Queue) -> None:
+    """Make ``queue`` publish its dead letters but never settle their pending rows on the file,
+    as a process would that died right after the publish committed."""
+    publish = queue._dead_letter_sink
+
+    def publish_only(dead: list[Any]) -> list[Any]:
+        publish(dead)
+        return []
+
+    queue._dead_letter_sink = publish_only  # type: ignore[method-assign]
+
+
 def payloads(messages: list[mqlite.Message]) -> list[Any]:
     return [m.payload for m in messages]
 

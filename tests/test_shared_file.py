@@ -16,7 +16,7 @@ from typing import Any
 import hypothesis.strategies as st
 import processes
 import pytest
-from helpers import WAIT, Worker, payloads, pull_all
+from helpers import WAIT, Worker, payloads, pull_all, stop_after_publishing_dead_letters
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -140,10 +140,7 @@ def test_a_dead_letter_in_transit_stays_held_and_comes_back_only_when_its_broker
     settings: dict[str, Any] = {"name": "workers", "ack": "manual", "max_deliveries": 1}
     with mqlite.Broker(path) as b:
         a = mqlite.Broker(path)
-        queue_a = a.queue("q")
-        publish_dead_letters = queue_a._dead_letter_sink
-        # a publishes its dead letters but never settles them, as if it stopped right after.
-        queue_a._dead_letter_sink = lambda dead: [publish_dead_letters(dead)][:0]  # type: ignore[method-assign]
+        stop_after_publishing_dead_letters(a.queue("q"))
         sub_a = a.subscribe("q", **settings)
         sub_b = b.subscribe("q", **settings)
         a.publish("q", "job", "poison")

@@ -75,6 +75,13 @@ class ModelSub:
     open: bool = True
 
 
+def _draw_offset(data: st.DataObject, pending: dict[int, Entry]) -> int:
+    """An offset to ack or nack: often a pending one, otherwise any small offset."""
+    if pending and data.draw(st.booleans()):
+        return data.draw(st.sampled_from(sorted(pending)))
+    return data.draw(st.integers(0, 12))
+
+
 class BrokerMachine(RuleBasedStateMachine):
     subs = Bundle("subs")
 
@@ -188,11 +195,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def ack(self, sub_id: int, data: st.DataObject) -> None:
         sub = self.model_subs[sub_id]
         cursor = sub.cursor
-        offset = data.draw(
-            st.sampled_from(sorted(cursor.pending))
-            if cursor.pending and data.draw(st.booleans())
-            else st.integers(0, 12)
-        )
+        offset = _draw_offset(data, cursor.pending)
         if not sub.open:
             with pytest.raises(mqlite.SubscriptionClosed):
                 sub.real.ack(offset)
@@ -210,11 +213,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def nack(self, sub_id: int, data: st.DataObject) -> None:
         sub = self.model_subs[sub_id]
         cursor = sub.cursor
-        offset = data.draw(
-            st.sampled_from(sorted(cursor.pending))
-            if cursor.pending and data.draw(st.booleans())
-            else st.integers(0, 12)
-        )
+        offset = _draw_offset(data, cursor.pending)
         entry = cursor.pending.get(offset)
         if not sub.open:
             with pytest.raises(mqlite.SubscriptionClosed):
