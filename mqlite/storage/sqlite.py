@@ -809,7 +809,8 @@ class _Checkpointer:
     def maybe_run(self) -> tuple[int, int] | None:
         """Checkpoint if CHECKPOINT_EVERY has passed since the last time.
 
-        Returns the WAL's frames and how many of them are now in the file, or None if it did not run.
+        Returns the WAL's frames and how many of them are now in the file, or None if it did not
+        run (not due yet, or another connection was checkpointing: SQLite then reports -1, -1).
         """
         now = time.monotonic()
         if now < self._next:
@@ -823,7 +824,7 @@ class _Checkpointer:
             # Not fatal: a publisher checkpoints once the WAL reaches WAL_AUTOCHECKPOINT pages.
             _log.debug("checkpointing %r failed; retrying", self._path, exc_info=True)
             return None
-        return frames, copied
+        return None if frames < 0 else (frames, copied)
 
     def close(self) -> None:
         """Close the connection (the watcher's last act)."""
