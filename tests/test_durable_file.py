@@ -742,7 +742,8 @@ def test_a_batched_writer_that_falls_behind_holds_publishers_back(
     coalesce = storage._coalesce
 
     def recording(ops: list[Any]) -> list[Any]:
-        batches.append(len(ops))
+        # Consecutive publishes share one insert op: count its rows.
+        batches.append(sum(len(params) if many else 1 for _, params, many in ops))
         return coalesce(ops)
 
     monkeypatch.setattr(storage, "MAX_BACKLOG", 8)
@@ -762,6 +763,30 @@ def test_a_batched_writer_that_falls_behind_holds_publishers_back(
     assert max(batches) <= 8, f"the writer was handed {max(batches)} writes at once"
     with mqlite.Broker(path) as broker:
         assert len(broker.queue("q")) == 1000
+
+
+@pytest.mark.parametrize("limit", [32766, 999, 100, 10])
+def test_many_rows_go_in_multi_row_statements_within_the_connections_variable_limit(limit: int) -> None:
+    # 345 rows: chunks of 256, 64 and 16 where the limit allows them, then the rest one by one.
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.executescript(sqlite_storage._SCHEMA)
+    db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+    messages = [("q", offset, f"e{offset % 3}", b"1", None, b"{}", 0.5) for offset in range(345)]
+    sqlite_storage._INSERT_ROWS.run(db, messages)
+    assert db.execute('SELECT * FROM messages ORDER BY "offset"').fetchall() == messages
+    pending = [(name, offset, 1, "me", None) for name in ("a", "b") for offset in range(345)]
+    sqlite_storage._UPSERT_ROWS.run(db, [("q", *row) for row in pending])
+    # An upsert of rows already there updates them.
+    sqlite_storage._UPSERT_ROWS.run(db, [("q", "a", offset, 2, None, 9.5) for offset in range(100, 300)])
+    sqlite_storage._delete_pending(db, [("q", name, offset) for name in ("a", "b") for offset in range(0, 345, 2)])
+    updated = {("a", offset) for offset in range(100, 300)}
+    expected = [
+        ("q", name, offset, 2, None, 9.5) if (name, offset) in updated else ("q", name, offset, 1, "me", None)
+        for name in ("a", "b")
+        for offset in range(1, 345, 2)  # the odd ones: the even ones were deleted
+    ]
+    assert db.execute('SELECT * FROM pending ORDER BY name, "offset"').fetchall() == expected
+    db.close()
 
 
 @pytest.mark.parametrize(
