@@ -310,6 +310,28 @@ def test_batched_commits_from_many_threads_are_all_in_the_file_once_flush_return
         assert len(pull_all(broker.subscribe("q", name="w", ack="manual"))) == 500
 
 
+def test_a_failed_batched_writer_is_reported_by_flush_and_by_every_later_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full_disk(store: SqliteStore, ops: list[Any]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    path = tmp_path / "app.mqlite"
+    with mqlite.Broker(path, commit="batch") as broker:
+        broker.queue("q", retention="limits")
+        assert broker.flush(timeout=WAIT)
+        monkeypatch.setattr(SqliteStore, "_execute_locked", full_disk)
+        for i in range(3):
+            broker.publish("q", "e", i)  # returns before the writer commits (and fails)
+        with pytest.raises(mqlite.StorageError, match="background writer failed: database or disk is full"):
+            broker.flush(timeout=WAIT)
+        for _ in range(2):  # the failure is not forgotten after the first report
+            with pytest.raises(mqlite.StorageError, match="background writer failed"):
+                broker.publish("q", "e", "later")
+        assert broker.queue("q").end_offset == 3, "a publish that raised used an offset"
+    assert "background writer" in caplog.text
+
+
 def test_flush_returns_at_once_when_nothing_is_batched(tmp_path: Path) -> None:
     with mqlite.Broker() as memory, mqlite.Broker(tmp_path / "app.mqlite") as each:
         memory.publish("q", "e", 1)
