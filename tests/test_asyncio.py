@@ -434,6 +434,40 @@ def test_using_a_subscription_from_another_loop_raises() -> None:
         run(other)
 
 
+def test_messages_read_ahead_on_one_loop_are_not_taken_from_another() -> None:
+    with mqlite.Broker() as broker:
+
+        async def first() -> tuple[mqlite.Subscription, int]:
+            sub = broker.subscribe("orders")
+            for i in range(10):
+                broker.publish("orders", "created", i)
+            message = await anext(aiter(sub))  # reads ahead: the other nine wait in its buffer
+            return sub, message.payload
+
+        sub, payload = run(first)
+        assert payload == 0
+
+        async def next_payload() -> int:
+            return (await anext(aiter(sub))).payload
+
+        with pytest.raises(mqlite.WrongEventLoop):
+            run(next_payload)  # a new loop on the same thread
+        failures: list[BaseException] = []
+
+        def in_a_thread() -> None:
+            try:
+                run(next_payload)
+            except BaseException as error:  # noqa: BLE001  # checked below, on the test's thread
+                failures.append(error)
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        assert [type(error) for error in failures] == [mqlite.WrongEventLoop]
+        assert [m.payload for m in sub.poll(max_messages=100)] == list(range(1, 10))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.sampled_from(["sync-get", "sync-poll", "async-get", "async-poll"]), min_size=1, max_size=30))
 def test_sync_and_async_consumers_of_one_name_get_each_message_once(readers: list[str]) -> None:
