@@ -20,10 +20,13 @@ from mqlite.queue import Queue, Start
 if TYPE_CHECKING:
     from typing import Self
 
-__all__ = ["READ_AHEAD", "Subscription", "check_timeout"]
+__all__ = ["READ_AHEAD", "YIELD_EVERY", "Subscription", "check_timeout"]
 
 READ_AHEAD = 64
 """How many messages iteration (sync or async) takes per lock acquisition and buffers."""
+
+YIELD_EVERY = 16
+"""``async for`` yields to the event loop once per this many read-ahead refills (1,024 messages)."""
 
 
 def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
@@ -72,6 +75,9 @@ class Subscription:
         # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
         # popped with deque's atomic popleft. Closing hands them back to the cursor.
         self.buffer: deque[Message] = deque()
+        # Refills since ``async for`` last yielded to the loop. Touched only on the bound loop's
+        # thread, so it needs no lock.
+        self._refills = 0
 
     # -- what the queue needs from a consumer --------------------------------------------
 
@@ -199,9 +205,14 @@ class Subscription:
                 return self.buffer.popleft()
             except IndexError:
                 pass
-        # Yield to the loop once per refill, so a consumer that always finds messages waiting
-        # still lets the loop's other tasks run (asyncio does not switch on a ready await).
-        await asyncio.sleep(0)
+        # Yield to the loop now and then, so a consumer that always finds messages waiting still
+        # lets the loop's other tasks run (asyncio does not switch on a ready await). Not on every
+        # refill: a yield runs the loop's select, which releases the GIL, and while a producer
+        # thread runs, taking it back can wait for the 5 ms switch interval.
+        self._refills += 1
+        if self._refills >= YIELD_EVERY:
+            self._refills = 0
+            await asyncio.sleep(0)
         try:
             return (await self._apull(1, None, READ_AHEAD))[0]
         except SubscriptionClosed:

@@ -434,6 +434,43 @@ def test_using_a_subscription_from_another_loop_raises() -> None:
         run(other)
 
 
+def test_async_for_lets_other_tasks_run_when_messages_are_always_waiting() -> None:
+    from mqlite.subscription import READ_AHEAD, YIELD_EVERY
+
+    per_yield = READ_AHEAD * YIELD_EVERY
+    count = 5 * per_yield
+
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            for i in range(count):
+                broker.publish("orders", "created", i)
+            turns = 0
+
+            async def other_task() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(other_task())
+            await asyncio.sleep(0)  # the task starts
+            started = turns
+            received = 0
+            try:
+                async for message in sub:
+                    assert message.payload == received
+                    received += 1
+                    if received == count:
+                        break
+            finally:
+                task.cancel()
+            # Every message was already there, so only async for's own yields let the task run.
+            assert turns - started >= count // per_yield - 1
+
+    run(body)
+
+
 def test_messages_read_ahead_on_one_loop_are_not_taken_from_another() -> None:
     with mqlite.Broker() as broker:
 
