@@ -127,6 +127,10 @@ class Queue:
         # several brokers may share it is a FileLock: holding it also holds a write transaction,
         # begun after reloading whatever other brokers changed.
         self._lock: threading.Lock | FileLock = threading.Lock()
+        # The hot paths (publish, pull, push batches, ack, async attempts) take it with acquire()
+        # and try/finally release() instead of ``with``: on CPython 3.11 ``with`` binds
+        # __enter__ and __exit__ anew on every entry, 0.22 µs against 0.11 µs here, and publish
+        # is the floor of every throughput figure.
         self._config = config
         self._log: MemoryLog | SqliteLog = MemoryLog() if durable_log is None else durable_log
         self._append = self._log.append
@@ -417,7 +421,9 @@ class Queue:
             QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
             BrokerClosed: the broker was closed.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             try:
                 postings = self._events[event]
             except (KeyError, TypeError):
@@ -436,6 +442,8 @@ class Queue:
                 postings.append(message)
             if self._waiters:
                 self._wake_locked(event)
+        finally:
+            lock.release()
         return message
 
     def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Message]:
@@ -656,7 +664,9 @@ class Queue:
         """
         waiter = None
         bound = None
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             done, value = attempt()
             if not done and wake is not None:
                 cursor: Cursor = consumer.cursor
@@ -664,17 +674,23 @@ class Queue:
                 self._waiters.append(waiter)
                 bound = self._bounded_by_due_locked(cursor, None)
             dead = self._take_outbox_locked()
+        finally:
+            lock.release()
         if dead:
             self.send_dead_letters(dead)
         return done, value, waiter, bound
 
     def remove_waiter(self, waiter: tuple[Any, ...]) -> None:
         """Forget a waiter that was not woken; a woken one is already gone."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             try:
                 self._waiters.remove(waiter)
             except ValueError:
                 pass
+        finally:
+            lock.release()
 
     def wake_all(self) -> None:
         """Wake every waiter so it re-checks (the clock moved, or the broker is closing)."""
@@ -987,7 +1003,9 @@ class Queue:
     def pull(self, consumer: Any, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:
         """Block until the consumer gets at least one message, ``timeout`` passes, or it is closed."""
         deadline = None
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             while True:
                 got, messages = self.pull_attempt_locked(consumer, max_messages, read_ahead)
                 if got or timeout == 0:
@@ -1001,19 +1019,25 @@ class Queue:
                         break
                 self._wait_locked(consumer.cursor, remaining)
             dead = self._take_outbox_locked()
+        finally:
+            lock.release()
         if dead:
             self.send_dead_letters(dead)
         return messages
 
     def take_push(self, consumer: Any, max_messages: int, block: bool) -> tuple[list[Message], int] | None:
         """The next batch for a push consumer; None once it is closed."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             while True:
                 done, taken = self.push_attempt_locked(consumer, max_messages)
                 if done or not block:
                     break
                 self._wait_locked(consumer.cursor, None)
             dead = self._take_outbox_locked()
+        finally:
+            lock.release()
         if dead:
             self.send_dead_letters(dead)
         return taken
@@ -1029,7 +1053,9 @@ class Queue:
     ) -> None:
         """Settle a push batch: successes are acked (auto mode), failures retried or dead-lettered,
         and what was never handed to the callback goes back to the front of the line."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             cursor.inflight -= 1
             pending = cursor.pending
             manual = cursor.manual_ack
@@ -1056,6 +1082,8 @@ class Queue:
             if unprocessed or failures:
                 self._wake_all_locked()
             dead = self._take_outbox_locked()
+        finally:
+            lock.release()
         self.send_dead_letters(dead)
 
     def _give_back_locked(self, cursor: Cursor, messages: list[Message], *, pulled: bool) -> None:
@@ -1105,7 +1133,9 @@ class Queue:
 
     def ack(self, consumer: Any, messages: tuple[Message | int, ...]) -> None:
         """Acknowledge pending messages, all or none, so they are never redelivered."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             cursor = self._check_manual_locked(consumer, "ack")
             entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
             if len(entries) > 1 and len({id(entry) for entry in entries}) < len(entries):
@@ -1119,6 +1149,8 @@ class Queue:
                 self._sync_locked(cursor, [entry.message[2] for entry in entries])
             if not pending:
                 cursor.clear_timers_locked()
+        finally:
+            lock.release()
 
     def nack(self, consumer: Any, message: Message | int, delay: float) -> None:
         """Give a pending message back for redelivery after ``delay`` seconds of broker clock."""
