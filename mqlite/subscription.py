@@ -68,10 +68,9 @@ class Subscription:
         # is set at most once and read without the lock afterwards.
         self._close_lock = threading.Lock()
         self._detached = False
-        self._loop = loop
-        # The bound loop again when it is an asyncio loop, whose ``_thread_id`` tells cheaply
-        # whether it is the one running on the calling thread (see __anext__); else None.
-        self._asyncio_loop = loop if isinstance(loop, asyncio.BaseEventLoop) else None
+        self._loop: asyncio.AbstractEventLoop | None
+        self._asyncio_loop: asyncio.BaseEventLoop | None
+        self._set_loop(loop)
         # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
         # popped with deque's atomic popleft. Closing hands them back to the cursor.
         self.buffer: deque[Message] = deque()
@@ -144,14 +143,19 @@ class Subscription:
 
     # -- async pull: the same take logic, waiting on the event loop ----------------------
 
+    def _set_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._loop = loop
+        # The bound loop again when it is an asyncio loop, whose ``_thread_id`` tells cheaply
+        # whether it is the one running on the calling thread (see __anext__); else None.
+        self._asyncio_loop = loop if isinstance(loop, asyncio.BaseEventLoop) else None
+
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
         with self._close_lock:
             if self._loop is None:
-                self._loop = loop
-                self._asyncio_loop = loop if isinstance(loop, asyncio.BaseEventLoop) else None
+                self._set_loop(loop)
                 return
         raise WrongEventLoop(
             f"subscription {self.label} is bound to another event loop; use it from that loop, "

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from helpers import Worker, payloads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -489,20 +490,10 @@ def test_messages_read_ahead_on_one_loop_are_not_taken_from_another() -> None:
 
         with pytest.raises(mqlite.WrongEventLoop):
             run(next_payload)  # a new loop on the same thread
-        failures: list[BaseException] = []
-
-        def in_a_thread() -> None:
-            try:
-                run(next_payload)
-            except BaseException as error:  # noqa: BLE001  # checked below, on the test's thread
-                failures.append(error)
-
-        thread = threading.Thread(target=in_a_thread)
-        thread.start()
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
-        assert [type(error) for error in failures] == [mqlite.WrongEventLoop]
-        assert [m.payload for m in sub.poll(max_messages=100)] == list(range(1, 10))
+        in_a_thread = Worker(lambda: run(next_payload))
+        with pytest.raises(mqlite.WrongEventLoop):
+            in_a_thread.join(TIMEOUT)
+        assert payloads(sub.poll(max_messages=100)) == list(range(1, 10))
 
 
 @settings(max_examples=30, deadline=None)
