@@ -76,7 +76,7 @@ def test_get_returns_none_when_the_timeout_passes(broker: mqlite.Broker) -> None
 
 
 def test_a_get_that_times_out_or_is_woken_leaves_no_waiter_behind(broker: mqlite.Broker) -> None:
-    # White-box (the in-memory queue's waiter list): a waiter left behind would be woken, and
+    # White-box (the queue's waiter list): a waiter left behind would be woken, and
     # counted, by later publishes for nobody.
     sub = broker.subscribe("q")
     queue = broker.queue("q")
