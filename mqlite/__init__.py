@@ -4,6 +4,7 @@ from mqlite.broker import DEAD_LETTER_CONFIG, Broker, dead_letter_queue_name
 from mqlite.clock import Clock, ManualClock, SystemClock
 from mqlite.cursor import Backoff
 from mqlite.dispatch import Dispatcher, ManualDispatcher, ThreadDispatcher
+from mqlite.engine.codec import JsonSerializer, PickleSerializer, Serializer
 from mqlite.errors import (
     AckModeError,
     BrokerClosed,
@@ -21,7 +22,6 @@ from mqlite.errors import (
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import Queue, QueueConfig
-from mqlite.storage.sqlite import JsonSerializer, PickleSerializer, Serializer
 from mqlite.subscription import Subscription
 
 __all__ = [

@@ -19,12 +19,13 @@ from mqlite.aio import loop_waker
 from mqlite.clock import Clock, SystemClock
 from mqlite.cursor import Backoff, Cursor
 from mqlite.dispatch import AsyncPushWorker, Dispatcher, PushWorker, ThreadDispatcher
+from mqlite.engine.codec import Serializer
+from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
 from mqlite.filters import EventFilter, check_name
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import DeadLetter, Overflow, Queue, QueueConfig, Retention, Start
-from mqlite.storage.sqlite import Commit, Serializer, SqliteStore, Synchronous
 from mqlite.subscription import Subscription, check_timeout
 
 if TYPE_CHECKING:

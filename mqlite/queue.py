@@ -14,6 +14,8 @@ import attrs
 
 from mqlite.clock import Clock
 from mqlite.cursor import OUT, READY, WAITING, Backoff, Cursor, Pending
+from mqlite.engine.memory_log import MemoryLog
+from mqlite.engine.sqlite.sharing import FileLock
 from mqlite.errors import (
     AckModeError,
     BrokerClosed,
@@ -25,11 +27,9 @@ from mqlite.errors import (
 )
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.message import Message, make_meta, message_class
-from mqlite.storage.memory import MemoryLog
-from mqlite.storage.sqlite import FileLock
 
 if TYPE_CHECKING:
-    from mqlite.storage.sqlite import QueueState, SqliteLog
+    from mqlite.engine.sqlite.log import QueueState, SqliteLog
 
 __all__ = ["DeadLetter", "Queue", "QueueConfig", "Start"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +168,13 @@ def test_a_bad_leave_leaves_the_filter_alone(broker: mqlite.Broker) -> None:
     with pytest.raises(mqlite.InvalidName):
         sub.leave(["a", "zzz"])
     assert sub.events == ("a", "b")
+
+
+@pytest.mark.parametrize(("argument", "value"), [("synchronous", "sometimes"), ("commit", "never")])
+def test_a_bad_storage_argument_raises_invalid_argument_before_the_file_is_created(
+    tmp_path: Path, argument: str, value: str
+) -> None:
+    path = tmp_path / "app.mqlite"
+    with pytest.raises(mqlite.InvalidArgument, match=f"{argument} must be .*, got '{value}'"):
+        mqlite.Broker(path, **{argument: value})
+    assert list(tmp_path.iterdir()) == []

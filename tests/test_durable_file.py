@@ -27,8 +27,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
-from mqlite.storage import sqlite as sqlite_storage
-from mqlite.storage.sqlite import SCHEMA_VERSION, SqliteStore, _Checkpointer
+from mqlite.engine.sqlite import schema, sharing, writer
+from mqlite.engine.sqlite import store as store_module
+from mqlite.engine.sqlite.schema import SCHEMA_VERSION
+from mqlite.engine.sqlite.sharing import _Checkpointer
+from mqlite.engine.sqlite.store import SqliteStore
 
 # -- restarts ------------------------------------------------------------------------------
 
@@ -282,7 +285,7 @@ def test_queue_settings_key_and_headers_survive_a_restart(tmp_path: Path) -> Non
 def test_synchronous_full_is_accepted_and_a_bad_level_is_refused(tmp_path: Path) -> None:
     with mqlite.Broker(tmp_path / "full.mqlite", synchronous="full") as broker:
         assert broker.publish("q", "e", 1).offset == 0
-    with pytest.raises(mqlite.StorageError, match="synchronous"):
+    with pytest.raises(mqlite.InvalidArgument, match="synchronous"):
         mqlite.Broker(tmp_path / "x.mqlite", synchronous="sometimes")  # type: ignore[arg-type]  # the wrong value is the point
 
 
@@ -599,7 +602,7 @@ def test_a_steady_publish_and_consume_loop_reaches_a_steady_file_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "app.mqlite"
-    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_EVERY", 0.0)  # due at every call
+    monkeypatch.setattr(sharing, "CHECKPOINT_EVERY", 0.0)  # due at every call
     sizes = []
     with mqlite.Broker(path) as broker:
         queue = broker.queue("q")
@@ -623,7 +626,7 @@ def test_the_watchers_checkpointer_copies_the_wal_back_into_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "app.mqlite"
-    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_EVERY", 0.0)  # due at every call
+    monkeypatch.setattr(sharing, "CHECKPOINT_EVERY", 0.0)  # due at every call
     with mqlite.Broker(path) as broker:
         queue = broker.queue("q", retention="limits")
         for i in range(200):
@@ -773,19 +776,49 @@ def test_a_deleted_cursor_is_gone_from_the_file(tmp_path: Path, commit: Literal[
         assert broker.info().subscriptions == ()
 
 
+def test_close_gives_up_on_a_stuck_watcher_after_close_timeout_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "app.mqlite"
+    entered = threading.Event()
+    release = threading.Event()
+
+    def stuck_poke() -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    monkeypatch.setattr(store_module, "CLOSE_TIMEOUT", 0.05)
+    store = SqliteStore(path)
+    other = None
+    try:
+        store.watch(stuck_poke)
+        other = SqliteStore(path)  # a second broker: the watcher now looks at data_version
+        other.open_log("q", {})  # a change the watcher sees, so it pokes (and sticks)
+        assert entered.wait(WAIT), "the watcher never poked"
+        store.close()  # returns although the watcher is stuck
+        assert "the mqlite-watcher thread did not end within 0.05 s" in caplog.text
+    finally:
+        release.set()
+        if store._watcher is not None:
+            store._watcher.join(WAIT)
+        store.close()
+        if other is not None:
+            other.close()
+
+
 def test_a_batched_writer_that_falls_behind_holds_publishers_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
-    coalesce = sqlite_storage._coalesce
+    coalesce = writer._coalesce
 
     def recording(ops: list[Any]) -> list[Any]:
         # Consecutive publishes share one insert op: count its rows.
         batches.append(sum(len(params) if many else 1 for _, params, many in ops))
         return coalesce(ops)
 
-    monkeypatch.setattr(sqlite_storage, "MAX_BACKLOG", 8)
-    monkeypatch.setattr(sqlite_storage, "_coalesce", recording)
+    monkeypatch.setattr(writer, "MAX_BACKLOG", 8)
+    monkeypatch.setattr(writer, "_coalesce", recording)
     path = tmp_path / "app.mqlite"
     with mqlite.Broker(path, commit="batch") as broker:
         broker.queue("q", retention="limits")
@@ -807,16 +840,16 @@ def test_a_batched_writer_that_falls_behind_holds_publishers_back(
 def test_many_rows_go_in_multi_row_statements_within_the_connections_variable_limit(limit: int) -> None:
     # 345 rows: chunks of 256, 64 and 16 where the limit allows them, then the rest one by one.
     db = sqlite3.connect(":memory:", isolation_level=None)
-    db.executescript(sqlite_storage._SCHEMA)
+    db.executescript(schema._SCHEMA)
     db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
     messages = [("q", offset, f"e{offset % 3}", b"1", None, b"{}", 0.5) for offset in range(345)]
-    sqlite_storage._INSERT_ROWS.run(db, messages)
+    writer._INSERT_ROWS.run(db, messages)
     assert db.execute('SELECT * FROM messages ORDER BY "offset"').fetchall() == messages
     pending = [(name, offset, 1, "me", None) for name in ("a", "b") for offset in range(345)]
-    sqlite_storage._UPSERT_ROWS.run(db, [("q", *row) for row in pending])
+    writer._UPSERT_ROWS.run(db, [("q", *row) for row in pending])
     # An upsert of rows already there updates them.
-    sqlite_storage._UPSERT_ROWS.run(db, [("q", "a", offset, 2, None, 9.5) for offset in range(100, 300)])
-    sqlite_storage._delete_pending(db, [("q", name, offset) for name in ("a", "b") for offset in range(0, 345, 2)])
+    writer._UPSERT_ROWS.run(db, [("q", "a", offset, 2, None, 9.5) for offset in range(100, 300)])
+    writer._delete_pending(db, [("q", name, offset) for name in ("a", "b") for offset in range(0, 345, 2)])
     updated = {("a", offset) for offset in range(100, 300)}
     expected = [
         ("q", name, offset, 2, None, 9.5) if (name, offset) in updated else ("q", name, offset, 1, "me", None)

@@ -21,7 +21,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import mqlite
-from mqlite.storage.sqlite import SCHEMA_VERSION
+from mqlite.engine.sqlite.schema import SCHEMA_VERSION
 
 spawn = multiprocessing.get_context("spawn")
 

@@ -1,0 +1,131 @@
+"""How a message is stored: the :class:`Serializer` protocol, JSON and pickle, and the row codec.
+
+A stored message is the row ``(queue, event, offset, payload, key, headers, timestamp)``, its
+payload, key and headers encoded by the broker's serializer. Any engine that stores bytes (the
+SQLite file, later Redis) uses these functions, so this module knows no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from mqlite.errors import SerializationError, StorageError
+from mqlite.message import EMPTY_HEADERS, Message, MessageMeta, make_meta, new_message
+
+__all__ = ["JsonSerializer", "PickleSerializer", "Serializer", "decode_row", "encode_row"]
+
+
+class Serializer(Protocol):
+    """Turns payloads, keys and header mappings into bytes and back.
+
+    ``name`` is stored in the file, so a file is never read with a serializer other than the one
+    that wrote it.
+    """
+
+    name: str
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _c_json_encoder() -> Callable[[Any, int], Any] | None:
+    """The C encoder that ``json.JSONEncoder.encode`` builds anew on every call, built once (it
+    saves about 2 µs per payload): the same settings and output, except that a circular value
+    fails with RecursionError rather than ValueError. Stateless, so threads can share it. None
+    where the C accelerator is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    encoder: Callable[[Any, int], Any] = make(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    return encoder
+
+
+_c_encode = _c_json_encoder()
+
+
+class JsonSerializer:
+    """The default: JSON, so opening a file never runs code. Thread-safe (stateless).
+
+    Values come back as JSON types: tuples become lists, dict keys become str.
+    """
+
+    name = "json"
+    _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+    def dumps(self, value: Any) -> bytes:
+        """Encode ``value``; raises TypeError or ValueError when JSON cannot represent it."""
+        if _c_encode is None:
+            return self._encode(value).encode()
+        return "".join(_c_encode(value, 0)).encode()
+
+    def loads(self, data: bytes) -> Any:
+        """Decode what :meth:`dumps` wrote."""
+        return json.loads(data)
+
+
+class PickleSerializer:
+    """Pickle: any picklable payload, exactly as it was. Thread-safe (stateless).
+
+    UNSAFE for files you did not write yourself: unpickling runs code chosen by whoever wrote the
+    file. Use it only for files that only your own program ever writes.
+    """
+
+    name = "pickle"
+
+    def dumps(self, value: Any) -> bytes:
+        """Pickle ``value`` with the highest protocol."""
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data: bytes) -> Any:
+        """Unpickle; runs code from the file (see the class docstring)."""
+        return pickle.loads(data)  # opt-in, documented as unsafe
+
+
+def encode_row(serializer: Serializer, message: Message) -> tuple[Any, ...]:
+    """The stored row of ``message``: ``(queue, offset, event, payload, key, headers, timestamp)``.
+
+    Raises:
+        SerializationError: the payload, key or headers cannot be encoded.
+    """
+    dumps = serializer.dumps
+    try:
+        payload = dumps(message[1])
+        key = None if message.key is None else dumps(message.key)
+        headers = dumps(dict(message.headers)) if message.headers else None
+    except Exception as error:  # any encoder failure is the user's value, reported as such
+        raise SerializationError(
+            f"cannot store the message {message[0]!r} for queue {message.queue!r}: the "
+            f"{serializer.name} serializer failed ({type(error).__name__}: {error}); publish "
+            "JSON-compatible values or open the broker with another serializer. Nothing was written."
+        ) from error
+    return (message.queue, message[2], message[0], payload, key, headers, message[3])
+
+
+def decode_row(serializer: Serializer, queue: str, row: Sequence[Any], where: str) -> Message:
+    """The message of ``queue`` stored as ``row``: ``(offset, event, payload, key, headers, timestamp)``.
+
+    ``where`` names the store the row came from (a file's path, say) in the error message.
+
+    Raises:
+        StorageError: the row cannot be decoded, whatever the decoder raised: the store is corrupt.
+    """
+    offset, event, payload, key, headers, timestamp = row
+    loads = serializer.loads
+    try:
+        if key is None and headers is None:
+            meta = MessageMeta(queue, None, EMPTY_HEADERS)
+        else:
+            meta = make_meta(queue, None if key is None else loads(key), None if headers is None else loads(headers))
+        return new_message(event, loads(payload), offset, timestamp, meta)
+    except Exception as error:  # a bad row is a corrupt file, whatever the decoder raised
+        raise StorageError(f"{where!r}: cannot decode message {offset} of {queue!r}: {error}") from error

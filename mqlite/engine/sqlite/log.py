@@ -1,0 +1,123 @@
+"""One queue's view of the open file: :class:`SqliteLog`, and :class:`QueueState`, what the file holds.
+
+The store (:class:`~mqlite.engine.sqlite.store.SqliteStore`) owns the connection; a log only
+calls it, with its queue's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mqlite.engine.memory_log import MemoryLog
+from mqlite.message import Message
+
+if TYPE_CHECKING:
+    from mqlite.engine.sqlite.store import SqliteStore
+
+__all__ = ["QueueState", "SqliteLog"]
+
+
+class QueueState:
+    """One queue as stored: what :meth:`~mqlite.engine.sqlite.store.SqliteStore.changes` read. A plain record."""
+
+    __slots__ = ("config", "cursors", "messages", "pending", "start")
+
+    def __init__(
+        self,
+        start: int,
+        config: dict[str, Any],
+        messages: list[Message],
+        cursors: list[tuple[str, int, dict[str, Any]]],
+        pending: list[tuple[str, int, int, str | None, float | None]],
+    ) -> None:
+        self.start = start
+        self.config = config
+        self.messages = messages  # from the requested offset on, in order
+        self.cursors = cursors  # (name, position, settings)
+        self.pending = pending  # (cursor name, offset, attempts, owner or None, due or None), by name and offset
+
+
+class SqliteLog:
+    """One queue's log in an mqlite file, with its retained messages cached in memory.
+
+    Not thread-safe: used only under its queue's lock (the store has its own lock for the file).
+    Every append is encoded first and committed before it reaches the cache, so a message that
+    cannot be stored never gets an offset.
+    """
+
+    __slots__ = ("_cache", "_cache_append", "_insert_one", "append", "queue", "store")
+
+    def __init__(self, store: SqliteStore, queue: str, cache: MemoryLog) -> None:
+        self.store = store
+        self.queue = queue
+        self._cache = cache
+        self.append = self._append
+        self._insert_one = store.insert_one
+        self._cache_append = cache.append
+
+    def _append(self, message: Message) -> None:
+        self._insert_one(message)
+        self._cache_append(message)
+
+    @property
+    def first_offset(self) -> int:
+        """The oldest offset still stored."""
+        return self._cache.first_offset
+
+    def extend(self, messages: Sequence[Message]) -> None:
+        """Append several messages in one transaction: all are stored or none."""
+        encode = self.store.encode
+        self.store.insert([encode(message) for message in messages])
+        self._cache.extend(messages)
+
+    def load(self, start: int, messages: Sequence[Message]) -> None:
+        """Add messages another broker stored (they are in the file already) to the memory log.
+
+        ``start`` is the file's oldest offset: when it is past the end of the memory log, what
+        the memory log holds is forgotten and it continues from there.
+        """
+        cache = self._cache
+        if start > cache.first_offset + len(cache):
+            cache.drop_before(start)
+        cache.extend(messages)
+
+    def read(self, from_offset: int, to_offset: int) -> list[Message]:
+        """Messages in ``[from_offset, to_offset)``, from memory."""
+        return self._cache.read(from_offset, to_offset)
+
+    def get(self, offset: int) -> Message:
+        """The message at ``offset``, from memory."""
+        return self._cache.get(offset)
+
+    def drop_before(self, offset: int) -> None:
+        """Forget every message below ``offset``, in memory and (unless still pending) on disk."""
+        self._cache.drop_before(offset)
+        self.store.drop_before(self.queue, offset)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    # -- what the queue persists besides messages ----------------------------------------
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        """Remember the queue's retention settings."""
+        self.store.save_config(self.queue, config)
+
+    def save_cursor(self, name: str, position: int, settings: dict[str, Any]) -> None:
+        """Create or update a durable cursor."""
+        self.store.save_cursor(self.queue, name, position, settings)
+
+    def delete_cursor(self, name: str) -> None:
+        """Forget a durable cursor for good (``Broker.delete_subscription``)."""
+        self.store.delete_cursor(self.queue, name)
+
+    def sync_cursor(
+        self,
+        name: str,
+        position: int | None,
+        upserts: Sequence[tuple[int, int, bool, float | None]],
+        deletes: Sequence[int],
+    ) -> None:
+        """Record a durable cursor's position and changes to its pending set, atomically."""
+        self.store.sync_cursor(self.queue, name, position, upserts, deletes)

@@ -1,0 +1,286 @@
+"""What lets several brokers share one file: the transaction as a queue's lock, claims and liveness.
+
+A broker holds an ``flock`` on the database file (its claim: exclusive while it is alone, shared
+once another broker opens the file) and one on its own lock file ``<path>-brokers/<id>.lock``
+while it lives; a lock file nobody holds belongs to a dead broker, whose pending messages are
+then redelivered. Each queue operation on a shared file is one SQLite write transaction
+(:class:`FileLock`). The watcher thread is part of
+:class:`~mqlite.engine.sqlite.store.SqliteStore`; it paces itself by the constants here and
+checkpoints through :class:`_Checkpointer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from mqlite.errors import StorageError
+
+if TYPE_CHECKING:
+    from mqlite.engine.sqlite.store import SqliteStore
+
+__all__ = ["CHECKPOINT_EVERY", "LIVENESS_EVERY", "WATCH_MAX", "WATCH_MIN", "FileLock"]
+
+_log = logging.getLogger("mqlite")
+
+# How often the watcher looks at data_version: soon after a change, then less and less often.
+WATCH_MIN = 0.001
+WATCH_MAX = 0.025
+# How often the watcher looks for dead brokers holding pending messages, and how long a broker
+# seen alive is believed alive.
+LIVENESS_EVERY = 0.5
+# commit="each": the watcher checkpoints the WAL into the file this often, on its own connection,
+# so that publishers, whose every commit would otherwise copy pages back and fsync once the WAL
+# reaches SQLite's default 1,000 pages, never wait for it. A publisher checkpoints only when the
+# WAL passes schema.WAL_AUTOCHECKPOINT pages (16 MiB of 4 KiB pages), that is, if the watcher falls behind.
+CHECKPOINT_EVERY = 0.025
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _claim(path: str, liveness: _Liveness, *, exclusive: bool, wait: float) -> tuple[Any, bool]:
+    """Claim ``path``; returns the claim (held until closed) and whether this broker is alone.
+
+    The claim is an ``flock`` on the database file, which SQLite's own (POSIX) locks never touch;
+    it lasts until the returned file is closed or the process dies. A batched broker (``exclusive``)
+    must have the file to itself. Any other broker first tries to be alone (an exclusive claim);
+    if another broker has the file, it waits up to ``wait`` seconds for a shared claim, which a
+    broker that was alone gives once its watcher sees this one's lock file. Where ``flock`` does
+    not exist (Windows), nothing is claimed and every broker shares.
+    """
+    if sys.platform == "win32":
+        return None, False
+    import fcntl
+
+    handle = open(path, "rb")  # noqa: SIM115  # held open for the broker's lifetime, closed by close()
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle, True
+        except OSError:
+            if exclusive:
+                raise StorageError(_batch_needs_the_file(path, "it is already open in another mqlite Broker")) from None
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while True:
+            if liveness.batch_alive():
+                raise StorageError(_batch_needs_the_file(path, "a Broker with commit='batch' has it open"))
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return handle, False
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"{path!r}: the broker that has it open did not make room for another within {wait:g} s"
+                )
+            time.sleep(pause)  # another process must act: nothing here to wait on but time
+            pause = min(pause * 2, WATCH_MAX)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _batch_needs_the_file(path: str, why: str) -> str:
+    return (
+        f"{path!r}: {why} (this process or another one); a batched broker assigns offsets before it "
+        "commits, so it needs the file to itself. Close that broker first, or open every broker with "
+        "commit='each' to share the file"
+    )
+
+
+class _Liveness:
+    """Tells live brokers from dead ones through lock files in ``<path>-brokers/``.
+
+    Each broker holds its ``<id>.lock`` while it lives, with an exclusive ``flock`` that the
+    kernel drops when the process dies, however it dies. The file is made and locked under a
+    temporary name, then renamed, so no one sees it unlocked while its broker lives. On Windows,
+    where there is no ``flock``, the file is simply kept open: an open file cannot be deleted, so
+    a lock file that can be deleted belongs to a dead broker.
+    """
+
+    def __init__(self, path: str, instance: str) -> None:
+        self._dir = f"{path}-brokers"
+        self._path = os.path.join(self._dir, f"{instance}.lock")
+        self._handle: Any = None
+        os.makedirs(self._dir, exist_ok=True)
+        if sys.platform == "win32":
+            self._handle = open(self._path, "wb")  # noqa: SIM115  # held for the broker's lifetime
+            return
+        import fcntl
+
+        temporary = f"{self._path}.new"
+        handle = open(temporary, "wb")  # noqa: SIM115  # held open for the broker's lifetime
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        os.replace(temporary, self._path)
+        self._handle = handle
+
+    def alive(self, instance: str) -> bool:
+        """Whether the broker ``instance`` still holds its lock file (a dead one's file is removed)."""
+        path = os.path.join(self._dir, f"{instance}.lock")
+        if sys.platform == "win32":
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                return True
+            return False
+        import fcntl
+
+        try:
+            handle = open(path, "rb")  # noqa: SIM115  # closed below
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # dead: nobody will lock this file again
+        return False
+
+    def _others(self) -> list[str]:
+        try:
+            names = os.listdir(self._dir)
+        except OSError:
+            return []
+        mine = os.path.basename(self._path)
+        return [name[: -len(".lock")] for name in names if name.endswith(".lock") and name != mine]
+
+    def others_alive(self) -> bool:
+        """Whether another live broker has a lock file here (one that just opened the file, say)."""
+        return any(self.alive(instance) for instance in self._others())
+
+    def batch_alive(self) -> bool:
+        """Whether a live batched broker (which needs the file to itself) has a lock file here."""
+        return any(self.alive(instance) for instance in self._others() if instance.endswith("-batch"))
+
+    def close(self) -> None:
+        """Remove and release this broker's lock file."""
+        if self._handle is None:
+            return
+        self._handle.close()
+        self._handle = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+
+
+class _Checkpointer:
+    """The watcher's own connection, which copies the WAL back into the file every CHECKPOINT_EVERY s.
+
+    A passive checkpoint waits for nobody and blocks no writer; it runs with the GIL released, so
+    publishers keep going on the other core while it copies pages and syncs the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._next = 0.0
+
+    def maybe_run(self) -> tuple[int, int] | None:
+        """Checkpoint if CHECKPOINT_EVERY has passed since the last time.
+
+        Returns the WAL's frames and how many of them are now in the file, or None if it did not
+        run (not due yet, or another connection was checkpointing: SQLite then reports -1, -1).
+        """
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + CHECKPOINT_EVERY
+        try:
+            if self._db is None:
+                self._db = sqlite3.connect(self._path, isolation_level=None, timeout=0)
+            _, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            # Not fatal: a publisher checkpoints once the WAL reaches WAL_AUTOCHECKPOINT pages.
+            _log.debug("checkpointing %r failed; retrying", self._path, exc_info=True)
+            return None
+        return None if frames < 0 else (frames, copied)
+
+    def close(self) -> None:
+        """Close the connection (the watcher's last act)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class FileLock:
+    """A queue's lock on a shared file: holding it also holds one SQLite write transaction.
+
+    ``acquire`` takes the queue's own lock, begins the transaction and lets the queue reload what
+    other connections changed; ``release`` lets the queue write what it still owes, commits and
+    releases. Everything a queue does under its lock is therefore one atomic step across every
+    process sharing the file. Once the store is closed it is a plain lock.
+    """
+
+    __slots__ = ("_began", "_on_commit", "_refresh", "_store", "plain", "synced")
+
+    def __init__(self, store: SqliteStore, refresh: Callable[[], None], on_commit: Callable[[], None]) -> None:
+        self.plain = threading.Lock()
+        self._store = store
+        self._refresh = refresh  # reload the queue from the file
+        self._on_commit = on_commit  # write what the queue still owes the file
+        # Guarded by plain: whether a transaction is open, and the store generation the queue
+        # last reloaded at (-1: never, so the first acquire loads it).
+        self._began = False
+        self.synced = -1
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock)."""
+        if not self.plain.acquire(blocking, timeout):
+            return False
+        try:
+            generation = self._store.begin()
+            if generation is None:
+                return True  # the store is closed: a plain lock from now on
+            self._began = True
+            if generation != self.synced:
+                try:
+                    self._refresh()
+                except BaseException:
+                    self._began = False
+                    self._store.commit()
+                    raise
+                self.synced = generation
+        except BaseException:
+            self.plain.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """Commit the transaction and release the lock."""
+        try:
+            if self._began:
+                self._began = False
+                try:
+                    self._on_commit()
+                finally:
+                    self._store.commit()
+        finally:
+            self.plain.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
