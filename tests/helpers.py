@@ -8,6 +8,18 @@ from collections.abc import Callable
 from typing import Any
 
 import mqlite
+from mqlite.testing import wait_until_blocked
+
+__all__ = [
+    "WAIT",
+    "Worker",
+    "offsets",
+    "payloads",
+    "pull_all",
+    "stop_after_publishing_dead_letters",
+    "wait_for",
+    "wait_until_blocked",  # re-exported: the tests import it from here
+]
 
 # Generous bound for any single blocking call in a test: long enough never to fire on a slow
 # CI machine, short enough that a bug fails the test instead of hanging it.
@@ -78,11 +90,3 @@ def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition did not hold in time"
         pause.wait(0.001)
-
-
-def wait_until_blocked(queue: mqlite.Queue, waiters: int = 1) -> None:
-    """Wait until ``waiters`` readers are blocked on ``queue`` (in-memory backend detail)."""
-    registered = getattr(queue, "_waiters", None)
-    if registered is None:
-        return
-    wait_for(lambda: len(queue._waiters) >= waiters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all, wait_until_blocked
@@ -220,13 +221,17 @@ def test_a_waiting_message_can_still_be_acked(manual_broker: mqlite.Broker, cloc
 
 
 def test_a_blocked_get_wakes_when_a_nack_delay_passes(broker: mqlite.Broker) -> None:
-    # Real clock: the waiting reader must wake by itself when the delay is due.
+    # Real clock: the waiting reader must wake by itself when the delay is due, not find the
+    # message only in its last attempt when its own timeout ends.
     sub = broker.subscribe("q", name="n", ack="manual")
     broker.publish("q", "e", "x")
     sub.nack(sub.get(timeout=WAIT), delay=0.05)
+    began = time.monotonic()
     again = sub.get(timeout=WAIT)
+    elapsed = time.monotonic() - began
     assert again is not None
     assert again.payload == "x"
+    assert elapsed < WAIT / 4, f"woke after {elapsed:.2f} s, not when the delay passed"
 
 
 # -- ack timeout ---------------------------------------------------------------------------
@@ -280,11 +285,15 @@ def test_a_timed_out_message_may_go_to_another_consumer_of_the_name(
 
 
 def test_a_blocked_get_wakes_when_an_ack_timeout_passes(broker: mqlite.Broker) -> None:
+    # Real clock, as above: a correctness bound on when it wakes, not a speed test.
     sub = broker.subscribe("q", name="n", ack="manual", ack_timeout=0.05)
     broker.publish("q", "e", "x")
     first = sub.get(timeout=WAIT)
+    began = time.monotonic()
     again = sub.get(timeout=WAIT)
+    elapsed = time.monotonic() - began
     assert again == first
+    assert elapsed < WAIT / 4, f"woke after {elapsed:.2f} s, not when the ack timeout passed"
 
 
 # -- close without ack ---------------------------------------------------------------------

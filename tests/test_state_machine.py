@@ -1,8 +1,9 @@
 """A hypothesis state machine that drives one queue and checks it against a plain reference model.
 
-The model is written from the documented semantics, not from mqlite's code: a list of published
-events, and per cursor a position, an ack mode, a filter, and the pending (delivered, unacked)
-messages with the order in which given-back messages are redelivered.
+The model, ``mqlite.testing.ReferenceModel``, is written from the documented semantics, not from
+mqlite's code: a list of published events, and per cursor a position, an ack mode, a filter, and
+the pending (delivered, unacked) messages with the order in which given-back messages are
+redelivered. The machine runs on both backends: in memory and on a file.
 
 The queue keeps every message (retention="limits", no limits), so "earliest" is always offset 0.
 Only pull subscriptions and zero nack delays are used, so nothing depends on threads or time.
@@ -10,8 +11,9 @@ Only pull subscriptions and zero nack delays are used, so nothing depends on thr
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -19,6 +21,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple, rule
 
 import mqlite
+from mqlite.testing import Entry, ReferenceModel
 
 EVENTS = ("a", "b", "c", "cc")
 
@@ -31,7 +34,6 @@ FILTERS: dict[str, tuple[list[str] | None, frozenset[str]]] = {
     "c*": (["c*"], frozenset({"c", "cc"})),
 }
 NAMES = ("alpha", "beta")
-_entry_ids = itertools.count()
 SUBSCRIBE_ARGS = {
     "name": st.one_of(st.none(), st.sampled_from(NAMES)),
     # Weighted towards what makes messages pending: manual acks and wide filters.
@@ -42,39 +44,6 @@ SUBSCRIBE_ARGS = {
 }
 
 
-@dataclass
-class Entry:
-    """One pending message: out with a consumer, or given back and waiting to be read again."""
-
-    offset: int
-    owner: int | None  # the subscription holding it, None once given back
-    ident: int = field(default_factory=lambda: next(_entry_ids))
-
-
-@dataclass
-class ModelCursor:
-    filter_key: str
-    manual: bool
-    position: int
-    members: set[int] = field(default_factory=set)
-    # Insertion-ordered like the pending set of a real cursor: re-delivering an offset keeps its place.
-    pending: dict[int, Entry] = field(default_factory=dict)
-    # Given-back entries in the order they will be redelivered; stale ones are skipped.
-    ready: list[Entry] = field(default_factory=list)
-
-    @property
-    def matches(self) -> frozenset[str]:
-        return FILTERS[self.filter_key][1]
-
-
-@dataclass
-class ModelSub:
-    real: mqlite.Subscription
-    cursor: ModelCursor
-    name: str | None
-    open: bool = True
-
-
 def _draw_offset(data: st.DataObject, pending: dict[int, Entry]) -> int:
     """An offset to ack or nack: often a pending one, otherwise any small offset."""
     if pending and data.draw(st.booleans()):
@@ -83,48 +52,23 @@ def _draw_offset(data: st.DataObject, pending: dict[int, Entry]) -> int:
 
 
 class BrokerMachine(RuleBasedStateMachine):
+    """Drives an in-memory broker; ``FileBrokerMachine`` drives one on a file."""
+
     subs = Bundle("subs")
 
     def __init__(self) -> None:
         super().__init__()
-        self.broker = mqlite.Broker(clock=mqlite.ManualClock(), dispatcher=mqlite.ManualDispatcher())
+        self.broker = self.open_broker(clock=mqlite.ManualClock(), dispatcher=mqlite.ManualDispatcher())
         self.queue = self.broker.queue("q", retention="limits")
-        self.log: list[str] = []  # event of each offset
-        self.named: dict[str, ModelCursor] = {}
-        self.model_subs: dict[int, ModelSub] = {}
+        self.model = ReferenceModel(note=event)
+        self.real: dict[int, mqlite.Subscription] = {}
+        self.filter_keys: dict[str, str] = {}  # the FILTERS key each durable name was last opened with
+
+    def open_broker(self, **kwargs: object) -> mqlite.Broker:
+        return mqlite.Broker(**kwargs)  # type: ignore[arg-type]
 
     def teardown(self) -> None:
         self.broker.close()
-
-    # -- the model's own reading rules ---------------------------------------------------
-
-    def model_take(self, sub_id: int, cursor: ModelCursor, max_messages: int) -> list[int]:
-        """What a poll should return: due redeliveries first, then new matching messages."""
-        out: list[int] = []
-        while cursor.ready and len(out) < max_messages:
-            entry = cursor.ready.pop(0)
-            if cursor.pending.get(entry.offset) is not entry or entry.owner is not None:
-                continue  # acked, or superseded by a later delivery of the same offset
-            if cursor.manual:
-                entry.owner = sub_id
-            else:
-                del cursor.pending[entry.offset]
-            out.append(entry.offset)
-        if len(out) > 1:
-            event("several redeliveries in one poll")
-        wanted = max_messages - len(out)
-        if wanted:
-            fresh = [o for o in range(cursor.position, len(self.log)) if self.log[o] in cursor.matches][:wanted]
-            cursor.position = fresh[-1] + 1 if len(fresh) == wanted else len(self.log)
-            for offset in fresh:
-                if cursor.manual:
-                    cursor.pending[offset] = Entry(offset, sub_id)
-            out.extend(fresh)
-        return out
-
-    def give_back(self, cursor: ModelCursor, entry: Entry) -> None:
-        entry.owner = None
-        cursor.ready.append(entry)
 
     # -- rules -----------------------------------------------------------------------------
 
@@ -134,33 +78,31 @@ class BrokerMachine(RuleBasedStateMachine):
             messages = self.queue.publish_many([(event, None)] * count)
         else:
             messages = [self.broker.publish("q", event) for _ in range(count)]
-        assert [m.offset for m in messages] == list(range(len(self.log), len(self.log) + count))
-        self.log.extend([event] * count)
+        assert [m.offset for m in messages] == self.model.publish([event] * count)
 
     def _subscribe(self, name: str | None, filter_key: str, manual: bool, compete: bool, data: st.DataObject) -> object:
-        end = len(self.log)
-        existing = self.named.get(name) if name is not None else None
+        end = self.model.end_offset
+        existing = self.model.named.get(name) if name is not None else None
         if compete and existing is not None:
             # Another consumer of an existing name, with its settings: a competitor or a comeback.
-            filter_key, manual = existing.filter_key, existing.manual
+            assert name is not None
+            filter_key, manual = self.filter_keys[name], existing.manual
         start = data.draw(st.one_of(st.sampled_from(["earliest", "latest"]), st.integers(0, end)), label="start")
-        kwargs = {"events": FILTERS[filter_key][0], "name": name, "start": start, "ack": "manual" if manual else "auto"}
-        if existing is not None and existing.members and (existing.filter_key, existing.manual) != (filter_key, manual):
+        events, matches = FILTERS[filter_key]
+        kwargs = {"events": events, "name": name, "start": start, "ack": "manual" if manual else "auto"}
+        try:
+            self.model.check_subscribe(name=name, events=events, manual=manual)
+        except mqlite.ConfigConflict:
             with pytest.raises(mqlite.ConfigConflict):
                 self.broker.subscribe("q", **kwargs)
             return multiple()
         real = self.broker.subscribe("q", **kwargs)
-        if existing is None:
-            position = {"earliest": 0, "latest": end}.get(start, start)  # type: ignore[arg-type]
-            cursor = ModelCursor(filter_key, manual, position)  # type: ignore[arg-type]
-            if name is not None:
-                self.named[name] = cursor
-        else:
-            # start applies only to a new cursor; the settings of a detached one are replaced.
-            cursor = existing
-            cursor.filter_key, cursor.manual = filter_key, manual
-        cursor.members.add(real.id)
-        self.model_subs[real.id] = ModelSub(real, cursor, name)
+        self.model.subscribe(
+            real.id, name=name, events=events, manual=manual, start=start, matcher=matches.__contains__
+        )
+        if name is not None:
+            self.filter_keys[name] = filter_key
+        self.real[real.id] = real
         return real.id
 
     @initialize(target=subs, **SUBSCRIBE_ARGS)
@@ -173,103 +115,70 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @rule(sub_id=subs, max_messages=st.integers(1, 5))
     def poll(self, sub_id: int, max_messages: int) -> None:
-        sub = self.model_subs[sub_id]
-        if not sub.open:
+        real = self.real[sub_id]
+        if not self.model.subs[sub_id].open:
             with pytest.raises(mqlite.SubscriptionClosed):
-                sub.real.poll(max_messages=max_messages)
+                real.poll(max_messages=max_messages)
             return
-        got = [m.offset for m in sub.real.poll(max_messages=max_messages, timeout=0)]
-        assert got == self.model_take(sub_id, sub.cursor, max_messages)
+        got = [m.offset for m in real.poll(max_messages=max_messages, timeout=0)]
+        assert got == self.model.take(sub_id, max_messages)
 
     @rule(sub_id=subs)
     def get(self, sub_id: int) -> None:
-        sub = self.model_subs[sub_id]
-        if not sub.open:
+        real = self.real[sub_id]
+        if not self.model.subs[sub_id].open:
             with pytest.raises(mqlite.SubscriptionClosed):
-                sub.real.get(timeout=0)
+                real.get(timeout=0)
             return
-        message = sub.real.get(timeout=0)
-        assert ([] if message is None else [message.offset]) == self.model_take(sub_id, sub.cursor, 1)
+        message = real.get(timeout=0)
+        assert ([] if message is None else [message.offset]) == self.model.take(sub_id, 1)
 
     @rule(sub_id=subs, data=st.data())
     def ack(self, sub_id: int, data: st.DataObject) -> None:
-        sub = self.model_subs[sub_id]
-        cursor = sub.cursor
-        offset = _draw_offset(data, cursor.pending)
-        if not sub.open:
-            with pytest.raises(mqlite.SubscriptionClosed):
-                sub.real.ack(offset)
-        elif not cursor.manual:
-            with pytest.raises(mqlite.AckModeError):
-                sub.real.ack(offset)
-        elif offset not in cursor.pending:
-            with pytest.raises(mqlite.NotPending):
-                sub.real.ack(offset)
+        offset = _draw_offset(data, self.model.subs[sub_id].cursor.pending)
+        try:
+            self.model.ack(sub_id, offset)
+        except (mqlite.SubscriptionClosed, mqlite.AckModeError, mqlite.NotPending) as expected:
+            with pytest.raises(type(expected)):
+                self.real[sub_id].ack(offset)
         else:
-            sub.real.ack(offset)
-            del cursor.pending[offset]
+            self.real[sub_id].ack(offset)
 
     @rule(sub_id=subs, data=st.data())
     def nack(self, sub_id: int, data: st.DataObject) -> None:
-        sub = self.model_subs[sub_id]
-        cursor = sub.cursor
-        offset = _draw_offset(data, cursor.pending)
-        entry = cursor.pending.get(offset)
-        if not sub.open:
-            with pytest.raises(mqlite.SubscriptionClosed):
-                sub.real.nack(offset)
-        elif not cursor.manual:
-            with pytest.raises(mqlite.AckModeError):
-                sub.real.nack(offset)
-        elif entry is None or entry.owner is None:
-            with pytest.raises(mqlite.NotPending):
-                sub.real.nack(offset)
+        offset = _draw_offset(data, self.model.subs[sub_id].cursor.pending)
+        try:
+            self.model.nack(sub_id, offset)
+        except (mqlite.SubscriptionClosed, mqlite.AckModeError, mqlite.NotPending) as expected:
+            with pytest.raises(type(expected)):
+                self.real[sub_id].nack(offset)
         else:
-            sub.real.nack(offset, delay=0)
-            self.give_back(cursor, entry)
+            self.real[sub_id].nack(offset, delay=0)
 
     @rule(sub_id=subs, data=st.data())
     def nack_everything_held(self, sub_id: int, data: st.DataObject) -> None:
         """Nack every message this consumer holds, in a drawn order: redeliveries queue up."""
-        sub = self.model_subs[sub_id]
-        cursor = sub.cursor
-        if not (sub.open and cursor.manual):
+        sub = self.model.subs[sub_id]
+        if not (sub.open and sub.cursor.manual):
             return
-        held = [e for e in cursor.pending.values() if e.owner == sub_id]
-        for entry in data.draw(st.permutations(held)):
-            sub.real.nack(entry.offset)
-            self.give_back(cursor, entry)
+        for entry in data.draw(st.permutations(self.model.held(sub_id))):
+            self.real[sub_id].nack(entry.offset)
+            self.model.nack(sub_id, entry.offset)
 
     @rule(sub_id=subs, to=st.one_of(st.sampled_from(["earliest", "latest"]), st.integers(0, 12)))
     def seek(self, sub_id: int, to: str | int) -> None:
-        sub = self.model_subs[sub_id]
-        end = len(self.log)
-        if not sub.open:
-            with pytest.raises(mqlite.SubscriptionClosed):
-                sub.real.seek(to)
-            return
-        if isinstance(to, int) and to > end:
-            with pytest.raises(mqlite.InvalidArgument):
-                sub.real.seek(to)
-            return
-        position = {"earliest": 0, "latest": end}.get(to, to)  # type: ignore[arg-type]
-        assert sub.real.seek(to) == position
-        sub.cursor.position = position  # type: ignore[assignment]
+        try:
+            position = self.model.seek(sub_id, to)
+        except (mqlite.SubscriptionClosed, mqlite.InvalidArgument) as expected:
+            with pytest.raises(type(expected)):
+                self.real[sub_id].seek(to)
+        else:
+            assert self.real[sub_id].seek(to) == position
 
     @rule(sub_id=consumes(subs))
     def close(self, sub_id: int) -> None:
-        sub = self.model_subs[sub_id]
-        sub.real.close()
-        if not sub.open:
-            return
-        sub.open = False
-        cursor = sub.cursor
-        cursor.members.discard(sub_id)
-        for entry in list(cursor.pending.values()):
-            if entry.owner == sub_id:
-                self.give_back(cursor, entry)
-            elif entry.owner is not None:
-                event("closed while another consumer of the name held messages")
+        self.real[sub_id].close()
+        self.model.close(sub_id)
 
     @rule(sub_id=subs)
     def close_keeping_the_handle(self, sub_id: int) -> None:
@@ -280,21 +189,24 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @invariant()
     def cursors_match_the_model(self) -> None:
-        end = len(self.log)
-        assert self.queue.end_offset == end
-        for sub in self.model_subs.values():
+        assert self.queue.end_offset == self.model.end_offset
+        for sub_id, sub in self.model.subs.items():
             if not sub.open:
                 continue
             cursor = sub.cursor
-            lag = sum(1 for o in range(cursor.position, end) if self.log[o] in cursor.matches)
-            assert (sub.real.position, sub.real.pending, sub.real.lag) == (cursor.position, len(cursor.pending), lag)
+            real = self.real[sub_id]
+            assert (real.position, real.pending, real.lag) == (
+                cursor.position,
+                len(cursor.pending),
+                self.model.lag(cursor),
+            )
 
     @invariant()
     def info_lists_the_models_subscriptions(self) -> None:
         info = self.broker.info()
         named = {s.name: s for s in info.subscriptions if s.name is not None}
-        assert set(named) == set(self.named)
-        for name, cursor in self.named.items():
+        assert set(named) == set(self.model.named)
+        for name, cursor in self.model.named.items():
             row = named[name]
             assert (row.position, row.pending, row.consumers) == (
                 cursor.position,
@@ -303,8 +215,22 @@ class BrokerMachine(RuleBasedStateMachine):
             )
             assert row.mode == ("pull" if cursor.members else "detached")
             assert row.ack == ("manual" if cursor.manual else "auto")
-        open_ephemeral = sum(1 for s in self.model_subs.values() if s.open and s.name is None)
+        open_ephemeral = sum(1 for s in self.model.subs.values() if s.open and s.name is None)
         assert sum(1 for s in info.subscriptions if s.name is None) == open_ephemeral
+
+
+class FileBrokerMachine(BrokerMachine):
+    """The same machine on a broker backed by a new SQLite file per run."""
+
+    def open_broker(self, **kwargs: object) -> mqlite.Broker:
+        self.directory = Path(tempfile.mkdtemp(prefix="mqlite-machine-"))
+        return mqlite.Broker(self.directory / "machine.mqlite", **kwargs)  # type: ignore[arg-type]
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 BrokerMachine.TestCase.settings = settings(
@@ -313,4 +239,12 @@ BrokerMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# Each step on a file commits; fewer examples keep the CI time modest.
+FileBrokerMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_broker_matches_the_reference_model = BrokerMachine.TestCase
+test_file_broker_matches_the_reference_model = FileBrokerMachine.TestCase

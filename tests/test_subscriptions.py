@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -95,14 +96,25 @@ def test_a_get_that_times_out_or_is_woken_leaves_no_waiter_behind(broker: mqlite
 
 def test_get_waits_for_a_message_published_from_another_thread(broker: mqlite.Broker) -> None:
     sub = broker.subscribe("q")
-    worker = Worker(lambda: sub.get(timeout=WAIT))
+    # The event is known before the reader blocks: the first publish of an event wakes every
+    # waiter, which would hide a publish that fails to wake the reader.
+    broker.publish("q", "e", "first")
+    assert sub.get(timeout=0) is not None
+
+    def timed_get() -> tuple[float, mqlite.Message | None]:
+        began = time.monotonic()
+        message = sub.get(timeout=WAIT)
+        return time.monotonic() - began, message
+
+    worker = Worker(timed_get)
     try:
         wait_until_blocked(broker.queue("q"))
         broker.publish("q", "e", "hello")
     finally:
-        message = worker.join()
+        elapsed, message = worker.join()
     assert message is not None
     assert message.payload == "hello"
+    assert elapsed < WAIT / 4, f"woke after {elapsed:.2f} s, not when the message was published"
 
 
 def test_poll_returns_at_most_max_messages(broker: mqlite.Broker) -> None:
