@@ -2,7 +2,7 @@
 
 from mqlite.broker import DEAD_LETTER_CONFIG, Broker, dead_letter_queue_name
 from mqlite.clock import Clock, ManualClock, SystemClock
-from mqlite.cursor import Backoff
+from mqlite.config import Backoff, QueueConfig
 from mqlite.dispatch import Dispatcher, ManualDispatcher, ThreadDispatcher
 from mqlite.engine.codec import JsonSerializer, PickleSerializer, Serializer
 from mqlite.errors import (
@@ -21,7 +21,7 @@ from mqlite.errors import (
 )
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
-from mqlite.queue import Queue, QueueConfig
+from mqlite.queue import Queue
 from mqlite.subscription import Subscription
 
 __all__ = [

@@ -10,26 +10,40 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
-from mqlite.aio import loop_waker
+from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.entries import DeadLetter
+from mqlite._waiting import loop_waker
 from mqlite.clock import Clock, SystemClock
-from mqlite.cursor import Backoff, Cursor
-from mqlite.dispatch import AsyncPushWorker, Dispatcher, PushWorker, ThreadDispatcher
-from mqlite.engine.codec import Serializer
-from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
+from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, SubscriptionSettings
+from mqlite.dispatch import (
+    AsyncPushWorker,
+    Dispatcher,
+    PushWorker,
+    ThreadDispatcher,
+    astop_async_workers,
+    stop_async_workers,
+)
+from mqlite.engine.base import QueueEngine, StorageEngine
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
 from mqlite.filters import EventFilter, check_name
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
-from mqlite.queue import DeadLetter, Overflow, Queue, QueueConfig, Retention, Start
+from mqlite.queue import Queue
 from mqlite.subscription import Subscription, check_timeout
 
 if TYPE_CHECKING:
     from typing import Self
+
+    from mqlite.engine.codec import Serializer
+    from mqlite.engine.sqlite.store import Commit, Synchronous
+
+_T = TypeVar("_T")
 
 __all__ = ["DEAD_LETTER_CONFIG", "Broker", "dead_letter_queue_name"]
 
@@ -49,8 +63,9 @@ def dead_letter_queue_name(queue: str) -> str:
 class Broker:
     """Holds named queues and their subscriptions, in memory or in a file. Thread-safe.
 
-    Every method may be called from any thread. Use it as a context manager, or call
-    :meth:`close`, to stop its push threads (and close its file).
+    Every method may be called from any thread. Use it as a context manager (``with``, or
+    ``async with`` in asyncio code), or call :meth:`close` / :meth:`aclose`, to stop its push
+    threads and tasks (and close its file).
 
     Args:
         path: None (the default) keeps everything in memory. A file path opens that mqlite file,
@@ -82,16 +97,20 @@ class Broker:
     ) -> None:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
-        self._store = (
-            None if path is None else SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
-        )
+        self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
-        # _lock guards _closed and writes of _queues. _queues is copy-on-write: it is replaced,
-        # never mutated, so publish can look a queue up without taking the lock.
+        # _lock guards _closed, _async_workers and writes of _queues. _queues is copy-on-write:
+        # it is replaced, never mutated, so publish can look a queue up without taking the lock.
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
+        self._engines: dict[str, QueueEngine] = {}
+        # An engine with blocking I/O runs the steps of async faces in one thread of its own,
+        # made on first use; _io_lock guards _io.
+        self._io_lock = threading.Lock()
+        self._io: ThreadPoolExecutor | None = None
         self._closed = False
+        self._async_workers: list[AsyncPushWorker] = []  # close() stops them; the dispatcher never sees them
         self._ids = itertools.count(1)
         # _progress guards _progress_count, _drainers, _async_drainers and _stopped;
         # push workers bump the count after every batch.
@@ -101,14 +120,13 @@ class Broker:
         self._async_drainers: list[Callable[[], None]] = []
         self._stopped = False
         self._clock.add_listener(self._on_clock)
-        if self._store is not None:
-            try:
-                for name, config in self._store.queues():
-                    self._queue(name, {}, QueueConfig(**config))
-            except BaseException:
-                self._clock.remove_listener(self._on_clock)
-                self._store.close()  # a damaged file must not stay claimed
-                raise
+        try:
+            for name, config in self._engine.queues():
+                self._queue(name, {}, config)
+        except BaseException:
+            self._clock.remove_listener(self._on_clock)
+            self._engine.close()  # a damaged file must not stay claimed
+            raise
 
     # -- queues and publishing -----------------------------------------------------------
 
@@ -149,12 +167,14 @@ class Broker:
             queue = self._queues.get(name)
             if queue is None:
                 config = attrs.evolve(default, **changes)
-                log = None if self._store is None else self._store.open_log(name, attrs.asdict(config))
-                queue = Queue(name, config, self._clock, self._send_dead_letters, log)
+                engine = self._engine.open_queue(name, config, self._clock, self._send_dead_letters)
+                queue = Queue(engine)
+                self._engines = {**self._engines, name: engine}
                 self._queues = {**self._queues, name: queue}
                 return queue
+            engine = self._engines[name]
         if changes:
-            queue.configure(attrs.evolve(queue.config, **changes))
+            engine.configure(attrs.evolve(engine.config, **changes))
         return queue
 
     def publish(
@@ -167,10 +187,11 @@ class Broker:
     ) -> Message:
         """Publish to the queue called ``queue`` (created if needed); see :meth:`Queue.publish`."""
         try:
-            target = self._queues[queue]
+            engine = self._engines[queue]
         except (KeyError, TypeError):
-            target = self.queue(queue)
-        return target.publish(event, payload, key, headers)
+            self.queue(queue)
+            engine = self._engines[queue]
+        return engine.publish(event, payload, key, headers)
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -245,22 +266,29 @@ class Broker:
             raise InvalidArgument(
                 "a coroutine callback needs an event loop: call subscribe() from a running loop, or pass loop="
             )
-        target = self.queue(queue)
-        sub = Subscription(target, ident=next(self._ids), name=name, push=callback is not None, loop=loop)
-        sub.cursor = target.attach(
-            sub,
-            name=name,
-            event_filter=event_filter,
-            start=start,
-            manual_ack=ack == "manual",
-            ack_timeout=ack_timeout,
-            max_deliveries=max_deliveries,
-            dead_letter=dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
-            backoff=backoff if backoff is not None else Backoff(),
+        settings = SubscriptionSettings(
+            event_filter,
+            ack == "manual",
+            ack_timeout,
+            max_deliveries,
+            dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
+            backoff if backoff is not None else Backoff(),
         )
+        self.queue(queue)
+        target = self._engines[queue]
+        off_loop = self._run_off_loop if self._engine.capabilities.blocking_io else None
+        sub = Subscription(
+            target, ident=next(self._ids), name=name, push=callback is not None, loop=loop, off_loop=off_loop
+        )
+        target.attach(sub, name, start, settings)
         if is_async:
             assert loop is not None
-            AsyncPushWorker(target, sub, callback, self._note_progress, loop).start()  # type: ignore[arg-type]  # checked coroutine function
+            worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop)  # type: ignore[arg-type]  # checked coroutine function
+            with self._lock:
+                # A worker whose subscription close() already closed ends by itself; untracked is fine.
+                self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]
+                self._async_workers.append(worker)
+            worker.start()
         elif callback is not None:
             self._dispatcher.start(PushWorker(target, sub, callback, self._note_progress))
         return sub
@@ -277,7 +305,7 @@ class Broker:
         """
         check_name("queue", queue)
         check_name("subscription", name)
-        target = self._queues.get(queue)
+        target = self._engines.get(queue)
         return target is not None and target.delete_cursor(name)
 
     def _send_dead_letters(self, dead: list[DeadLetter]) -> list[DeadLetter]:
@@ -286,8 +314,9 @@ class Broker:
         for letter in dead:
             message = letter.message
             try:
-                target = self._queue(letter.queue, {}, DEAD_LETTER_CONFIG)
-                target.publish(message.event, message.payload, message.key, letter.headers)
+                self._queue(letter.queue, {}, DEAD_LETTER_CONFIG).publish(
+                    message.event, message.payload, message.key, letter.headers
+                )
             except MqliteError as error:
                 _log.error(
                     "could not dead-letter %s offset %d to %r: %s", message.queue, message.offset, letter.queue, error
@@ -308,76 +337,58 @@ class Broker:
             wake()
 
     def _on_clock(self) -> None:
-        for queue in list(self._queues.values()):
-            queue.wake_all()
+        for engine in list(self._engines.values()):
+            engine.wake_all()
         self._note_progress()
-
-    def _drain_targets(self) -> list[tuple[Queue, int, list[Cursor] | None]]:
-        return [(queue, queue.end_offset, None) for queue in list(self._queues.values())]
-
-    @staticmethod
-    def _settle(targets: list[tuple[Queue, int, list[Cursor] | None]]) -> bool:
-        """Re-check what is still unsettled, in place; True once everything is."""
-        for i, (queue, end, cursors) in enumerate(targets):
-            if cursors is not None and not cursors:
-                continue
-            targets[i] = (queue, end, queue.push_unsettled(end, cursors))
-            if targets[i][2]:
-                return False
-        return True
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every push subscription has handled everything published before the call.
 
         "Handled" means its callback returned for each matching message, or the message was
-        dead-lettered. Returns False if ``timeout`` seconds passed first, or if the broker is (or
-        becomes) closed, since a closed broker's subscriptions handle nothing more.
+        dead-lettered. Returns False if the broker is (or becomes) closed, since a closed
+        broker's subscriptions handle nothing more, or if ``timeout`` seconds pass first. When
+        the time runs out, drain looks once more: if everything was handled by the deadline,
+        even with nothing to wake it, it returns True. Every look first runs what a
+        :class:`~mqlite.ManualDispatcher` has ready, on the calling thread.
         """
-        timeout = check_timeout(timeout)
-        targets = self._drain_targets()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._dispatcher.run_ready()
-            with self._progress:
-                seen = self._progress_count
-                if self._stopped:
-                    return False  # a closed broker's push subscriptions are gone, finished or not
-            if self._settle(targets):
-                return True
-            with self._progress:
-                self._drainers += 1
-                try:
-                    while self._progress_count == seen and not self._stopped:
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            return False
-                        self._progress.wait(remaining)
-                finally:
-                    self._drainers -= 1
+        drain = _Drain(self, check_timeout(timeout))
+        while (done := drain.look()) is None:
+            self._wait_for_progress(drain.seen, drain.deadline)
+        return done
 
     async def adrain(self, timeout: float | None = None) -> bool:
-        """:meth:`drain` for asyncio code: waits without blocking the event loop."""
-        timeout = check_timeout(timeout)
-        loop = asyncio.get_running_loop()
-        targets = self._drain_targets()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            self._dispatcher.run_ready()
-            future: asyncio.Future[None] = loop.create_future()
-            with self._progress:
-                self._async_drainers.append(loop_waker(loop, future))
-                stopped = self._stopped
-            if stopped:
-                return False
-            if self._settle(targets):
-                return True
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return False
+        """:meth:`drain` for asyncio code: the same looks, waiting without blocking the event loop."""
+        drain = _Drain(self, check_timeout(timeout))
+        while (done := drain.look()) is None:
+            await self._await_progress(drain.seen, drain.deadline)
+        return done
+
+    def _wait_for_progress(self, seen: int, deadline: float | None) -> None:
+        """Block until a push worker reports progress after ``seen``, the broker closes, or ``deadline``."""
+        with self._progress:
+            self._drainers += 1
             try:
-                await asyncio.wait_for(future, remaining)
-            except TimeoutError:
-                return self._settle(targets)
+                while self._progress_count == seen and not self._stopped:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    self._progress.wait(remaining)
+            finally:
+                self._drainers -= 1
+
+    async def _await_progress(self, seen: int, deadline: float | None) -> None:
+        """:meth:`_wait_for_progress` on the running loop, without blocking it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._progress:
+            if self._progress_count != seen or self._stopped:
+                return
+            self._async_drainers.append(loop_waker(loop, future))
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            await asyncio.wait_for(future, remaining)
+        except TimeoutError:
+            pass  # the deadline: the caller looks once more
 
     # -- introspection -------------------------------------------------------------------
 
@@ -385,22 +396,24 @@ class Broker:
         """A frozen snapshot of every queue and subscription."""
         queues = []
         subs = []
-        for queue in list(self._queues.values()):
-            (config, start, end), cursors = queue.snapshot()
+        for name, engine in list(self._engines.items()):
+            snapshot = engine.snapshot()
+            config = snapshot.config
             queues.append(
                 QueueInfo(
-                    name=queue.name,
-                    start_offset=start,
-                    end_offset=end,
-                    retained=end - start,
+                    name=name,
+                    start_offset=snapshot.start_offset,
+                    end_offset=snapshot.end_offset,
+                    retained=snapshot.end_offset - snapshot.start_offset,
                     retention=config.retention,
                     max_messages=config.max_messages,
                     max_age=config.max_age,
                     overflow=config.overflow,
+                    waiters=snapshot.waiters,
                 )
             )
-            for cursor, figures in cursors:
-                members = figures["members"]
+            for figures in snapshot.cursors:
+                members = figures.members
                 push = any(m.is_push for m in members)
                 pull = any(not m.is_push for m in members)
                 mode: Literal["push", "pull", "push+pull", "detached"] = (
@@ -408,25 +421,33 @@ class Broker:
                 )
                 subs.append(
                     SubscriptionInfo(
-                        queue=queue.name,
-                        name=cursor.name,
-                        durable=cursor.durable,
-                        events=figures["events"],
+                        queue=name,
+                        name=figures.name,
+                        durable=figures.name is not None,
+                        events=figures.events,
                         mode=mode,
                         consumers=len(members),
                         subscription_ids=tuple(m.id for m in members),
-                        ack="manual" if figures["manual_ack"] else "auto",
-                        position=figures["position"],
-                        lag=figures["lag"],
-                        pending=figures["pending"],
-                        delivered=figures["delivered"],
-                        acked=figures["acked"],
-                        redelivered=figures["redelivered"],
-                        dead_lettered=figures["dead_lettered"],
-                        missed=figures["missed"],
+                        ack="manual" if figures.manual_ack else "auto",
+                        position=figures.position,
+                        lag=figures.lag,
+                        pending=figures.pending,
+                        delivered=figures.delivered,
+                        acked=figures.acked,
+                        redelivered=figures.redelivered,
+                        dead_lettered=figures.dead_lettered,
+                        missed=figures.missed,
                     )
                 )
         return BrokerInfo(queues=tuple(queues), subscriptions=tuple(subs))
+
+    async def _run_off_loop(self, step: Callable[[], _T]) -> _T:
+        """Run one engine step in this broker's I/O thread (engines with blocking I/O)."""
+        with self._io_lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqlite-io")
+            io = self._io
+        return await asyncio.get_running_loop().run_in_executor(io, step)
 
     # -- closing -------------------------------------------------------------------------
 
@@ -437,24 +458,68 @@ class Broker:
             return self._closed
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close every subscription, wake every blocked reader, stop push threads.
+        """Close every subscription, wake every blocked reader, stop push threads and tasks.
 
-        Waits up to ``timeout`` seconds for running callbacks to finish. Idempotent. Afterwards
-        publish and subscribe raise :class:`~mqlite.BrokerClosed`.
+        Waits up to ``timeout`` seconds for running callbacks to finish. A coroutine callback
+        still running then is cancelled, and the message it held goes back for redelivery.
+        Called on an event loop's own thread, close cannot wait for that loop's coroutine
+        callbacks (they finish by themselves when the loop runs again): use :meth:`aclose` or
+        ``async with`` there. Idempotent. Afterwards publish and subscribe raise
+        :class:`~mqlite.BrokerClosed`.
+        """
+        deadline = _close_deadline(timeout)
+        workers = self._begin_close()
+        if workers is not None:
+            self._finish_close(deadline, workers)
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """:meth:`close` for asyncio code, without blocking the event loop.
+
+        Awaits the coroutine callbacks of the running loop (cancelling those still running after
+        ``timeout`` seconds) and does the blocking rest, such as joining push threads and closing
+        the file, in a thread. Idempotent.
+        """
+        deadline = _close_deadline(timeout)
+        workers = self._begin_close()
+        if workers is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            if not await astop_async_workers([w for w in workers if w.loop is loop], deadline):
+                _log.warning("some coroutine callbacks ignored their cancellation by aclose()")
+        finally:
+            # Shielded: an aclose that is itself cancelled still finishes closing, in its thread.
+            others = [w for w in workers if w.loop is not loop]
+            await asyncio.shield(asyncio.to_thread(self._finish_close, deadline, others))
+
+    def _begin_close(self) -> list[AsyncPushWorker] | None:
+        """Refuse new work and close every subscription: waiting push tasks and threads wake and end.
+
+        Returns the coroutine workers to wait for, or None if the broker was already closed.
         """
         with self._lock:
             if self._closed:
-                return
+                return None
             self._closed = True
-            queues = list(self._queues.values())
-        members = [member for queue in queues for member in queue.close()]
+            engines = list(self._engines.values())
+            workers, self._async_workers = self._async_workers, []
+        members = [member for engine in engines for member in engine.close()]
         for member in members:
             member.close()
-        if not self._dispatcher.close(timeout):
-            _log.warning("some push callbacks were still running %.1f s after close()", timeout)
+        return workers
+
+    def _finish_close(self, deadline: float, workers: list[AsyncPushWorker]) -> None:
+        """Wait until ``deadline`` for push threads and ``workers``, then release the clock and the file."""
+        if not self._dispatcher.close(max(deadline - time.monotonic(), 0.0)):
+            _log.warning("some push callbacks were still running when close() timed out")
+        if not stop_async_workers(workers, deadline):
+            _log.warning("some coroutine callbacks ignored their cancellation by close()")
         self._clock.remove_listener(self._on_clock)
-        if self._store is not None:
-            self._store.close()
+        with self._io_lock:
+            io, self._io = self._io, None
+        if io is not None:
+            io.shutdown(wait=True)  # each step it runs is bounded
+        self._engine.close()
         with self._progress:
             self._stopped = True
             self._progress.notify_all()
@@ -473,6 +538,17 @@ class Broker:
     ) -> None:
         self.close()
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every publish, delivery and ack made before the call is committed to the file.
 
@@ -482,17 +558,16 @@ class Broker:
         Raises:
             StorageError: the background writer failed (for example, the disk is full).
         """
-        timeout = check_timeout(timeout)
-        return True if self._store is None else self._store.flush(timeout)
+        return self._engine.flush(check_timeout(timeout))
 
     @property
     def path(self) -> str | None:
         """The file this broker keeps its state in, or None for an in-memory broker."""
-        return None if self._store is None else self._store.path
+        return self._engine.path
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        where = "" if self._store is None else f" {self._store.path!r}"
+        where = "" if self._engine.path is None else f" {self._engine.path!r}"
         return f"<mqlite.Broker{where} {state} queues={sorted(self._queues)!r}>"
 
 
@@ -500,3 +575,80 @@ def _is_coroutine_function(callback: object) -> bool:
     """Whether calling ``callback`` returns a coroutine (plain, partial, or an object with async __call__)."""
     call = type(callback).__call__ if not inspect.isroutine(callback) else None
     return inspect.iscoroutinefunction(callback) or (call is not None and inspect.iscoroutinefunction(call))
+
+
+def _close_deadline(timeout: object) -> float:
+    """When a close given ``timeout`` must be done, on ``time.monotonic()``; checks ``timeout`` first."""
+    seconds = check_timeout(timeout)
+    if seconds is None:
+        raise InvalidArgument("close timeout must be a non-negative number of seconds, got None")
+    return time.monotonic() + seconds
+
+
+class _Drain:
+    """One call of drain or adrain: what must be handled, and by when. They differ only in how they wait.
+
+    Not thread-safe: it belongs to the call that made it.
+    """
+
+    __slots__ = ("_broker", "_targets", "deadline", "seen")
+
+    def __init__(self, broker: Broker, timeout: float | None) -> None:
+        self._broker = broker
+        # Each queue, its end when the drain began, and its push cursors still unsettled at the
+        # last look (None: not looked at yet), so each settled cursor is checked once.
+        self._targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = [
+            (engine, engine.bounds()[1], None) for engine in list(broker._engines.values())
+        ]
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.seen = 0  # the broker's progress count at the last look
+
+    def look(self) -> bool | None:
+        """Run what a manual dispatcher has ready, then check.
+
+        Returns True once everything is handled, False if the broker is closed or the deadline
+        has passed, None to wait for progress after :attr:`seen` (or the deadline) and look again.
+        """
+        broker = self._broker
+        broker._dispatcher.run_ready()
+        with broker._progress:
+            self.seen = broker._progress_count
+            if broker._stopped:
+                return False  # a closed broker's push subscriptions are gone, finished or not
+        if self._settled():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        return None
+
+    def _settled(self) -> bool:
+        targets = self._targets
+        for i, (queue, end, cursors) in enumerate(targets):
+            if cursors is not None and not cursors:
+                continue
+            unsettled = queue.push_unsettled(end, cursors)
+            targets[i] = (queue, end, unsettled)
+            if unsettled:
+                return False
+        return True
+
+
+def _open_engine(
+    path: str | os.PathLike[str] | None,
+    *,
+    synchronous: Synchronous,
+    commit: Commit,
+    serializer: Serializer | None,
+) -> StorageEngine:
+    """The engine for ``path``: memory for None, else the SQLite file.
+
+    The broker is a face: it knows engines only through :mod:`mqlite.engine.base`, and imports a
+    concrete one only when it opens one.
+    """
+    if path is None:
+        from mqlite.engine.memory import MemoryEngine
+
+        return MemoryEngine()
+    from mqlite.engine.sqlite.engine import SqliteEngine
+
+    return SqliteEngine(path, synchronous=synchronous, commit=commit, serializer=serializer)

@@ -24,6 +24,8 @@ class QueueInfo:
     max_messages: int | None
     max_age: float | None
     overflow: str
+    waiters: int = 0
+    """How many readers (threads, tasks, push workers) are blocked waiting on this queue."""
 
 
 @attrs.frozen

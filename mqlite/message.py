@@ -120,12 +120,12 @@ def message_class(queue: str) -> type[Message]:
 
 def make_meta(queue: str, key: Any, headers: Mapping[str, Any] | None) -> MessageMeta:
     """Build the meta part for a publish with a key or headers."""
-    if headers is None or not headers:
+    if headers is None:
         frozen: Mapping[str, Any] = EMPTY_HEADERS
+    elif not isinstance(headers, Mapping):
+        raise InvalidArgument(f"headers must be a mapping or None, got {type(headers).__name__}: {headers!r}")
     else:
-        if not isinstance(headers, Mapping):
-            raise InvalidArgument(f"headers must be a mapping or None, got {type(headers).__name__}")
-        frozen = MappingProxyType(dict(headers))
+        frozen = MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS
     return MessageMeta(queue, key, frozen)
 
 

@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from threading import get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mqlite.aio import until_done
-from mqlite.cursor import Cursor
+from mqlite._delivery.cursor import Cursor
+from mqlite._waiting import await_, wait
+from mqlite.config import Start
+from mqlite.engine.base import Attempt, QueueEngine
 from mqlite.errors import InvalidArgument, SubscriptionClosed, WrongEventLoop
 from mqlite.filters import EventFilter
 from mqlite.message import Message
-from mqlite.queue import Queue, Start
 
 if TYPE_CHECKING:
     from typing import Self
+
+_T = TypeVar("_T")
+
+OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]
+"""Runs one engine step in a thread, for an engine whose steps do blocking I/O."""
 
 __all__ = ["READ_AHEAD", "YIELD_EVERY", "Subscription", "check_timeout"]
 
@@ -38,6 +44,11 @@ def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
     return float(timeout)
 
 
+def _check_max(max_messages: object) -> None:
+    if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+        raise InvalidArgument(f"max_messages must be a positive int, got {max_messages!r}")
+
+
 class Subscription:
     """A consumer attached to a cursor over one queue. Thread-safe.
 
@@ -48,14 +59,18 @@ class Subscription:
 
     def __init__(
         self,
-        queue: Queue,
+        engine: QueueEngine,
         *,
         ident: int,
         name: str | None,
         push: bool,
         loop: asyncio.AbstractEventLoop | None = None,
+        off_loop: OffLoop[object] | None = None,
     ) -> None:
-        self._queue = queue
+        self._engine = engine
+        # How async faces run engine steps: None runs them inline (they never block); an engine
+        # with blocking I/O gets a function that runs them in the broker's I/O thread.
+        self._off_loop = off_loop
         self.id = ident
         self.name = name
         self.is_push = push
@@ -74,16 +89,13 @@ class Subscription:
         # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
         # popped with deque's atomic popleft. Closing hands them back to the cursor.
         self.buffer: deque[Message] = deque()
-        # Refills since ``async for`` last yielded to the loop. Touched only on the bound loop's
-        # thread, so it needs no lock.
-        self._refills = 0
 
     # -- what the queue needs from a consumer --------------------------------------------
 
     @property
     def label(self) -> str:
         """How logs and thread names refer to this subscription."""
-        return f"{self._queue.name}/{self.name or '~'}#{self.id}"
+        return f"{self._engine.name}/{self.name or '~'}#{self.id}"
 
     def mark_closed(self, reason: str) -> None:
         """Record that this consumer is closed (called by the queue, under its lock)."""
@@ -111,7 +123,10 @@ class Subscription:
         its broker is (or becomes) closed.
         """
         self._check_pull()
-        messages = self._queue.pull(self, 1, check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        messages = self._engine.try_pull(self, 1, 0)
+        if not messages and timeout != 0:
+            messages = self._wait(1, timeout, 0)
         return messages[0] if messages else None
 
     def poll(self, max_messages: int = 100, timeout: float | None = 0) -> list[Message]:
@@ -121,9 +136,18 @@ class Subscription:
         wait until one arrives). Returns an empty list when nothing came in time.
         """
         self._check_pull()
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise InvalidArgument(f"max_messages must be a positive int, got {max_messages!r}")
-        return self._queue.pull(self, max_messages, check_timeout(timeout))
+        _check_max(max_messages)
+        timeout = check_timeout(timeout)
+        messages = self._engine.try_pull(self, max_messages, 0)
+        if not messages and timeout != 0:
+            messages = self._wait(max_messages, timeout, 0)
+        return messages
+
+    def _wait(self, max_messages: int, timeout: float | None, read_ahead: int) -> list[Message]:
+        engine = self._engine
+        return wait(
+            lambda wake: engine.pull_or_wait(self, max_messages, read_ahead, wake), engine.remove_waiter, timeout
+        ).value
 
     def __iter__(self) -> Iterator[Message]:
         return self
@@ -137,7 +161,10 @@ class Subscription:
         """
         self._check_pull()
         try:
-            return self._queue.pull(self, 1, None, READ_AHEAD)[0]
+            messages = self._engine.try_pull(self, 1, READ_AHEAD)
+            if not messages:
+                messages = self._wait(1, None, READ_AHEAD)
+            return messages[0]
         except SubscriptionClosed:
             raise StopIteration from None
 
@@ -173,54 +200,61 @@ class Subscription:
 
     async def apoll(self, max_messages: int = 100, timeout: float | None = 0) -> list[Message]:
         """Await up to ``max_messages`` messages; see :meth:`poll`."""
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise InvalidArgument(f"max_messages must be a positive int, got {max_messages!r}")
+        _check_max(max_messages)
         return await self._apull(max_messages, check_timeout(timeout))
 
     async def _apull(self, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:
         self._check_pull()
         self._bind_loop()
-        queue = self._queue
-        # The fast path takes what is there without creating a future.
-        messages = queue.pull(self, max_messages, 0, read_ahead)
-        if messages or timeout == 0:
-            return messages
-        _, messages = await until_done(
-            queue, self, lambda: queue.pull_attempt_locked(self, max_messages, read_ahead), timeout
+        engine = self._engine
+        off_loop = self._off_loop
+        if off_loop is None:
+            # The fast path takes what is there without creating a future.
+            messages = engine.try_pull(self, max_messages, read_ahead)
+            if messages or timeout == 0:
+                return messages
+            run = None
+        else:
+            run = self._run_off_loop
+            if timeout == 0:
+                return await run(lambda: engine.try_pull(self, max_messages, read_ahead))
+        result = await await_(
+            lambda wake: engine.pull_or_wait(self, max_messages, read_ahead, wake), engine.remove_waiter, timeout, run
         )
-        return messages
+        return result.value
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self
+    async def _run_off_loop(self, step: Callable[[], _T]) -> _T:
+        """Run an engine step in the broker's I/O thread, so that the loop never waits on a file.
 
-    async def __anext__(self) -> Message:
-        """Await the next message; ``async for`` ends when the subscription or broker closes."""
-        if self.buffer:  # the fast path: a message read ahead, no future, no take
-            # Only the bound loop may take it. On Python 3.11 asyncio.get_running_loop() makes a
-            # getpid() system call on every call (0.3 µs here, more than the rest of this path),
-            # so ask the loop instead: an asyncio loop records the thread running it, and a
-            # thread runs one loop at a time. Any other loop gets the full check.
-            loop = self._asyncio_loop
-            if loop is None or loop._thread_id != get_ident():  # type: ignore[attr-defined]  # private but in every asyncio release
-                self._bind_loop()
-            try:
-                # deque.popleft is atomic (documented thread-safe, with or without the GIL), so
-                # this pop and close()'s hand-back never both get one message.
-                return self.buffer.popleft()
-            except IndexError:
-                pass
-        # Yield to the loop now and then, so a consumer that always finds messages waiting still
-        # lets the loop's other tasks run (asyncio does not switch on a ready await). Not on every
-        # refill: a yield runs the loop's select, which releases the GIL, and while a producer
-        # thread runs, taking it back can wait for the 5 ms switch interval.
-        self._refills += 1
-        if self._refills >= YIELD_EVERY:
-            self._refills = 0
-            await asyncio.sleep(0)
+        A step cannot be stopped once it runs. If the awaiting task is cancelled meanwhile, what
+        the step took is kept for this subscription's next read (or given back when it closes):
+        cancelling consumes nothing.
+        """
+        assert self._off_loop is not None
+        future: asyncio.Future[_T] = asyncio.ensure_future(self._off_loop(step))  # type: ignore[arg-type]  # OffLoop is generic per call
         try:
-            return (await self._apull(1, None, READ_AHEAD))[0]
-        except SubscriptionClosed:
-            raise StopAsyncIteration from None
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._keep_what_was_taken)
+            raise
+
+    def _keep_what_was_taken(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if isinstance(result, Attempt):
+            self._engine.remove_waiter(result.waiter)
+            result = result.value
+        if isinstance(result, list) and result:
+            self.buffer.extendleft(reversed(result))
+
+    def __aiter__(self) -> _AsyncIteration:
+        return _AsyncIteration(self)
+
+    def _give_back_read_ahead(self) -> None:
+        """Return what iteration read ahead to the cursor, for whichever consumer reads next."""
+        if not self.closed:  # closing gave it back already
+            self._engine.give_back(self)
 
     async def __aenter__(self) -> Self:
         return self
@@ -246,7 +280,7 @@ class Subscription:
             NotPending: a message is not pending (never delivered, already acked, dead-lettered,
                 or given twice); then none of them was acked.
         """
-        self._queue.ack(self, (message, *more) if more else (message,))
+        self._engine.ack(self, (message, *more) if more else (message,))
 
     def nack(self, message: Message | int, delay: float = 0.0) -> None:
         """Give a message back: it is redelivered after ``delay`` seconds of broker clock.
@@ -254,7 +288,7 @@ class Subscription:
         A nack counts as a failed delivery, so a message nacked ``max_deliveries`` times goes to
         the dead-letter queue instead.
         """
-        self._queue.nack(self, message, check_timeout(delay, name="delay") or 0.0)
+        self._engine.nack(self, message, check_timeout(delay, name="delay") or 0.0)
 
     # -- position and filter -------------------------------------------------------------
 
@@ -263,16 +297,16 @@ class Subscription:
 
         Pending (delivered, unacked) messages stay pending.
         """
-        return self._queue.seek(self, target)
+        return self._engine.seek(self, target)
 
     def join(self, events: str | Iterable[str]) -> None:
         """Also receive ``events`` (names or wildcard patterns) from now on."""
         EventFilter(events)  # validate before touching the cursor
-        self._queue.set_filter(self, lambda current: current.union(events))
+        self._engine.set_filter(self, lambda current: current.union(events))
 
     def leave(self, events: str | Iterable[str]) -> None:
         """Stop receiving ``events``, which must be names or patterns in the filter."""
-        self._queue.set_filter(self, lambda current: current.without(events))
+        self._engine.set_filter(self, lambda current: current.without(events))
 
     @property
     def events(self) -> tuple[str, ...] | None:
@@ -282,27 +316,27 @@ class Subscription:
     @property
     def queue(self) -> str:
         """The name of the queue this subscription reads."""
-        return self._queue.name
+        return self._engine.name
 
     @property
     def position(self) -> int:
         """The offset the cursor reads next."""
-        return self._queue.cursor_stats(self)[0]
+        return self._engine.cursor_stats(self)[0]
 
     @property
     def lag(self) -> int:
         """How many messages that pass the filter lie between the position and the end."""
-        return self._queue.cursor_stats(self)[1]
+        return self._engine.cursor_stats(self)[1]
 
     @property
     def pending(self) -> int:
         """How many delivered messages await an ack (or a retry) on this subscription's cursor."""
-        return self._queue.cursor_stats(self)[2]
+        return self._engine.cursor_stats(self)[2]
 
     @property
     def missed(self) -> int:
         """How many matching messages retention dropped before this cursor read them."""
-        return self._queue.cursor_stats(self)[3]
+        return self._engine.cursor_stats(self)[3]
 
     # -- closing -------------------------------------------------------------------------
 
@@ -316,7 +350,7 @@ class Subscription:
             if self._detached:
                 return
             self._detached = True
-        self._queue.detach(self, self.cursor)
+        self._engine.detach(self)
 
     def __enter__(self) -> Self:
         return self
@@ -333,3 +367,64 @@ class Subscription:
         kind = "push" if self.is_push else "pull"
         state = "closed" if self.closed else "open"
         return f"<mqlite.Subscription {self.label} {kind} events={self.cursor.filter.spec!r} {state}>"
+
+
+class _AsyncIteration:
+    """One ``async for`` over a subscription. Used from its subscription's loop only.
+
+    If the loop is left without closing the subscription (a ``break``, an exception, a
+    cancelled task), what it read ahead goes back to the cursor once the iteration is gone, so
+    another consumer of the name gets it: nothing read ahead is lost.
+    """
+
+    __slots__ = ("_buffer", "_refills", "_sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+        self._buffer = sub.buffer
+        # Refills since the iteration last yielded to the loop.
+        self._refills = 0
+
+    def __aiter__(self) -> _AsyncIteration:
+        return self
+
+    async def __anext__(self) -> Message:
+        """Await the next message; ``async for`` ends when the subscription or broker closes."""
+        sub = self._sub
+        if self._buffer:  # the fast path: a message read ahead, no future, no take
+            # Only the bound loop may take it. On Python 3.11 asyncio.get_running_loop() makes a
+            # getpid() system call on every call (more than the rest of this path), so ask the
+            # loop instead: an asyncio loop records the thread running it, and a thread runs one
+            # loop at a time. Any other loop gets the full check.
+            loop = sub._asyncio_loop
+            if loop is None or loop._thread_id != get_ident():  # type: ignore[attr-defined]  # private but in every asyncio release
+                sub._bind_loop()
+            try:
+                # deque.popleft is atomic (documented thread-safe, with or without the GIL), so
+                # this pop and close()'s hand-back never both get one message.
+                return self._buffer.popleft()
+            except IndexError:
+                pass
+        # Yield to the loop now and then, so a consumer that always finds messages waiting still
+        # lets the loop's other tasks run (asyncio does not switch on a ready await). Not on every
+        # refill: a yield runs the loop's select, which releases the GIL, and while a producer
+        # thread runs, taking it back can wait for the 5 ms switch interval.
+        self._refills += 1
+        if self._refills >= YIELD_EVERY:
+            self._refills = 0
+            await asyncio.sleep(0)
+        try:
+            return (await sub._apull(1, None, READ_AHEAD))[0]
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    def __del__(self) -> None:
+        sub = self._sub
+        loop = sub._loop
+        if self._buffer and not sub.closed and loop is not None and not loop.is_closed():
+            # Not here and now: a finaliser may run on any thread, even one inside mqlite. The
+            # loop runs the give-back soon, with no lock held.
+            try:
+                loop.call_soon_threadsafe(sub._give_back_read_ahead)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody is left to read them

@@ -37,13 +37,14 @@ def pull_all(sub: mqlite.Subscription) -> list[mqlite.Message]:
 def stop_after_publishing_dead_letters(queue: mqlite.Queue) -> None:
     """Make ``queue`` publish its dead letters but never settle their pending rows on the file,
     as a process would that died right after the publish committed."""
-    publish = queue._dead_letter_sink
+    engine = queue._engine  # type: ignore[attr-defined]  # reaching into the engine is the point
+    publish = engine._dead_letters
 
     def publish_only(dead: list[Any]) -> list[Any]:
         publish(dead)
         return []
 
-    queue._dead_letter_sink = publish_only  # type: ignore[method-assign]
+    engine._dead_letters = publish_only
 
 
 def payloads(messages: list[mqlite.Message]) -> list[Any]:

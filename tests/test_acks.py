@@ -565,23 +565,6 @@ def test_the_push_thread_survives_a_raising_callback(broker: mqlite.Broker) -> N
     assert broker.info().subscription("q", "n").dead_lettered == 1
 
 
-def test_a_callback_that_raises_base_exception_does_not_kill_the_worker(
-    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher
-) -> None:
-    handled: list[int] = []
-
-    def exits(message: mqlite.Message) -> None:
-        if message.payload == 0:
-            raise SystemExit("a callback calling sys.exit")
-        handled.append(message.payload)
-
-    manual_broker.subscribe("q", name="n", callback=exits, max_deliveries=1)
-    manual_broker.publish("q", "e", 0)
-    manual_broker.publish("q", "e", 1)
-    assert manual_broker.drain(timeout=WAIT)
-    assert handled == [1]
-
-
 def test_a_manual_push_callback_that_raises_is_retried_and_can_then_ack(
     manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
 ) -> None:

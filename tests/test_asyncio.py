@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-from helpers import Worker, payloads
+from helpers import WAIT, Worker, payloads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -520,5 +520,295 @@ def test_sync_and_async_consumers_of_one_name_get_each_message_once(readers: lis
                     received += [m.payload for m in await async_sub.apoll(max_messages=2)]
             received += [m.payload for m in sync_sub.poll(max_messages=total)]
             assert sorted(received) == list(range(total))
+
+    run(body)
+
+
+# -- what a coroutine callback may raise -----------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit], ids=lambda e: e.__name__)
+def test_a_coroutine_callback_that_raises_a_base_exception_stops_its_task_and_propagates(
+    make_broker: Callable[..., mqlite.Broker], stop: type[BaseException]
+) -> None:
+    broker = make_broker()
+    calls: list[int] = []
+
+    async def body() -> None:
+        async def handle(message: mqlite.Message) -> None:
+            calls.append(message.payload)
+            if message.payload == 1:
+                raise stop
+
+        broker.subscribe("q", name="n", callback=handle)
+        for i in range(3):
+            broker.publish("q", "e", i)
+        await asyncio.get_running_loop().create_future()  # until the callback stops the loop
+
+    with pytest.raises(stop):
+        run(body)
+    assert calls == [0, 1]
+
+
+def test_a_coroutine_push_task_stopped_by_system_exit_logs_that_it_stopped(
+    make_broker: Callable[..., mqlite.Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker()
+
+    async def body() -> None:
+        async def handle(message: mqlite.Message) -> None:
+            raise SystemExit
+
+        broker.subscribe("q", name="n", callback=handle)
+        broker.publish("q", "e")
+        await asyncio.get_running_loop().create_future()
+
+    with caplog.at_level("ERROR", logger="mqlite"), pytest.raises(SystemExit):
+        run(body)
+    assert "push task for q/n#1 stopped" in caplog.text
+
+
+def test_a_coroutine_callback_that_raises_system_exit_hands_back_the_rest_of_its_batch(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    broker = make_broker()
+    first: list[mqlite.Subscription] = []
+
+    async def stopped() -> None:
+        async def handle(message: mqlite.Message) -> None:
+            if message.payload == 1:
+                raise SystemExit
+
+        first.append(broker.subscribe("q", name="n", callback=handle))
+        for i in range(3):
+            broker.publish("q", "e", i)
+        await asyncio.get_running_loop().create_future()
+
+    with pytest.raises(SystemExit):
+        run(stopped)
+    assert broker.info().subscription("q", "n").acked == 1  # only the message handled before it
+    first[0].close()
+    received: list[int] = []
+
+    async def again() -> None:
+        async def handle(message: mqlite.Message) -> None:
+            received.append(message.payload)
+
+        broker.subscribe("q", name="n", callback=handle)
+        assert await broker.adrain(timeout=WAIT)
+
+    run(again)
+    assert received == [1, 2]
+
+
+def test_a_coroutine_callback_that_raises_an_exception_is_logged_and_its_task_goes_on(
+    make_broker: Callable[..., mqlite.Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker(clock=mqlite.ManualClock())
+    calls: list[int] = []
+
+    async def body() -> None:
+        async def handle(message: mqlite.Message) -> None:
+            calls.append(message.payload)
+            if message.payload == 0:
+                raise RuntimeError("driver unreachable")
+
+        broker.subscribe("q", name="n", callback=handle)
+        for i in range(3):
+            broker.publish("q", "e", i)
+        assert not await broker.adrain(timeout=0.05)  # 0 waits for its retry on the manual clock
+
+    with caplog.at_level("WARNING", logger="mqlite"):
+        run(body)
+    assert calls == [0, 1, 2]
+    assert "driver unreachable" in caplog.text
+    info = broker.info().subscription("q", "n")
+    assert (info.acked, info.pending) == (2, 1)
+
+
+# -- closing a broker with coroutine callbacks -------------------------------------------------
+
+
+def _push_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("mqlite-push-")]
+
+
+def test_aclose_ends_coroutine_push_tasks_waiting_for_messages(make_broker: Callable[..., mqlite.Broker]) -> None:
+    async def body() -> None:
+        broker = make_broker()
+
+        async def handle(message: mqlite.Message) -> None:
+            pass
+
+        broker.subscribe("q", callback=handle)
+        broker.subscribe("q", name="n", callback=handle)
+        await asyncio.sleep(0)  # the tasks start and wait for messages
+        tasks = _push_tasks()
+        assert len(tasks) == 2
+        await broker.aclose(timeout=WAIT)
+        assert all(t.done() for t in tasks)
+
+    run(body)
+
+
+def test_aclose_waits_for_a_running_coroutine_callback(make_broker: Callable[..., mqlite.Broker]) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        entered = asyncio.Event()
+        release = asyncio.Event()
+        finished: list[int] = []
+
+        async def slow(message: mqlite.Message) -> None:
+            entered.set()
+            await release.wait()
+            finished.append(message.payload)
+
+        broker.subscribe("q", name="n", callback=slow)
+        broker.publish("q", "e", 0)
+        broker.publish("q", "e", 1)
+        await entered.wait()
+        closing = asyncio.create_task(broker.aclose(timeout=WAIT))
+        await asyncio.sleep(0)
+        assert not closing.done()
+        release.set()
+        await closing
+        assert finished == [0]  # it finished; the next one never started
+        assert broker.info().subscription("q", "n").acked == 1
+
+    run(body)
+
+
+def test_aclose_cancels_a_coroutine_callback_that_outlasts_its_timeout(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        entered = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def hangs(message: mqlite.Message) -> None:
+            entered.set()
+            try:
+                await asyncio.get_running_loop().create_future()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        broker.subscribe("q", name="n", callback=hangs)
+        broker.publish("q", "e")
+        await entered.wait()
+        await broker.aclose(timeout=0.05)
+        assert cancelled.is_set()
+        assert all(t.done() for t in _push_tasks())
+        info = broker.info().subscription("q", "n")
+        assert (info.acked, info.delivered) == (0, 0)  # handed back, not counted
+
+    run(body)
+
+
+def test_broker_close_from_another_thread_waits_for_a_running_coroutine_callback(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        entered = asyncio.Event()
+        release = asyncio.Event()
+        finished: list[int] = []
+
+        async def slow(message: mqlite.Message) -> None:
+            entered.set()
+            await release.wait()
+            finished.append(message.payload)
+
+        broker.subscribe("q", callback=slow)
+        broker.publish("q", "e", 0)
+        await entered.wait()
+        seen_by_close: list[list[int]] = []
+
+        def close() -> None:
+            broker.close(timeout=WAIT)
+            seen_by_close.append(list(finished))
+
+        thread = start_thread(close)
+        try:
+            await asyncio.to_thread(thread.join, 0.2)
+            assert thread.is_alive(), "close() returned while a coroutine callback was still running"
+            release.set()
+            await asyncio.to_thread(thread.join, WAIT)
+        finally:
+            release.set()
+            thread.join(TIMEOUT)
+        assert seen_by_close == [[0]]
+
+    run(body)
+
+
+def test_broker_close_from_another_thread_cancels_a_coroutine_callback_that_outlasts_its_timeout(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        entered = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def hangs(message: mqlite.Message) -> None:
+            entered.set()
+            try:
+                await asyncio.get_running_loop().create_future()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        broker.subscribe("q", name="n", callback=hangs)
+        broker.publish("q", "e")
+        await entered.wait()
+        await asyncio.to_thread(broker.close, 0.05)
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+        info = broker.info().subscription("q", "n")
+        assert (info.acked, info.delivered) == (0, 0)
+
+    run(body)
+
+
+def test_aclose_does_not_block_the_loop_while_it_joins_push_threads(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        entered = threading.Event()
+        release = threading.Event()
+
+        def slow(message: mqlite.Message) -> None:
+            entered.set()
+            release.wait(WAIT)
+
+        broker.subscribe("q", callback=slow)
+        broker.publish("q", "e")
+        try:
+            assert await asyncio.to_thread(entered.wait, WAIT)
+            closing = asyncio.create_task(broker.aclose(timeout=WAIT))
+            await asyncio.sleep(0)  # aclose runs up to its first await
+            assert not closing.done()  # the loop runs this while aclose waits for the push thread
+        finally:
+            release.set()
+        await closing
+        assert broker.closed
+
+    run(body)
+
+
+def test_a_coroutine_callback_may_aclose_its_own_broker(make_broker: Callable[..., mqlite.Broker]) -> None:
+    async def body() -> None:
+        broker = make_broker()
+        closed = asyncio.Event()
+
+        async def closes(message: mqlite.Message) -> None:
+            await broker.aclose(timeout=WAIT)
+            closed.set()
+
+        broker.subscribe("q", callback=closes)
+        broker.publish("q", "e")
+        await asyncio.wait_for(closed.wait(), WAIT / 2)  # not held up by waiting for itself
+        assert broker.closed
 
     run(body)

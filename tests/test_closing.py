@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from helpers import WAIT, Worker, payloads, wait_until_blocked
@@ -210,3 +212,72 @@ def test_the_broker_works_after_a_subscription_closes(broker: mqlite.Broker) -> 
     sub = broker.subscribe("q")
     broker.publish("q", "e", 1)
     assert payloads(sub.poll()) == [1]
+
+
+def test_an_async_with_broker_is_closed_on_exit(make_broker: Callable[..., mqlite.Broker]) -> None:
+    async def body() -> mqlite.Broker:
+        async with make_broker() as broker:
+            sub = broker.subscribe("q")
+        assert sub.closed
+        return broker
+
+    assert asyncio.run(asyncio.wait_for(body(), WAIT)).closed
+
+
+def test_aclose_closes_the_broker(make_broker: Callable[..., mqlite.Broker]) -> None:
+    broker = make_broker()
+    sub = broker.subscribe("q")
+    asyncio.run(asyncio.wait_for(broker.aclose(), WAIT))
+    assert broker.closed
+    assert sub.closed
+    with pytest.raises(mqlite.BrokerClosed):
+        broker.publish("q", "e")
+
+
+def test_aclose_is_idempotent(make_broker: Callable[..., mqlite.Broker]) -> None:
+    broker = make_broker()
+
+    async def body() -> None:
+        await broker.aclose()
+        await broker.aclose()
+
+    asyncio.run(asyncio.wait_for(body(), WAIT))
+    broker.close()
+    assert broker.closed
+
+
+def test_aclose_after_close_returns_at_once(make_broker: Callable[..., mqlite.Broker]) -> None:
+    broker = make_broker()
+    broker.close()
+    asyncio.run(asyncio.wait_for(broker.aclose(), WAIT))
+    assert broker.closed
+
+
+def test_aclose_lets_a_running_push_thread_callback_finish(make_broker: Callable[..., mqlite.Broker]) -> None:
+    broker = make_broker()
+    entered = threading.Event()
+    release = threading.Event()
+    finished: list[int] = []
+
+    def slow(message: mqlite.Message) -> None:
+        entered.set()
+        release.wait(WAIT)
+        finished.append(message.payload)
+
+    broker.subscribe("q", callback=slow)
+    broker.publish("q", "e", 0)
+    broker.publish("q", "e", 1)
+
+    async def body() -> None:
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        closing = asyncio.create_task(broker.aclose(timeout=WAIT))
+        await asyncio.sleep(0)  # aclose closes the subscription and starts waiting for the thread
+        release.set()
+        await closing
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), WAIT))
+    finally:
+        release.set()
+    # The running callback finished; the next one never started.
+    assert finished == [0]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 from helpers import WAIT, payloads, pull_all
@@ -252,3 +254,184 @@ def test_manual_dispatcher_delivers_what_callbacks_publish(
     manual_broker.publish("a", "e", "hi")
     dispatcher.run_ready()
     assert chain == ["hi!"]
+
+
+# -- what a callback may raise ---------------------------------------------------------------
+
+STOPPING = [KeyboardInterrupt, SystemExit, GeneratorExit]
+
+
+@pytest.mark.parametrize("stop", STOPPING, ids=lambda e: e.__name__)
+def test_a_callback_that_raises_a_base_exception_stops_the_work_and_propagates(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher, stop: type[BaseException]
+) -> None:
+    calls: list[int] = []
+
+    def callback(message: mqlite.Message) -> None:
+        calls.append(message.payload)
+        if message.payload == 1:
+            raise stop
+
+    manual_broker.subscribe("q", name="n", callback=callback)
+    for i in range(3):
+        manual_broker.publish("q", "e", i)
+    with pytest.raises(stop):
+        dispatcher.run_ready()
+    # Neither retried nor carried on past: the rest of the batch was never handed over.
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("stop", STOPPING, ids=lambda e: e.__name__)
+def test_a_base_exception_in_a_callback_is_neither_acked_nor_a_failure(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher, stop: type[BaseException]
+) -> None:
+    def callback(message: mqlite.Message) -> None:
+        if message.payload == 1:
+            raise stop
+
+    manual_broker.subscribe("q", name="n", callback=callback, max_deliveries=1)
+    for i in range(3):
+        manual_broker.publish("q", "e", i)
+    with pytest.raises(stop):
+        dispatcher.run_ready()
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.delivered, info.acked, info.redelivered, info.dead_lettered) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("stop", STOPPING, ids=lambda e: e.__name__)
+def test_messages_a_base_exception_stopped_are_delivered_again_later(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher, stop: type[BaseException]
+) -> None:
+    calls: list[int] = []
+
+    def stops_once(message: mqlite.Message) -> None:
+        calls.append(message.payload)
+        if len(calls) == 2:
+            raise stop
+
+    manual_broker.subscribe("q", name="n", callback=stops_once)
+    for i in range(3):
+        manual_broker.publish("q", "e", i)
+    with pytest.raises(stop):
+        manual_broker.drain(timeout=WAIT)
+    assert manual_broker.drain(timeout=WAIT)
+    assert calls == [0, 1, 1, 2]
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.acked, info.redelivered, info.pending, info.lag) == (3, 0, 0, 0)
+
+
+def test_messages_a_base_exception_stopped_go_to_the_next_subscription_of_the_name(
+    manual_broker: mqlite.Broker, dispatcher: mqlite.ManualDispatcher
+) -> None:
+    def interrupted(message: mqlite.Message) -> None:
+        raise KeyboardInterrupt
+
+    first = manual_broker.subscribe("q", name="n", callback=interrupted)
+    for i in range(3):
+        manual_broker.publish("q", "e", i)
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.run_ready()
+    first.close()
+    received: list[int] = []
+    manual_broker.subscribe("q", name="n", callback=lambda m: received.append(m.payload))
+    assert manual_broker.drain(timeout=WAIT)
+    assert received == [0, 1, 2]
+
+
+def test_an_exception_in_a_callback_is_logged_retried_and_the_batch_goes_on(
+    manual_broker: mqlite.Broker,
+    clock: mqlite.ManualClock,
+    dispatcher: mqlite.ManualDispatcher,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def fails_once(message: mqlite.Message) -> None:
+        calls.append(message.payload)
+        if calls.count(message.payload) == 1 and message.payload == 0:
+            raise RuntimeError("first try fails")
+
+    manual_broker.subscribe("q", name="n", callback=fails_once, backoff=mqlite.Backoff(initial=1.0))
+    for i in range(3):
+        manual_broker.publish("q", "e", i)
+    with caplog.at_level("WARNING", logger="mqlite"):
+        dispatcher.run_ready()
+    assert calls == [0, 1, 2]
+    assert "first try fails" in caplog.text
+    clock.advance(1)
+    assert manual_broker.drain(timeout=WAIT)
+    assert calls == [0, 1, 2, 0]
+    info = manual_broker.info().subscription("q", "n")
+    assert (info.acked, info.redelivered, info.pending) == (3, 1, 0)
+
+
+# The worker re-raises on its thread, as it should; pytest reports every exception a thread raises.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_push_thread_whose_callback_raises_system_exit_logs_that_it_stopped(
+    make_broker: Callable[..., mqlite.Broker], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker()
+    raised = threading.Event()
+
+    def exits(message: mqlite.Message) -> None:
+        raised.set()
+        raise SystemExit("a callback calling sys.exit")
+
+    with caplog.at_level("ERROR", logger="mqlite"):
+        broker.subscribe("q", name="n", callback=exits)
+        broker.publish("q", "e")
+        assert raised.wait(WAIT)
+        broker.close(timeout=WAIT)  # joins the push thread
+    assert "stopped" in caplog.text
+    assert broker.info().subscription("q", "n").acked == 0
+
+
+# -- drain at its deadline -----------------------------------------------------------------
+
+
+class _ClosesOnSecondLook:
+    """A dispatcher that runs nothing, and closes ``subscription`` the second time drain looks.
+
+    That settles everything without the progress signal a drain waits for, as a subscription
+    closed by another thread while a drain waits does.
+    """
+
+    def __init__(self) -> None:
+        self.subscription: mqlite.Subscription | None = None
+        self.looks = 0
+
+    def start(self, worker: object) -> None:
+        pass
+
+    def run_ready(self) -> bool:
+        self.looks += 1
+        if self.looks == 2 and self.subscription is not None:
+            self.subscription.close()
+        return False
+
+    def close(self, timeout: float) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("how", ["drain", "adrain"])
+def test_drain_and_adrain_look_once_more_at_their_deadline(make_broker: Callable[..., mqlite.Broker], how: str) -> None:
+    dispatcher = _ClosesOnSecondLook()
+    broker = make_broker(dispatcher=dispatcher)
+    dispatcher.subscription = broker.subscribe("q", callback=lambda m: None)
+    broker.publish("q", "e")
+    drained = broker.drain(timeout=0.05) if how == "drain" else asyncio.run(broker.adrain(timeout=0.05))
+    assert drained is True
+    assert dispatcher.looks == 2
+
+
+@pytest.mark.parametrize("how", ["drain", "adrain"])
+def test_drain_and_adrain_return_false_when_unsettled_at_their_deadline(
+    make_broker: Callable[..., mqlite.Broker], how: str
+) -> None:
+    dispatcher = _ClosesOnSecondLook()  # never given a subscription: nothing ever settles
+    broker = make_broker(dispatcher=dispatcher)
+    broker.subscribe("q", callback=lambda m: None)
+    broker.publish("q", "e")
+    drained = broker.drain(timeout=0.05) if how == "drain" else asyncio.run(broker.adrain(timeout=0.05))
+    assert drained is False
+    assert dispatcher.looks == 2

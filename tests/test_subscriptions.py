@@ -77,13 +77,13 @@ def test_get_returns_none_when_the_timeout_passes(broker: mqlite.Broker) -> None
 
 
 def test_a_get_that_times_out_or_is_woken_leaves_no_waiter_behind(broker: mqlite.Broker) -> None:
-    # White-box (the queue's waiter list): a waiter left behind would be woken, and
+    # A waiter left behind would be woken, and
     # counted, by later publishes for nobody.
     sub = broker.subscribe("q")
     queue = broker.queue("q")
     for _ in range(3):
         assert sub.get(timeout=0.001) is None
-    assert queue._waiters == []
+    assert queue.waiting == 0
     worker = Worker(lambda: sub.get(timeout=WAIT))
     try:
         wait_until_blocked(queue)
@@ -91,7 +91,7 @@ def test_a_get_that_times_out_or_is_woken_leaves_no_waiter_behind(broker: mqlite
     finally:
         message = worker.join()
     assert message is not None
-    assert queue._waiters == []
+    assert queue.waiting == 0
 
 
 def test_get_waits_for_a_message_published_from_another_thread(broker: mqlite.Broker) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mqlite.errors import SerializationError, StorageError
@@ -91,24 +91,41 @@ class PickleSerializer:
         return pickle.loads(data)  # opt-in, documented as unsafe
 
 
-def encode_row(serializer: Serializer, message: Message) -> tuple[Any, ...]:
-    """The stored row of ``message``: ``(queue, offset, event, payload, key, headers, timestamp)``.
+Fields = tuple[bytes, bytes | None, bytes | None]
+"""A message's encoded payload, key and headers: what a publish encodes before it takes a lock."""
+
+
+def encode_fields(
+    serializer: Serializer, queue: str, event: str, payload: Any, key: Any, headers: Mapping[str, Any]
+) -> Fields:
+    """The stored payload, key and headers of a message about to be published.
 
     Raises:
         SerializationError: the payload, key or headers cannot be encoded.
     """
     dumps = serializer.dumps
     try:
-        payload = dumps(message[1])
-        key = None if message.key is None else dumps(message.key)
-        headers = dumps(dict(message.headers)) if message.headers else None
+        return (
+            dumps(payload),
+            None if key is None else dumps(key),
+            dumps(dict(headers)) if headers else None,
+        )
     except Exception as error:  # any encoder failure is the user's value, reported as such
         raise SerializationError(
-            f"cannot store the message {message[0]!r} for queue {message.queue!r}: the "
+            f"cannot store the message {event!r} for queue {queue!r}: the "
             f"{serializer.name} serializer failed ({type(error).__name__}: {error}); publish "
             "JSON-compatible values or open the broker with another serializer. Nothing was written."
         ) from error
-    return (message.queue, message[2], message[0], payload, key, headers, message[3])
+
+
+def encode_row(serializer: Serializer, message: Message) -> tuple[Any, ...]:
+    """The stored row of ``message``: ``(queue, offset, event, payload, key, headers, timestamp)``.
+
+    Raises:
+        SerializationError: the payload, key or headers cannot be encoded.
+    """
+    fields = encode_fields(serializer, message.queue, message[0], message[1], message.key, message.headers)
+    return (message.queue, message[2], message[0], *fields, message[3])
 
 
 def decode_row(serializer: Serializer, queue: str, row: Sequence[Any], where: str) -> Message:

@@ -272,7 +272,7 @@ def publish_many_appends_all_or_none(brokers: _Brokers) -> None:
     queue = broker.queue("q", retention="limits")
     queue.publish("e", 0)
     _raises(mqlite.InvalidName, lambda: queue.publish_many([("e", 1), ("bad*", 2)]))
-    _raises(mqlite.InvalidArgument, lambda: queue.publish_many([("e", 1), "not a pair"]))  # type: ignore[list-item]
+    _raises(mqlite.InvalidArgument, lambda: queue.publish_many([("e", 1), "not a pair"]))
     assert queue.publish_many([]) == []
     assert queue.end_offset == 1
     assert _payloads(_pull_all(broker.subscribe("q", start="earliest"))) == [0]

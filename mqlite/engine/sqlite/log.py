@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from mqlite.engine.codec import Fields
 from mqlite.engine.memory_log import MemoryLog
 from mqlite.message import Message
 
@@ -55,6 +56,15 @@ class SqliteLog:
         self.append = self._append
         self._insert_one = store.insert_one
         self._cache_append = cache.append
+
+    def write(self, messages: Sequence[Message], fields: Sequence[Fields]) -> None:
+        """Append messages whose payload, key and headers were encoded before the lock: all or none."""
+        rows = [(self.queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
+        if len(rows) == 1:
+            self.store.insert_row(rows[0])
+        else:
+            self.store.insert(rows)
+        self._cache.extend(messages)
 
     def _append(self, message: Message) -> None:
         self._insert_one(message)

@@ -416,8 +416,11 @@ class SqliteStore:
         return decode_row(self.serializer, queue, row, self.path)
 
     def insert_one(self, message: Message) -> None:
-        """Append one message. The durable publish path."""
-        row = self.encode(message)
+        """Append one message."""
+        self.insert_row(self.encode(message))
+
+    def insert_row(self, row: tuple[Any, ...]) -> None:
+        """Append one encoded message. The durable publish path."""
         writer = self._writer
         if writer is not None:
             writer.submit_row(row)

@@ -1,0 +1,139 @@
+"""Instruction counts per operation, from valgrind's callgrind: repeatable on a noisy machine.
+
+Wall-clock figures on these machines spread by 50% and more; callgrind counts instructions,
+which repeat exactly for the same interpreter, code and inputs. Each scenario runs twice, with
+``SMALL`` and ``LARGE`` operations after the same set-up, and the difference divided by
+``LARGE - SMALL`` is the cost of one operation, with start-up and set-up cancelled out.
+
+Run: ``python -m benchmarks.instructions`` (needs ``valgrind`` on the PATH). One scenario:
+``python -m benchmarks.instructions publish``. The child mode (``--run NAME COUNT``) is what
+valgrind runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+
+SMALL = 2_000
+LARGE = 12_000
+
+
+def _publish(count: int) -> None:
+    import mqlite
+
+    broker = mqlite.Broker()
+    broker.subscribe("q", name="idle")  # one idle subscriber, as the publish scenario has
+    publish = broker.publish
+    for i in range(count):
+        publish("q", "e", i)
+    broker.close()
+
+
+def _get(count: int) -> None:
+    import mqlite
+
+    broker = mqlite.Broker()
+    sub = broker.subscribe("q", name="s")
+    for i in range(count):
+        broker.publish("q", "e", i)
+    get = sub.get
+    for _ in range(count):
+        get(timeout=0)
+    broker.close()
+
+
+def _get_ack(count: int) -> None:
+    import mqlite
+
+    broker = mqlite.Broker()
+    sub = broker.subscribe("q", name="s", ack="manual")
+    for i in range(count):
+        broker.publish("q", "e", i)
+    get = sub.get
+    ack = sub.ack
+    for _ in range(count):
+        message = get(timeout=0)
+        assert message is not None
+        ack(message)
+    broker.close()
+
+
+def _publish_push10(count: int) -> None:
+    import mqlite
+
+    dispatcher = mqlite.ManualDispatcher()
+    broker = mqlite.Broker(dispatcher=dispatcher)
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for _ in range(10):
+        broker.subscribe("q", callback=callback)
+    publish = broker.publish
+    for i in range(count):
+        publish("q", "e", i)
+        if i % 100 == 99:
+            dispatcher.run_ready()
+    dispatcher.run_ready()
+    assert seen[0] == 10 * count, seen[0]
+    broker.close()
+
+
+SCENARIOS: dict[str, Callable[[int], None]] = {
+    "publish": _publish,
+    "get": _get,
+    "get+ack": _get_ack,
+    "publish+10 push": _publish_push10,
+}
+
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def _instructions(name: str, count: int) -> int:
+    result = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            "--run",
+            name,
+            str(count),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    match = _COLLECTED.search(result.stderr)
+    if match is None:
+        raise RuntimeError(f"callgrind printed no instruction count:\n{result.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def per_operation(name: str) -> float:
+    """Instructions one operation of scenario ``name`` costs."""
+    return (_instructions(name, LARGE) - _instructions(name, SMALL)) / (LARGE - SMALL)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--run"]:
+        gc.disable()  # the collector's cadence would add noise that has nothing to do with the code
+        SCENARIOS[argv[1]](int(argv[2]))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    for name in argv or list(SCENARIOS):
+        print(f"{name:<18} {per_operation(name):>10,.0f} instructions per operation", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,124 @@
+"""One deadline loop for every face that waits: blocking calls, asyncio, push workers.
+
+An engine's ``*_or_wait`` step either gets what the caller waits for, or registers a one-shot
+waiter and says how long the wait may last at most (a retry or ack timeout falls due then).
+:func:`wait` sleeps on a lock released by the waker; :func:`await_` awaits a future that the
+waker resolves through the loop. The loop around them is the same: compute the deadline once,
+try, wait for the remaining time, try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from mqlite._delivery.waiters import Waiter
+from mqlite.engine.base import Attempt
+
+__all__ = ["await_", "loop_waker", "wait"]
+
+_T = TypeVar("_T")
+
+Try = Callable[[Callable[[], object]], Attempt[_T]]
+"""One step of an engine, given the wake function to register if it must wait."""
+
+
+def _bounded(wait_at_most: float | None, remaining: float | None) -> float | None:
+    if remaining is None:
+        return wait_at_most
+    return remaining if wait_at_most is None or remaining < wait_at_most else wait_at_most
+
+
+def wait(attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: float | None) -> Attempt[_T]:
+    """Try until ``attempt`` is done or ``timeout`` seconds pass; the last attempt is returned.
+
+    Holds no lock while it waits, so a step that raises (a file that stayed locked) raises here
+    with nothing half-done.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        signal = threading.Lock()
+        signal.acquire()
+        result = attempt(signal.release)
+        if result.done:
+            return result
+        remaining = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                remove(result.waiter)
+                return result
+        bound = _bounded(result.wait_at_most, remaining)
+        if not signal.acquire(True, -1 if bound is None else bound):
+            remove(result.waiter)  # whoever wakes a waiter removes it; only a timed-out wait removes its own
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def loop_waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Callable[[], None]:
+    """A wake function for ``future``; must be made on ``loop``'s thread.
+
+    It may be called from any thread, under a queue lock: it only schedules, never runs user code.
+    """
+    loop_thread = threading.get_ident()
+
+    def wake() -> None:
+        if threading.get_ident() == loop_thread:
+            _resolve(future)
+            return
+        try:
+            loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to wake
+
+    return wake
+
+
+Run = Callable[[Callable[[], Attempt[_T]]], Awaitable[Attempt[_T]]]
+"""How an async face runs one engine step: inline, or in a thread for an engine that does I/O."""
+
+
+async def await_(
+    attempt: Try[_T],
+    remove: Callable[[Waiter | None], None],
+    timeout: float | None,
+    run: Run[_T] | None = None,
+) -> Attempt[_T]:
+    """:func:`wait` for asyncio: the same loop, awaiting a future instead of blocking a thread.
+
+    ``run`` runs a step off the event loop (for engines with blocking I/O); by default steps run
+    inline, since they never block. Cancelling the awaiting task while it waits takes nothing:
+    a step either completes, with no await inside it, or takes nothing at all.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        future: asyncio.Future[None] = loop.create_future()
+        wake = loop_waker(loop, future)
+        if run is None:
+            result = attempt(wake)
+        else:
+            result = await run(functools.partial(attempt, wake))
+        if result.done:
+            return result
+        remaining = None
+        if deadline is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                remove(result.waiter)
+                return result
+        bound = _bounded(result.wait_at_most, remaining)
+        timer = loop.call_later(bound, _resolve, future) if bound is not None else None
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            remove(result.waiter)

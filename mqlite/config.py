@@ -1,0 +1,130 @@
+"""Settings records: a queue's retention (``QueueConfig``), retry delays (``Backoff``), and what
+every subscription sharing a cursor must agree on (``SubscriptionSettings``). All frozen."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import attrs
+
+from mqlite.errors import InvalidArgument
+from mqlite.filters import EventFilter
+
+__all__ = ["Backoff", "Overflow", "QueueConfig", "Retention", "Start", "SubscriptionSettings"]
+
+Start = Literal["earliest", "latest"] | int | datetime
+"""Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
+
+Retention = Literal["interest", "limits"]
+Overflow = Literal["drop_oldest", "reject"]
+
+
+def _check_limit(name: str, value: object, *, integer: bool) -> None:
+    if value is None:
+        return
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:  # type: ignore[operator]  # isinstance just proved a number
+        kind = "a positive int" if integer else "a positive number of seconds"
+        raise InvalidArgument(f"{name} must be None or {kind}, got {value!r}")
+
+
+@attrs.frozen
+class QueueConfig:
+    """How much of its log a queue keeps, and what happens when it is full.
+
+    Attributes:
+        retention: ``"interest"`` (default) keeps a message while some subscription still has to
+            read it: every named (durable) subscription, attached or not, and every open one.
+            A message that no cursor will ever read is dropped. ``"limits"`` keeps every message
+            until a limit drops it, even when nobody subscribes; with no limits it keeps all.
+        max_messages: Keep at most this many messages; None for no count limit.
+        max_age: Drop messages older than this many seconds (broker clock); None for no age limit.
+        overflow: What a publish does when ``max_messages`` are retained. ``"drop_oldest"`` drops
+            the oldest (subscriptions that had not read it count it as missed); ``"reject"`` raises
+            :class:`~mqlite.QueueFull` and writes nothing.
+    """
+
+    retention: Retention = "interest"
+    max_messages: int | None = None
+    max_age: float | None = None
+    overflow: Overflow = "drop_oldest"
+
+    def __attrs_post_init__(self) -> None:
+        if self.retention not in ("interest", "limits"):
+            raise InvalidArgument(f"retention must be 'interest' or 'limits', got {self.retention!r}")
+        if self.overflow not in ("drop_oldest", "reject"):
+            raise InvalidArgument(f"overflow must be 'drop_oldest' or 'reject', got {self.overflow!r}")
+        _check_limit("max_messages", self.max_messages, integer=True)
+        _check_limit("max_age", self.max_age, integer=False)
+        if self.overflow == "reject" and self.max_messages is None:
+            raise InvalidArgument("overflow='reject' needs max_messages to say when the queue is full")
+
+
+@attrs.frozen
+class Backoff:
+    """Delay before redelivering a message whose push callback raised.
+
+    The n-th failure waits ``min(initial * factor ** (n - 1), maximum)`` seconds of broker clock.
+    """
+
+    initial: float = attrs.field(default=0.1)
+    factor: float = attrs.field(default=2.0)
+    maximum: float = attrs.field(default=30.0)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.initial >= 0 or not self.factor >= 1 or not self.maximum >= self.initial:
+            raise InvalidArgument(f"Backoff needs initial >= 0, factor >= 1 and maximum >= initial, got {self!r}")
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failed delivery (1-based)."""
+        return float(min(self.initial * self.factor ** max(failures - 1, 0), self.maximum))
+
+
+@attrs.frozen
+class SubscriptionSettings:
+    """What every subscription attached to one cursor must agree on.
+
+    The one form of a cursor's settings: compared on attach, applied on reload, and stored on a
+    file through :meth:`to_stored` / :meth:`from_stored`.
+    """
+
+    event_filter: EventFilter = attrs.field(factory=lambda: EventFilter(None))
+    manual_ack: bool = False
+    ack_timeout: float | None = None
+    max_deliveries: int | None = None
+    dead_letter: str = ""
+    backoff: Backoff = attrs.field(factory=Backoff)
+
+    def describe(self) -> str:
+        """The settings as a person reads them, for conflict messages."""
+        return (
+            f"events={self.event_filter.spec!r}, ack={'manual' if self.manual_ack else 'auto'}, "
+            f"ack_timeout={self.ack_timeout!r}, max_deliveries={self.max_deliveries!r}, "
+            f"dead_letter={self.dead_letter!r}"
+        )
+
+    def to_stored(self) -> dict[str, Any]:
+        """The JSON-ready form a file keeps."""
+        spec = self.event_filter.spec
+        backoff = self.backoff
+        return {
+            "events": None if spec is None else list(spec),
+            "manual_ack": self.manual_ack,
+            "ack_timeout": self.ack_timeout,
+            "max_deliveries": self.max_deliveries,
+            "dead_letter": self.dead_letter,
+            "backoff": [backoff.initial, backoff.factor, backoff.maximum],
+        }
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> SubscriptionSettings:
+        """The settings a file keeps, as :meth:`to_stored` wrote them."""
+        return cls(
+            EventFilter(stored["events"]),
+            stored["manual_ack"],
+            stored["ack_timeout"],
+            stored["max_deliveries"],
+            stored["dead_letter"],
+            Backoff(*stored["backoff"]),
+        )

@@ -1,0 +1,249 @@
+"""The engine seam: what the faces (queue, subscription, dispatch, broker) ask of storage.
+
+A :class:`StorageEngine` is one broker's storage: it lists and opens queues, flushes and closes.
+Each queue it opens is a :class:`QueueEngine`, whose every method is one queue operation run
+as one atomic step: it completes, or raises and changes nothing. A step never blocks without a
+bound and never runs user code; waiting happens above it, in :mod:`mqlite._waiting`, through
+the one-shot waiters a step registers.
+
+In-memory and SQLite engines decide in Python with the pure rules of :mod:`mqlite._delivery`
+(through :mod:`mqlite.engine.core`); a server-side engine (Redis Streams) may run each step as
+one server script instead. Every engine proves the same behaviour by passing
+:func:`mqlite.testing.check_engine`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, Protocol, TypeVar
+
+import attrs
+
+from mqlite._delivery.entries import DeadLetter
+from mqlite._delivery.waiters import Waiter
+from mqlite.clock import Clock
+from mqlite.config import QueueConfig, Start, SubscriptionSettings
+from mqlite.filters import EventFilter
+from mqlite.message import Message
+
+if TYPE_CHECKING:
+    from mqlite._delivery.cursor import Cursor
+
+__all__ = [
+    "Attempt",
+    "Capabilities",
+    "Consumer",
+    "CursorFigures",
+    "CursorStats",
+    "DeadLetterSink",
+    "QueueEngine",
+    "QueueSnapshot",
+    "StorageEngine",
+    "Taken",
+]
+
+_T = TypeVar("_T")
+
+DeadLetterSink = Callable[[list[DeadLetter]], list[DeadLetter]]
+"""Publishes dead letters (outside any queue scope); returns the ones it published."""
+
+
+@attrs.frozen
+class Capabilities:
+    """What an engine can do, for the faces and the tests to ask rather than guess.
+
+    Attributes:
+        shared: Several brokers (processes, hosts) may open the same storage at once.
+        persistent: Messages and durable cursors survive closing the broker.
+        blocking_io: Operations do I/O that may block (a file, a network): async faces run them
+            off the event loop.
+        event_filter: Where event filters are applied: ``"client"`` (this process reads every
+            message and filters) or ``"server"``.
+        exact_counts: ``lag`` and ``missed`` are exact for filtered cursors.
+    """
+
+    shared: bool
+    persistent: bool
+    blocking_io: bool
+    event_filter: Literal["client", "server"] = "client"
+    exact_counts: bool = True
+
+
+class Consumer(Protocol):
+    """What an engine needs of a subscription attached to one of its cursors."""
+
+    id: int
+    name: str | None
+    is_push: bool
+    closed: bool
+    buffer: deque[Message]
+    cursor: Cursor
+
+    @property
+    def label(self) -> str: ...
+
+    def mark_closed(self, reason: str) -> None: ...
+
+    def close(self) -> None: ...
+
+    def closed_reason(self) -> str: ...
+
+
+class Taken(NamedTuple):
+    """A push batch: its messages, of which the first ``redelivered`` are redeliveries."""
+
+    messages: list[Message]
+    redelivered: int
+
+
+class Attempt(NamedTuple, Generic[_T]):
+    """One try at a wait-able operation.
+
+    ``done`` tells whether it got what it waited for; if not, ``waiter`` is registered (when a
+    wake function was given) and ``wait_at_most`` bounds the wait (a timer of the cursor falls
+    due then), or is None.
+    """
+
+    done: bool
+    value: _T
+    waiter: Waiter | None
+    wait_at_most: float | None
+
+
+class CursorStats(NamedTuple):
+    """A cursor's place, read atomically."""
+
+    position: int
+    lag: int
+    pending: int
+    missed: int
+
+
+@attrs.frozen
+class CursorFigures:
+    """One cursor as ``info()`` reports it."""
+
+    name: str | None
+    events: tuple[str, ...] | None
+    manual_ack: bool
+    members: tuple[Consumer, ...]
+    position: int
+    lag: int
+    pending: int
+    delivered: int
+    acked: int
+    redelivered: int
+    dead_lettered: int
+    missed: int
+
+
+@attrs.frozen
+class QueueSnapshot:
+    """A queue's figures and each cursor's, taken in one step."""
+
+    config: QueueConfig
+    start_offset: int
+    end_offset: int
+    cursors: tuple[CursorFigures, ...]
+    waiters: int
+
+
+class QueueEngine(Protocol):
+    """One queue of an engine. Thread-safe: every method is one atomic step.
+
+    Raises, of every method: ``BrokerClosed``, ``SubscriptionClosed``, ``StorageError`` as the
+    public API documents them; a step that raises changed nothing.
+    """
+
+    name: str
+
+    def publish(
+        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+    ) -> Message: ...
+
+    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]: ...
+
+    @property
+    def config(self) -> QueueConfig: ...
+
+    def configure(self, config: QueueConfig) -> None: ...
+
+    def bounds(self) -> tuple[int, int]:
+        """``(start_offset, end_offset)``: the oldest retained offset and the next to assign."""
+        ...
+
+    def attach(self, consumer: Consumer, name: str | None, start: Start, settings: SubscriptionSettings) -> Cursor: ...
+
+    def detach(self, consumer: Consumer) -> None: ...
+
+    def delete_cursor(self, name: str) -> bool: ...
+
+    def try_pull(self, consumer: Consumer, max_messages: int, read_ahead: int) -> list[Message]: ...
+
+    def pull_or_wait(
+        self, consumer: Consumer, max_messages: int, read_ahead: int, wake: Callable[[], object]
+    ) -> Attempt[list[Message]]: ...
+
+    def push_or_wait(
+        self, consumer: Consumer, max_messages: int, wake: Callable[[], object] | None
+    ) -> Attempt[Taken | None]: ...
+
+    def push_done(
+        self,
+        consumer: Consumer,
+        taken: Taken,
+        failures: list[tuple[Message, BaseException]],
+        unprocessed: list[Message],
+    ) -> None: ...
+
+    def ack(self, consumer: Consumer, messages: tuple[Message | int, ...]) -> None: ...
+
+    def nack(self, consumer: Consumer, message: Message | int, delay: float) -> None: ...
+
+    def seek(self, consumer: Consumer, target: Start) -> int: ...
+
+    def set_filter(self, consumer: Consumer, change: Callable[[EventFilter], EventFilter]) -> EventFilter: ...
+
+    def remove_waiter(self, waiter: Waiter | None) -> None: ...
+
+    def give_back(self, consumer: Consumer) -> None:
+        """Return what ``consumer`` read ahead to the front of its cursor's line, unread."""
+        ...
+
+    def wake_all(self) -> None: ...
+
+    def cursor_stats(self, consumer: Consumer) -> CursorStats: ...
+
+    def snapshot(self) -> QueueSnapshot: ...
+
+    def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]: ...
+
+    def close(self) -> list[Consumer]: ...
+
+
+class StorageEngine(Protocol):
+    """One broker's storage: where its queues live. Thread-safe."""
+
+    capabilities: Capabilities
+
+    @property
+    def path(self) -> str | None:
+        """The file or URL the engine keeps its state in; None in memory."""
+        ...
+
+    def queues(self) -> list[tuple[str, QueueConfig]]:
+        """The queues the storage already holds, with their settings."""
+        ...
+
+    def open_queue(self, name: str, config: QueueConfig, clock: Clock, dead_letters: DeadLetterSink) -> QueueEngine:
+        """Open (creating if new, with ``config``) the queue ``name``."""
+        ...
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until every write made so far is durable; False if ``timeout`` passed first."""
+        ...
+
+    def close(self) -> None:
+        """Release the storage; bounded. Idempotent."""
+        ...

@@ -1,0 +1,546 @@
+"""Every queue operation written once, for the engines that decide in Python (memory, SQLite).
+
+:class:`QueueCore` holds one queue's state: its log and event index, its cursors, its waiters.
+Each public method is one operation of :class:`~mqlite.engine.base.QueueEngine`: it takes the
+queue's scope (``_lock``: a lock in memory, a lock plus a write transaction on a shared file),
+decides with the pure rules of :mod:`mqlite._delivery`, changes state, and lets go. Nothing in
+it blocks without a bound or runs user code: messages arrive built, callbacks and serializers
+run outside, and dead letters are published after the scope ends.
+
+A persistent engine subclasses it, sets ``durable = True`` and overrides the ``_journal_*``
+hooks, which every operation calls at the point where a durable change is made.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from mqlite._delivery import policy, retention
+from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.entries import OUT, READY, SETTLED, DeadLetter, Pending
+from mqlite._delivery.waiters import Waiter, Waiters
+from mqlite.clock import Clock
+from mqlite.config import QueueConfig, Start, SubscriptionSettings
+from mqlite.engine.base import Consumer, DeadLetterSink
+from mqlite.engine.codec import Fields
+from mqlite.engine.index import EventIndex, MessageLog
+from mqlite.errors import BrokerClosed, ConfigConflict, InvalidArgument, QueueFull
+from mqlite.filters import check_event_name
+from mqlite.message import Message, MessageMeta, make_meta, message_class
+
+__all__ = ["QueueCore", "QueueLock"]
+
+_tuple_new = tuple.__new__
+
+
+class QueueLock(Protocol):
+    """The queue's scope: a ``threading.Lock``, or a file lock that is also a transaction."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+class QueueCore:
+    """One queue: its log, cursors and waiters. Thread-safe; no user code runs under its lock.
+
+    ``_lock`` guards every attribute and every cursor of this queue. The hot paths (publish,
+    pull, push batches, ack) take it with ``acquire()`` and ``try/finally: release()`` instead
+    of ``with``: on CPython 3.11 ``with`` binds ``__enter__`` and ``__exit__`` on every entry
+    (docs/benchmarks.md has the figures).
+    """
+
+    durable = False
+    """Whether this engine journals cursors and pending entries (the ``_journal_*`` hooks)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: QueueConfig,
+        clock: Clock,
+        dead_letters: DeadLetterSink,
+        log: MessageLog,
+        lock: QueueLock | None = None,
+    ) -> None:
+        self.name = name
+        self._lock: QueueLock = lock if lock is not None else threading.Lock()  # type: ignore[assignment]  # a Lock is a QueueLock
+        self._config = config
+        self._log = log
+        self._append = log.append
+        self._index = EventIndex(log)
+        self._events = self._index.events  # the same dict, bound for the publish path
+        self._end = log.first_offset + len(log)
+        # _start: the oldest retained offset. Entries in [log.first_offset, _start) are dropped
+        # logically and reclaimed in batches.
+        self._start = log.first_offset
+        self._cursors: dict[str, Cursor] = {}
+        self._ephemeral: list[Cursor] = []
+        self._waiters = Waiters()
+        # A publish at an offset >= _check_at takes the slow path: housekeeping is due, the
+        # queue may be full, or the broker is closed (then it is -1).
+        self._check_at = 0
+        self._closed = False
+        self._outbox: list[DeadLetter] = []
+        self._message_class = message_class(name)
+        self._clock = clock
+        self._time = clock.time
+        self._monotonic = clock.monotonic
+        self._dead_letters = dead_letters
+
+    def open(self) -> None:
+        """Finish opening: apply retention once. Engines call it when the queue is set up."""
+        with self._lock:
+            self._housekeep_locked()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- journal hooks: no-ops in memory ----------------------------------------------------
+
+    def _journal_cursor_locked(self, cursor: Cursor) -> None:
+        """A durable cursor was created or its settings changed."""
+
+    def _journal_sync_locked(
+        self, cursor: Cursor, offsets: Sequence[int], inflight: Sequence[int] = (), *, moved: bool = False
+    ) -> None:
+        """Whether each of ``offsets`` is still pending changed (and the position, if ``moved``)."""
+
+    def _journal_forget_locked(self, name: str) -> None:
+        """A durable cursor was deleted."""
+
+    def _journal_config_locked(self, config: QueueConfig) -> None:
+        """The queue's settings changed."""
+
+    def _note_dead_in_transit_locked(self, cursor: Cursor, offset: int) -> bool:
+        """Whether a dead letter's pending row must stay until the letter is published."""
+        return False
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(
+        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+    ) -> Message:
+        """Append one message and return it with its offset.
+
+        Raises:
+            InvalidName: ``event`` is not a non-empty str, or contains a wildcard character.
+            InvalidArgument: ``headers`` is not a mapping with str keys.
+            QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
+            BrokerClosed: the broker was closed.
+        """
+        if key is not None or headers is not None or type(event) is not str:
+            return self._append_drafts([(event, payload, key, headers)])[0]
+        lock = self._lock
+        lock.acquire()
+        try:
+            try:
+                postings = self._events[event]
+            except KeyError:
+                postings = self._new_event_locked(event)
+            offset = self._end
+            if offset >= self._check_at:  # housekeeping due, queue full, or broker closed
+                self._make_room_locked(1)
+            message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
+            self._append(message)
+            self._end = offset + 1
+            if postings is not None:
+                postings.append(message)
+            if self._waiters:
+                self._waiters.wake_event(event)
+        finally:
+            lock.release()
+        return message
+
+    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
+        """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none."""
+        return self._append_drafts(drafts)
+
+    def _new_event_locked(self, event: str) -> list[Message] | None:
+        """The fast path met an event it does not know: check the publish may go ahead, then register it."""
+        check_event_name(event)
+        self._make_room_locked(1)  # a refused publish must not register its event
+        return self._index.add_event(event, self._all_cursors_locked())
+
+    def _append_drafts(self, drafts: Sequence[tuple[Any, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
+        # Everything that can fail, and every piece of user code (a header mapping's items, a
+        # str subclass's hash), comes before the lock.
+        checked: list[tuple[str, Any, MessageMeta | None]] = []
+        for event, payload, key, headers in drafts:
+            name = str.__str__(check_event_name(event))  # a plain str, whatever subclass came in
+            meta = None if key is None and headers is None else make_meta(self.name, key, headers)
+            checked.append((name, payload, meta))
+        if not checked:
+            return []
+        encoded = self._encode(checked)
+        lock = self._lock
+        lock.acquire()
+        try:
+            return self._append_locked(checked, encoded)
+        finally:
+            lock.release()
+
+    def _encode(self, checked: list[tuple[str, Any, MessageMeta | None]]) -> list[Fields] | None:
+        """Encode drafts for storage, before the lock (a serializer is user code); None in memory."""
+        return None
+
+    def _write_locked(self, messages: list[Message], encoded: list[Fields] | None) -> None:
+        """Store appended messages: all or none, raising before anything changed."""
+        if len(messages) == 1:
+            self._append(messages[0])
+        else:
+            self._log.extend(messages)
+
+    def _append_locked(
+        self, checked: list[tuple[str, Any, MessageMeta | None]], encoded: list[Fields] | None
+    ) -> list[Message]:
+        self._make_room_locked(len(checked))
+        start = self._end
+        now = self._time()
+        cls = self._message_class
+        messages: list[Message] = [
+            _tuple_new(cls, (event, payload, offset, now))
+            if meta is None
+            else _tuple_new(Message, (event, payload, offset, now, meta))
+            for offset, (event, payload, meta) in enumerate(checked, start)
+        ]
+        self._write_locked(messages, encoded)
+        self._end = start + len(messages)
+        events = self._events
+        wanted = {message[0] for message in messages}
+        for event in wanted:
+            if event not in events:
+                self._index.add_event(event, self._all_cursors_locked())
+        self._index.add(messages)
+        if self._waiters:
+            for event in wanted:
+                self._waiters.wake_event(event)
+        return messages
+
+    # -- retention --------------------------------------------------------------------------
+
+    def _make_room_locked(self, count: int) -> None:
+        if self._closed:
+            raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+        self._housekeep_locked()
+        config = self._config
+        if retention.refuses(self._start, self._end, count, config):
+            raise QueueFull(
+                f"queue {self.name!r} holds {self._end - self._start} of max_messages="
+                f"{config.max_messages}; overflow='reject' refuses {count} more"
+            )
+
+    def _limit_floor_locked(self) -> int:
+        """The oldest offset the count and age limits allow; moves ``_start`` up to it."""
+        log = self._log
+        self._start = retention.limit_floor(
+            self._start, self._end, self._config, self._time(), lambda offset: log.get(offset)[3]
+        )
+        return self._start
+
+    def _housekeep_locked(self) -> None:
+        start = self._limit_floor_locked()
+        cursors = self._all_cursors_locked()
+        for cursor in cursors:
+            if cursor.position < start:
+                self._skip_locked(cursor, start)
+        end = self._end
+        start = self._start = retention.interest_floor(start, end, self._config, (c.position for c in cursors))
+        if retention.should_reclaim(self._log.first_offset, start, end):
+            self._log.drop_before(start)
+            self._index.trim(start)
+        self._check_at = -1 if self._closed else retention.next_check(start, end, len(cursors), self._config)
+
+    def _skip_locked(self, cursor: Cursor, to: int) -> None:
+        """Move a cursor that fell behind the retained range up to ``to``, counting what it missed."""
+        cursor.missed += self._index.count(cursor, cursor.position, to)
+        cursor.position = to
+        if self.durable and cursor.name is not None:
+            self._journal_sync_locked(cursor, (), moved=True)
+
+    def _all_cursors_locked(self) -> list[Cursor]:
+        return [*self._cursors.values(), *self._ephemeral]
+
+    @property
+    def config(self) -> QueueConfig:
+        """The retention settings in force."""
+        with self._lock:
+            return self._config
+
+    def configure(self, config: QueueConfig) -> None:
+        """Apply new retention settings; they take effect at once."""
+        with self._lock:
+            self._journal_config_locked(config)
+            self._config = config
+            self._housekeep_locked()
+
+    def bounds(self) -> tuple[int, int]:
+        """``(start_offset, end_offset)``, after applying retention."""
+        with self._lock:
+            self._housekeep_locked()
+            return self._start, self._end
+
+    def _resolve_locked(self, target: Start) -> int:
+        """The offset ``target`` names: ``"earliest"``, ``"latest"``, an offset or a datetime."""
+        if target == "latest":
+            return self._end
+        self._housekeep_locked()
+        start = self._start
+        if target == "earliest":
+            return start
+        if isinstance(target, datetime):
+            stamp = target.timestamp()
+            log = self._log
+            return bisect_left(range(start, self._end), stamp, key=lambda offset: log.get(offset)[3]) + start
+        if isinstance(target, int) and not isinstance(target, bool):
+            if target < 0 or target > self._end:
+                raise InvalidArgument(
+                    f"offset {target} is outside queue {self.name!r}, whose offsets run from 0 to {self._end}"
+                )
+            return target if target > start else start
+        raise InvalidArgument(f"start/seek takes 'earliest', 'latest', an int offset or a datetime, got {target!r}")
+
+    # -- attaching and detaching ------------------------------------------------------------
+
+    def attach(self, consumer: Consumer, name: str | None, start: Start, settings: SubscriptionSettings) -> Cursor:
+        """Attach ``consumer`` to the named cursor (creating it at ``start``) or to a new ephemeral one.
+
+        Raises:
+            ConfigConflict: the named cursor has attached consumers with other settings.
+            InvalidArgument: ``start`` is not a valid position.
+        """
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot subscribe to {self.name!r}: the broker is closed")
+            cursor = self._cursors.get(name) if name is not None else None
+            if cursor is None:
+                cursor = Cursor(queue=self.name, name=name, position=self._resolve_locked(start), settings=settings)
+                self._index.apply_filter(cursor, settings.event_filter)
+                if name is None:
+                    self._ephemeral.append(cursor)
+                else:
+                    self._cursors[name] = cursor
+                    self._adopt_cursor_locked(cursor)
+                    self._journal_cursor_locked(cursor)
+            elif cursor.settings != settings:
+                if cursor.members:
+                    raise ConfigConflict(
+                        f"subscription {name!r} on {self.name!r} is attached with different settings "
+                        f"({cursor.settings.describe()}); subscriptions sharing a name must agree"
+                    )
+                self._configure_cursor_locked(cursor, settings)
+                self._journal_cursor_locked(cursor)
+            cursor.members.append(consumer)
+            consumer.cursor = cursor
+            return cursor
+
+    def _adopt_cursor_locked(self, cursor: Cursor) -> None:
+        """A new durable cursor joins the queue (a shared file watches what it makes due)."""
+
+    def _configure_cursor_locked(self, cursor: Cursor, settings: SubscriptionSettings) -> None:
+        cursor.configure(settings)
+        if cursor.filter != settings.event_filter:
+            self._index.apply_filter(cursor, settings.event_filter)
+
+    def delete_cursor(self, name: str) -> bool:
+        """Forget the named cursor, its position and pending messages; False if there was none.
+
+        Raises:
+            ConfigConflict: subscriptions with that name are still attached.
+        """
+        with self._lock:
+            cursor = self._cursors.get(name)
+            if cursor is None:
+                return False
+            if cursor.members:
+                raise ConfigConflict(
+                    f"subscription {name!r} on {self.name!r} has {len(cursor.members)} attached; close them first"
+                )
+            self._journal_forget_locked(name)
+            del self._cursors[name]
+            self._index.forget(cursor)
+            self._housekeep_locked()
+            return True
+
+    def detach(self, consumer: Consumer) -> None:
+        """Detach a closing consumer: what it read ahead goes back unread, what it held is retried."""
+        with self._lock:
+            cursor = consumer.cursor
+            consumer.mark_closed("the subscription was closed")
+            unread = self._drain_buffer(consumer)
+            self._give_back_locked(cursor, unread, pulled=True)
+            if unread and self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, [m[2] for m in unread])
+            if consumer in cursor.members:
+                cursor.members.remove(consumer)
+            closing_broker = self._closed
+            for entry in list(cursor.pending.values()):
+                if entry.owner is consumer and entry.state == OUT:
+                    if closing_broker:
+                        # Not a failed delivery: the consumer did not give up on it. It waits,
+                        # with its attempt count unchanged, for the next consumer of the name.
+                        cursor.schedule.make_ready(entry)
+                    else:
+                        self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
+            if not cursor.members and not cursor.durable and cursor in self._ephemeral:
+                self._ephemeral.remove(cursor)
+                self._index.forget(cursor)
+            self._waiters.wake_all()
+            dead = self._take_outbox_locked()
+        self._send_dead_letters(dead)
+
+    @staticmethod
+    def _drain_buffer(consumer: Consumer) -> list[Message]:
+        buffer = consumer.buffer
+        unread = []
+        while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
+            try:
+                unread.append(buffer.popleft())
+            except IndexError:
+                break
+        return unread
+
+    def give_back(self, consumer: Consumer) -> None:
+        """Return what ``consumer`` read ahead and never handed to user code, to the front of the line."""
+        messages = self._drain_buffer(consumer)
+        if not messages:
+            return
+        with self._lock:
+            cursor = consumer.cursor
+            self._give_back_locked(cursor, messages, pulled=True)
+            if self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, [m[2] for m in messages])
+            self._waiters.wake_all()
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _due_bound_locked(self, cursor: Cursor) -> float | None:
+        """How long a waiter may sleep before a timer of ``cursor`` falls due (None: no bound).
+
+        A virtual clock wakes every waiter itself when it moves, so it needs no bound.
+        """
+        if cursor.pending and not self._clock.virtual:
+            due = cursor.schedule.next_due()
+            if due is not None:
+                until_due = due - self._monotonic()
+                return until_due if until_due > 0.0 else 0.0
+        return None
+
+    def remove_waiter(self, waiter: Waiter | None) -> None:
+        """Forget a waiter that was not woken; a woken one is already gone."""
+        if waiter is None:
+            return
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._waiters.discard(waiter)
+        finally:
+            lock.release()
+
+    def wake_all(self) -> None:
+        """Wake every waiter so it re-checks (the clock moved, or the broker is closing)."""
+        with self._lock:
+            self._waiters.wake_all()
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def _take_outbox_locked(self) -> list[DeadLetter]:
+        outbox = self._outbox
+        if outbox:
+            self._outbox = []
+        return outbox
+
+    def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
+        """Publish dead letters to their queues, then settle them. Called with no lock held.
+
+        On a file, a dead letter's pending row is deleted only once its publish has committed.
+        One that could not be published keeps its row: it is delivered again after a restart.
+        """
+        if not dead:
+            return
+        settle = [(letter.subscription, letter.message[2]) for letter in self._dead_letters(dead)]
+        if not any(name is not None for name, _ in settle):
+            return
+        with self._lock:
+            for name, offset in settle:
+                cursor = self._cursors.get(name) if name is not None else None
+                if cursor is not None and offset in cursor.dead_in_transit:
+                    cursor.dead_in_transit.discard(offset)
+                    self._journal_sync_locked(cursor, (offset,))
+
+    def _fail_locked(
+        self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None
+    ) -> None:
+        """A delivery failed: dead-letter the message if it used up its deliveries, else retry it."""
+        message = entry.message
+        decision = policy.on_failure(
+            message,
+            attempts=entry.attempts,
+            max_deliveries=cursor.max_deliveries,
+            delay=delay,
+            queue=self.name,
+            subscription=cursor.name,
+            reason=reason,
+            error=error,
+        )
+        if isinstance(decision, policy.Dead):
+            del cursor.pending[message[2]]
+            entry.state = SETTLED
+            cursor.dead_lettered += 1
+            # On a file the pending row stays until the dead letter is published (see
+            # _send_dead_letters): a crash in between redelivers the message, never loses it.
+            held = self._note_dead_in_transit_locked(cursor, message[2])
+            self._outbox.append(
+                DeadLetter(cursor.dead_letter, message, decision.headers, cursor.name if held else None)
+            )
+        elif decision.delay > 0:
+            cursor.schedule.wait_until(entry, self._monotonic() + decision.delay)
+        else:
+            cursor.schedule.make_ready(entry)
+        if self._waiters:
+            self._waiters.wake_all()
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> list[Consumer]:
+        """Refuse further publishes, close every consumer and wake every waiter; returns the consumers."""
+        with self._lock:
+            self._closed = True
+            self._check_at = -1  # every publish now takes the slow path, which refuses it
+            members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
+            for member in members:
+                member.mark_closed("the broker was closed")
+            self._waiters.wake_all()
+        return members
+
+    # -- giving back ----------------------------------------------------------------------------
+
+    def _give_back_locked(self, cursor: Cursor, messages: list[Message], *, pulled: bool) -> None:
+        """Undo the delivery of messages a consumer took but never handed to user code.
+
+        They go back to the front of the cursor's line, in order, without counting an attempt.
+        """
+        if not messages:
+            return
+        pending = cursor.pending
+        cursor.delivered -= len(messages)
+        if pulled and not cursor.manual_ack:
+            cursor.acked -= len(messages)  # a pull with automatic acks counted them acked when it took them
+        schedule = cursor.schedule
+        for i, message in enumerate(messages):
+            entry = pending.get(message[2])
+            if entry is None:
+                entry = Pending(message, 0, None, READY)
+                pending[message[2]] = entry
+            else:
+                entry.attempts -= 1
+                if entry.attempts:
+                    cursor.redelivered -= 1
+            schedule.insert_ready(i, entry)

@@ -1,0 +1,420 @@
+"""The reading side of a queue, written once: take, settle, seek, and the figures of ``info()``.
+
+:class:`DeliveryCore` adds to :class:`~mqlite.engine.core.QueueCore` the operations consumers
+call. The memory engine is exactly this class; the SQLite engine subclasses it with a journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mqlite._delivery import policy
+from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.entries import OUT, SETTLED, WAITING, Pending
+from mqlite.config import Start
+from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot, Taken
+from mqlite.engine.core import QueueCore
+from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
+from mqlite.filters import EventFilter
+from mqlite.message import Message
+
+__all__ = ["DeliveryCore"]
+
+# tuple.__new__ builds the NamedTuple records of the take paths without the Python-level __new__
+# each NamedTuple has: one frame less per take.
+_tuple_new = tuple.__new__
+
+
+class DeliveryCore(QueueCore):
+    """A queue with its consumers' operations. Thread-safe; see :class:`QueueCore`."""
+
+    # -- pulling ------------------------------------------------------------------------------
+
+    def try_pull(self, consumer: Consumer, max_messages: int, read_ahead: int) -> list[Message]:
+        """Up to ``max_messages`` for a pull consumer, without waiting (what it read ahead first)."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            messages = self._pull_locked(consumer, max_messages, read_ahead)
+            dead = self._outbox
+            if dead:
+                self._outbox = []
+        finally:
+            lock.release()
+        if dead:
+            self._send_dead_letters(dead)
+        return messages
+
+    def pull_or_wait(
+        self, consumer: Consumer, max_messages: int, read_ahead: int, wake: Callable[[], object]
+    ) -> Attempt[list[Message]]:
+        """:meth:`try_pull`; if nothing came, register ``wake`` for when something may have."""
+        waiter = None
+        bound = None
+        lock = self._lock
+        lock.acquire()
+        try:
+            messages = self._pull_locked(consumer, max_messages, read_ahead)
+            if not messages:
+                cursor = consumer.cursor
+                waiter = self._waiters.add(cursor.names, wake)
+                bound = self._due_bound_locked(cursor)
+            dead = self._take_outbox_locked()
+        finally:
+            lock.release()
+        if dead:
+            self._send_dead_letters(dead)
+        attempt: Attempt[list[Message]] = _tuple_new(Attempt, (bool(messages), messages, waiter, bound))
+        return attempt
+
+    def _pull_locked(self, consumer: Consumer, max_messages: int, read_ahead: int) -> list[Message]:
+        """One try at reading for a pull consumer.
+
+        Messages the consumer read ahead come first. With ``read_ahead``, up to that many are
+        taken and the ones beyond ``max_messages`` kept in the consumer's buffer.
+        """
+        if consumer.closed:
+            raise SubscriptionClosed(consumer.closed_reason())
+        buffer = consumer.buffer
+        if buffer:
+            # No min() or max() on hot paths: on CPython 3.11 each call costs ten times a
+            # conditional expression.
+            count = len(buffer) if len(buffer) < max_messages else max_messages
+            if count == 1:  # each step of sync iteration: skip the comprehension's frame
+                return [buffer.popleft()]
+            return [buffer.popleft() for _ in range(count)]
+        cursor = consumer.cursor
+        wanted = max_messages
+        if read_ahead:
+            wanted = policy.read_ahead_size(
+                read_ahead,
+                max_messages,
+                manual_ack=cursor.manual_ack,
+                durable_take=self.durable and consumer.name is not None,
+            )
+        messages = self._take_locked(consumer, cursor, wanted, False).messages
+        if len(messages) > max_messages:
+            buffer.extend(messages[max_messages:])
+            del messages[max_messages:]
+        return messages
+
+    # -- pushing ------------------------------------------------------------------------------
+
+    def push_or_wait(
+        self, consumer: Consumer, max_messages: int, wake: Callable[[], object] | None
+    ) -> Attempt[Taken | None]:
+        """The next batch for a push consumer (None once it is closed); else register ``wake``."""
+        waiter = None
+        bound = None
+        taken: Taken | None = None
+        lock = self._lock
+        lock.acquire()
+        try:
+            if consumer.closed:
+                done = True
+            else:
+                cursor = consumer.cursor
+                size = policy.push_batch_size(max_messages, len(cursor.members))
+                taken = self._take_locked(consumer, cursor, size, True)
+                done = bool(taken.messages)
+                if not done and wake is not None:
+                    waiter = self._waiters.add(cursor.names, wake)
+                    bound = self._due_bound_locked(cursor)
+            dead = self._take_outbox_locked()
+        finally:
+            lock.release()
+        if dead:
+            self._send_dead_letters(dead)
+        attempt: Attempt[Taken | None] = _tuple_new(Attempt, (done, taken, waiter, bound))
+        return attempt
+
+    def push_done(
+        self,
+        consumer: Consumer,
+        taken: Taken,
+        failures: list[tuple[Message, BaseException]],
+        unprocessed: list[Message],
+    ) -> None:
+        """Settle a push batch: successes are acked (auto mode), failures retried or dead-lettered,
+        and what was never handed to the callback goes back to the front of the line."""
+        batch, redelivered = taken
+        lock = self._lock
+        lock.acquire()
+        try:
+            cursor = consumer.cursor
+            cursor.inflight -= 1
+            pending = cursor.pending
+            manual = cursor.manual_ack
+            failed_offsets = {m[2] for m, _ in failures}
+            done = len(batch) - len(unprocessed)
+            if not manual:
+                for message in batch[: redelivered if redelivered < done else done]:
+                    if message[2] not in failed_offsets:
+                        entry = pending.pop(message[2], None)
+                        if entry is not None:
+                            entry.state = SETTLED
+                cursor.acked += done - len(failures)
+            for message, error in failures:
+                entry = pending.get(message[2])
+                if entry is None:
+                    if manual:
+                        continue  # acked inside the callback before it raised
+                    entry = Pending(message, 1, consumer, OUT)
+                    pending[message[2]] = entry
+                elif entry.state != OUT:
+                    continue
+                self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
+            self._give_back_locked(cursor, unprocessed, pulled=False)
+            if self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, [m[2] for m in batch])
+            if unprocessed or failures:
+                self._waiters.wake_all()
+            dead = self._take_outbox_locked()
+        finally:
+            lock.release()
+        self._send_dead_letters(dead)
+
+    # -- taking -------------------------------------------------------------------------------
+
+    def _take_locked(self, consumer: Consumer, cursor: Cursor, max_messages: int, push: bool) -> Taken:
+        """Hand up to ``max_messages`` to a consumer: due redeliveries first, then new messages.
+
+        Pull consumers with automatic acks settle their messages here; everyone else gets them
+        as pending entries.
+        """
+        out: list[Message] = []
+        manual = cursor.manual_ack
+        settles = False if push else cursor.pull_settles  # policy.settles_on_take, decided per cursor
+        if cursor.pending:
+            schedule = cursor.schedule
+            if schedule.has_timers():
+                for expired in schedule.expire(self._monotonic()):
+                    self._fail_locked(cursor, expired, "ack timeout", 0.0, None)
+            entries: list[Pending] = []
+            while len(out) < max_messages:
+                entry = schedule.pop_ready()
+                if entry is None:
+                    break
+                entry.attempts += 1
+                if entry.attempts > 1:
+                    cursor.redelivered += 1
+                if settles:
+                    del cursor.pending[entry.message[2]]
+                    entry.state = SETTLED
+                else:
+                    entry.state = OUT
+                    entry.owner = consumer
+                    entries.append(entry)
+                out.append(entry.message)
+            if manual and entries and cursor.ack_timeout is not None:
+                schedule.track_timeout(self._monotonic() + cursor.ack_timeout, entries)
+        redelivered = len(out)
+        if redelivered < max_messages:
+            fresh = self._read_new_locked(cursor, max_messages - redelivered)
+            if fresh:
+                if manual:
+                    self._track_locked(consumer, cursor, fresh)
+                if out:
+                    out.extend(fresh)
+                else:
+                    out = fresh
+        if out:
+            cursor.delivered += len(out)
+            if settles:
+                cursor.acked += len(out)
+            if push:
+                cursor.inflight += 1
+            if self.durable and cursor.name is not None:
+                self._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
+        taken: Taken = _tuple_new(Taken, (out, redelivered))
+        return taken
+
+    def _journal_take_locked(
+        self, cursor: Cursor, out: list[Message], redelivered: int, *, manual: bool, push: bool
+    ) -> None:
+        """Save what a take changed on a durable cursor."""
+        fresh = [m[2] for m in out[redelivered:]]
+        if manual:
+            self._journal_sync_locked(cursor, [m[2] for m in out], moved=True)
+        elif push:
+            # Handed to a callback with automatic acks: saved as pending until it returns, so a
+            # crash redelivers them.
+            self._journal_sync_locked(cursor, [m[2] for m in out[:redelivered]], fresh, moved=True)
+        else:
+            self._journal_sync_locked(cursor, [m[2] for m in out[:redelivered]], moved=bool(fresh))
+
+    def _track_locked(self, consumer: Consumer, cursor: Cursor, messages: list[Message]) -> None:
+        pending = cursor.pending
+        entries = []
+        for message in messages:
+            entry = Pending(message, 1, consumer, OUT)
+            pending[message[2]] = entry
+            entries.append(entry)
+        if cursor.ack_timeout is not None:
+            cursor.schedule.track_timeout(self._monotonic() + cursor.ack_timeout, entries)
+
+    def _read_new_locked(self, cursor: Cursor, max_messages: int) -> list[Message]:
+        position = cursor.position
+        config = self._config
+        start = self._limit_floor_locked() if config.max_messages or config.max_age else self._start
+        if position < start:
+            self._skip_locked(cursor, start)
+            position = start
+        end = self._end
+        if position >= end:
+            return []
+        if cursor.names is None:  # every event: one slice of the log, without the index's frame
+            stop = position + max_messages if position + max_messages < end else end
+            cursor.position = stop
+            return self._log.read(position, stop)
+        return self._index.read(cursor, position, end, max_messages)
+
+    # -- acks, seeks and filters --------------------------------------------------------------
+
+    def ack(self, consumer: Consumer, messages: tuple[Message | int, ...]) -> None:
+        """Acknowledge pending messages, all or none, so they are never redelivered."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            cursor = self._check_manual_locked(consumer, "ack")
+            entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
+            if len(entries) > 1 and len({id(entry) for entry in entries}) < len(entries):
+                raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
+            if self.durable and cursor.name is not None:
+                # Journal first: a write that fails leaves every message pending, so the ack can be retried.
+                self._journal_ack_locked(cursor, [entry.message[2] for entry in entries])
+            pending = cursor.pending
+            for entry in entries:
+                del pending[entry.message[2]]
+                entry.state = SETTLED
+            cursor.acked += len(entries)
+            if not pending:
+                cursor.schedule.clear()
+        finally:
+            lock.release()
+
+    def _journal_ack_locked(self, cursor: Cursor, offsets: list[int]) -> None:
+        """Forget the pending rows of acked offsets (a persistent engine writes them first)."""
+
+    def nack(self, consumer: Consumer, message: Message | int, delay: float) -> None:
+        """Give a pending message back for redelivery after ``delay`` seconds of broker clock."""
+        with self._lock:
+            cursor = self._check_manual_locked(consumer, "nack")
+            entry = self._pending_entry_locked(cursor, message, "nack")
+            if entry.state != OUT:
+                raise NotPending(f"offset {entry.message[2]} of {self.name!r} is already waiting for redelivery")
+            self._fail_locked(cursor, entry, "nack", delay, None)
+            if entry.state == WAITING and self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, (entry.message[2],))
+            self._waiters.wake_all()
+            dead = self._take_outbox_locked()
+        self._send_dead_letters(dead)
+
+    def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
+        if isinstance(message, Message):
+            if message.queue != self.name:
+                raise NotPending(
+                    f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}"
+                )
+            offset = message[2]
+        elif isinstance(message, int) and not isinstance(message, bool):
+            offset = message
+        else:
+            raise InvalidArgument(f"{verb}() takes a Message or its int offset, got {type(message).__name__}")
+        entry = cursor.pending.get(offset)
+        if entry is None:
+            raise NotPending(
+                f"offset {offset} of {self.name!r} is not pending on this subscription "
+                "(never delivered to it, already acked, or dead-lettered)"
+            )
+        return entry
+
+    def _check_manual_locked(self, consumer: Consumer, verb: str) -> Cursor:
+        if consumer.closed:
+            raise SubscriptionClosed(consumer.closed_reason())
+        cursor = consumer.cursor
+        if not cursor.manual_ack:
+            raise AckModeError(
+                f"{verb}() needs a subscription made with ack='manual'; this one acks automatically "
+                "when a message is returned (pull) or its callback returns (push)"
+            )
+        return cursor
+
+    def seek(self, consumer: Consumer, target: Start) -> int:
+        """Move the consumer's cursor (shared by every subscription of its name) to ``target``."""
+        with self._lock:
+            if consumer.closed:
+                raise SubscriptionClosed(consumer.closed_reason())
+            cursor = consumer.cursor
+            cursor.position = self._resolve_locked(target)
+            if self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, (), moved=True)
+            self._waiters.wake_all()
+            return cursor.position
+
+    def set_filter(self, consumer: Consumer, change: Callable[[EventFilter], EventFilter]) -> EventFilter:
+        """Replace the cursor's event filter with ``change(current)``."""
+        with self._lock:
+            if consumer.closed:
+                raise SubscriptionClosed(consumer.closed_reason())
+            cursor = consumer.cursor
+            self._index.apply_filter(cursor, change(cursor.filter))
+            if self.durable and cursor.name is not None:
+                self._journal_cursor_locked(cursor)
+            self._waiters.wake_all()
+            return cursor.filter
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def cursor_stats(self, consumer: Consumer) -> CursorStats:
+        """(position, lag, pending, missed) of a consumer's cursor, read atomically."""
+        with self._lock:
+            cursor = consumer.cursor
+            start = self._limit_floor_locked()
+            position = cursor.position
+            count = self._index.count
+            missed = cursor.missed + count(cursor, position, start)
+            position = position if position > start else start
+            return CursorStats(position, count(cursor, position, self._end), len(cursor.pending), missed)
+
+    def snapshot(self) -> QueueSnapshot:
+        """The queue's figures and each cursor's, taken atomically (for ``Broker.info``)."""
+        with self._lock:
+            self._housekeep_locked()
+            count = self._index.count
+            cursors = tuple(
+                CursorFigures(
+                    name=cursor.name,
+                    events=cursor.filter.spec,
+                    manual_ack=cursor.manual_ack,
+                    members=tuple(cursor.members),
+                    position=cursor.position,
+                    lag=count(cursor, cursor.position, self._end),
+                    pending=len(cursor.pending),
+                    delivered=cursor.delivered,
+                    acked=cursor.acked,
+                    redelivered=cursor.redelivered,
+                    dead_lettered=cursor.dead_lettered,
+                    missed=cursor.missed,
+                )
+                for cursor in self._all_cursors_locked()
+            )
+            return QueueSnapshot(self._config, self._start, self._end, cursors, len(self._waiters))
+
+    def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:
+        """The push cursors that have not yet handled every matching message below ``offset``.
+
+        Checks ``cursors`` (all of this queue's when None) in order and stops at the first one
+        still busy, returning it and the unchecked rest: a drain that calls again with the result
+        looks at each settled cursor once, not once per wake-up.
+        """
+        with self._lock:
+            candidates = self._all_cursors_locked() if cursors is None else cursors
+            start = self._limit_floor_locked()
+            for index, cursor in enumerate(candidates):
+                if not any(member.is_push for member in cursor.members):
+                    continue
+                position = cursor.position if cursor.position > start else start
+                if cursor.unsettled_before(offset) or self._index.count(cursor, position, offset):
+                    return candidates[index:]
+            return []

@@ -1,0 +1,157 @@
+"""The per-event index over a queue's retained messages, and the reads and counts it serves."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
+from typing import Protocol
+
+from mqlite._delivery.cursor import Cursor
+from mqlite.filters import EventFilter
+from mqlite.message import Message
+
+__all__ = ["EventIndex", "MessageLog"]
+
+_offset_of = itemgetter(2)  # a Message's offset: the key each event's list is sorted by
+
+
+class MessageLog(Protocol):
+    """The retained messages of one queue, entry ``i`` at offset ``first_offset + i``.
+
+    Not thread-safe: used only inside its engine's queue scope. ``append`` is an attribute so
+    that the publish path calls a bound ``list.append`` (or the file's insert) with no frame
+    in between.
+    """
+
+    @property
+    def append(self) -> Callable[[Message], None]: ...
+
+    @property
+    def first_offset(self) -> int: ...
+
+    def extend(self, messages: Sequence[Message]) -> None: ...
+
+    def read(self, from_offset: int, to_offset: int) -> list[Message]: ...
+
+    def get(self, offset: int) -> Message: ...
+
+    def drop_before(self, offset: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class EventIndex:
+    """Known event names, each with its retained messages in offset order. Not thread-safe.
+
+    The lists are kept only while some cursor filters by event (``indexed > 0``); otherwise
+    every value is None and a publish pays nothing for them. A filtered read slices one list:
+    no lookup per message.
+    """
+
+    __slots__ = ("events", "indexed", "log")
+
+    def __init__(self, log: MessageLog) -> None:
+        self.log = log
+        self.events: dict[str, list[Message] | None] = {}
+        self.indexed = 0
+
+    def add_event(self, name: str, cursors: Iterable[Cursor]) -> list[Message] | None:
+        """Register a new event name: cursors whose filter matches it start reading it."""
+        postings: list[Message] | None = [] if self.indexed else None
+        self.events[name] = postings
+        for cursor in cursors:
+            if cursor.names is not None and cursor.filter.matches(name):
+                cursor.names.add(name)
+        return postings
+
+    def add(self, messages: Iterable[Message]) -> None:
+        """Index appended messages (whose events are all registered)."""
+        if not self.indexed:
+            return
+        events = self.events
+        for message in messages:
+            postings = events[message[0]]
+            assert postings is not None  # indexing is on for every event while indexed
+            postings.append(message)
+
+    def apply_filter(self, cursor: Cursor, event_filter: EventFilter) -> None:
+        """Give ``cursor`` a new filter, and the names it now reads."""
+        was_indexed = cursor.names is not None
+        cursor.set_filter(event_filter)
+        if event_filter.match_all:
+            cursor.names = None
+        else:
+            cursor.names = {name for name in self.events if event_filter.matches(name)}
+        self.change(int(cursor.names is not None) - int(was_indexed))
+
+    def forget(self, cursor: Cursor) -> None:
+        """A cursor is gone: it no longer needs the index."""
+        self.change(-int(cursor.names is not None))
+
+    def change(self, delta: int) -> None:
+        """Count ``delta`` more (or fewer) cursors that filter; build or drop the lists as needed."""
+        before = self.indexed
+        self.indexed += delta
+        events = self.events
+        if before == 0 and self.indexed > 0:
+            log = self.log
+            index: dict[str, list[Message]] = {name: [] for name in events}
+            for message in log.read(log.first_offset, log.first_offset + len(log)):
+                index[message[0]].append(message)
+            events.update(index)
+        elif before > 0 and self.indexed == 0:
+            for name in events:
+                events[name] = None
+
+    def trim(self, offset: int) -> None:
+        """Forget indexed messages below ``offset``."""
+        if self.indexed:
+            for postings in self.events.values():
+                if postings:
+                    del postings[: bisect_left(postings, offset, key=_offset_of)]
+
+    def count(self, cursor: Cursor, from_offset: int, to_offset: int) -> int:
+        """How many messages in ``[from_offset, to_offset)`` pass the cursor's filter."""
+        if from_offset >= to_offset:
+            return 0
+        if cursor.names is None:
+            return to_offset - from_offset
+        total = 0
+        events = self.events
+        for name in cursor.names:
+            postings = events[name]
+            if postings:
+                total += bisect_left(postings, to_offset, key=_offset_of) - bisect_left(
+                    postings, from_offset, key=_offset_of
+                )
+        return total
+
+    def read(self, cursor: Cursor, position: int, end: int, max_messages: int) -> list[Message]:
+        """Up to ``max_messages`` from ``position`` that pass the filter; moves the cursor past them."""
+        names = cursor.names
+        if names is None:
+            stop = position + max_messages if position + max_messages < end else end
+            cursor.position = stop
+            return self.log.read(position, stop)
+        if not names:
+            cursor.position = end
+            return []
+        events = self.events
+        if len(names) == 1:
+            for name in names:
+                postings = events[name]
+                assert postings is not None
+                i = bisect_left(postings, position, key=_offset_of)
+                out = postings[i : i + max_messages]
+        else:
+            gathered: list[Message] = []
+            for name in names:
+                postings = events[name]
+                assert postings is not None
+                i = bisect_left(postings, position, key=_offset_of)
+                gathered.extend(postings[i : i + max_messages])
+            gathered.sort(key=_offset_of)
+            out = gathered[:max_messages]
+        cursor.position = out[-1][2] + 1 if len(out) == max_messages else end
+        return out

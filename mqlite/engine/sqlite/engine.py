@@ -1,0 +1,335 @@
+"""The SQLite engine: queues in an mqlite file, with the memory engine's state as their cache.
+
+:class:`SqliteQueue` runs every operation of :class:`~mqlite.engine.delivery.DeliveryCore` and
+journals each durable change through the core's ``_journal_*`` hooks. On a file that several
+brokers share, its scope is a :class:`~mqlite.engine.sqlite.sharing.FileLock`: one write
+transaction per operation, begun by reloading what other brokers changed (``_refresh_locked``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
+from mqlite._delivery.waiters import Waiter
+from mqlite.clock import Clock
+from mqlite.config import QueueConfig, SubscriptionSettings
+from mqlite.engine.base import Capabilities, DeadLetterSink
+from mqlite.engine.codec import Fields, Serializer, encode_fields
+from mqlite.engine.delivery import DeliveryCore
+from mqlite.engine.sqlite.log import QueueState, SqliteLog
+from mqlite.engine.sqlite.sharing import FileLock
+from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
+from mqlite.message import EMPTY_HEADERS, Message, MessageMeta
+
+__all__ = ["SqliteEngine", "SqliteQueue"]
+
+
+class SqliteQueue(DeliveryCore):
+    """One queue of an mqlite file. Thread-safe; on a shared file, each operation is one transaction."""
+
+    durable = True
+
+    def __init__(self, name: str, config: QueueConfig, clock: Clock, dead_letters: DeadLetterSink, log: SqliteLog):
+        super().__init__(name, config, clock, dead_letters, log)
+        self._file = log
+        store = log.store
+        # Shared files only: the pending entries of durable cursors made due again, which other
+        # brokers may now take (written when the transaction ends). None when no other broker
+        # can share the file.
+        self._released: list[tuple[Cursor, Pending]] | None = None
+        self._file_lock: FileLock | None = None
+        if store.shared:
+            self._released = []
+            self._file_lock = FileLock(store, self._refresh_locked, self._on_commit)
+            self._lock = self._file_lock
+            store.watch(self._on_foreign_change)
+
+    def open(self) -> None:
+        """Load the queue from the file (a shared file loads when the lock begins its transaction)."""
+        with self._lock:
+            if self._released is None:
+                self._refresh_locked()
+            self._housekeep_locked()
+
+    # -- publishing: encoded before the lock ------------------------------------------------
+
+    def publish(
+        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+    ) -> Message:
+        """Append one message (see :meth:`QueueCore.publish`); the serializer runs before the lock."""
+        return self._append_drafts([(event, payload, key, headers)])[0]
+
+    def _encode(self, checked: list[tuple[str, Any, MessageMeta | None]]) -> list[Fields] | None:
+        serializer = self._file.store.serializer
+        name = self.name
+        return [
+            encode_fields(serializer, name, event, payload, None, EMPTY_HEADERS)
+            if meta is None
+            else encode_fields(serializer, name, event, payload, meta.key, meta.headers)
+            for event, payload, meta in checked
+        ]
+
+    def _write_locked(self, messages: list[Message], encoded: list[Fields] | None) -> None:
+        assert encoded is not None
+        self._file.write(messages, encoded)
+
+    # -- journal hooks -------------------------------------------------------------------------
+
+    def _journal_cursor_locked(self, cursor: Cursor) -> None:
+        if cursor.name is not None:
+            self._file.save_cursor(cursor.name, cursor.position, cursor.settings.to_stored())
+
+    def _journal_forget_locked(self, name: str) -> None:
+        self._file.delete_cursor(name)
+
+    def _journal_config_locked(self, config: QueueConfig) -> None:
+        self._file.save_config(attrs.asdict(config))
+
+    def _journal_ack_locked(self, cursor: Cursor, offsets: list[int]) -> None:
+        assert cursor.name is not None
+        self._file.sync_cursor(cursor.name, None, (), offsets)
+
+    def _note_dead_in_transit_locked(self, cursor: Cursor, offset: int) -> bool:
+        if cursor.name is None:
+            return False
+        cursor.dead_in_transit.add(offset)
+        return True
+
+    def _adopt_cursor_locked(self, cursor: Cursor) -> None:
+        if self._released is not None:
+            released = self._released
+            cursor.schedule.on_ready = lambda entry: released.append((cursor, entry))
+
+    def _journal_sync_locked(
+        self, cursor: Cursor, offsets: Sequence[int], inflight: Sequence[int] = (), *, moved: bool = False
+    ) -> None:
+        """Save, for ``offsets``, whether each is still pending on a durable cursor (and its position if ``moved``).
+
+        ``inflight`` are offsets handed to a push callback with automatic acks: they are saved as
+        pending (delivered once) until the callback returns, so a crash redelivers them.
+        """
+        if cursor.name is None:
+            return
+        pending = cursor.pending
+        upserts: list[tuple[int, int, bool, float | None]] = []
+        deletes: list[int] = []
+        for offset in offsets:
+            entry = pending.get(offset)
+            if entry is None:
+                deletes.append(offset)
+            elif entry.state == WAITING:
+                # Waiting out a delay: held by nobody, so any broker sharing the file may take it
+                # once the delay ends, and the wall-clock time it waits for survives a restart.
+                upserts.append((offset, entry.attempts, False, self._wall_due_locked(entry)))
+            else:
+                # Held by this broker unless it is due for redelivery to whoever reads next.
+                upserts.append((offset, entry.attempts, entry.state != READY, None))
+        upserts.extend((offset, 1, True, None) for offset in inflight)
+        self._file.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
+
+    def _wall_due_locked(self, entry: Pending) -> float:
+        """When a WAITING entry's delay ends, in the clock's wall time (what a file can keep)."""
+        until = entry.deadline - self._monotonic()
+        return self._time() + (until if until > 0.0 else 0.0)
+
+    # -- sharing the file ----------------------------------------------------------------------
+
+    def remove_waiter(self, waiter: Waiter | None) -> None:
+        """Forget a waiter; the waiters need only the plain lock, not a transaction."""
+        if waiter is None:
+            return
+        if self._file_lock is None:
+            super().remove_waiter(waiter)
+            return
+        with self._file_lock.plain:
+            self._waiters.discard(waiter)
+
+    def _on_foreign_change(self) -> None:
+        """Another broker changed the file: reload now if anyone waits here (the watcher calls this)."""
+        lock = self._file_lock
+        assert lock is not None
+        with lock.plain:
+            waiting = bool(self._waiters)
+        if waiting:
+            with lock:
+                pass  # beginning the transaction reloads and wakes whoever now has something to read
+
+    def _on_commit(self) -> None:
+        """A transaction is about to commit (shared files): save entries made due for anyone."""
+        released = self._released
+        if not released:
+            return
+        offsets: dict[Cursor, list[int]] = {}
+        for cursor, entry in released:
+            if entry.state == READY and cursor.pending.get(entry.message[2]) is entry:
+                offsets.setdefault(cursor, []).append(entry.message[2])
+        released.clear()
+        for cursor, due in offsets.items():
+            if cursor.name is not None and self._cursors.get(cursor.name) is cursor:
+                self._journal_sync_locked(cursor, due)
+
+    # -- reloading what other brokers wrote ----------------------------------------------------
+
+    def _refresh_locked(self) -> None:
+        """Bring memory up to the file: new messages, settings, cursors and who holds what."""
+        state = self._file.store.changes(self.name, self._end)
+        config = QueueConfig(**state.config)
+        if config != self._config:
+            self._config = config
+            self._check_at = min(self._check_at, self._end)
+        woke = self._load_messages_locked(state)
+        woke = self._load_cursors_locked(state) or woke
+        woke = self._load_pending_locked(state) or woke
+        if woke and self._waiters:
+            self._waiters.wake_all()
+
+    def _load_messages_locked(self, state: QueueState) -> bool:
+        if state.start > self._end:
+            # Another broker dropped messages this one never loaded: start after them.
+            self._index.trim(state.start)
+            self._end = state.start
+            self._start = max(self._start, state.start)
+        messages = state.messages
+        if not messages:
+            return False
+        self._file.load(state.start, messages)
+        events = self._events
+        for message in messages:
+            if message[0] not in events:
+                self._index.add_event(message[0], self._all_cursors_locked())
+        self._index.add(messages)
+        self._end = messages[-1][2] + 1
+        return True
+
+    def _load_cursors_locked(self, state: QueueState) -> bool:
+        changed = False
+        stored = set()
+        for name, position, stored_settings in state.cursors:
+            stored.add(name)
+            settings = SubscriptionSettings.from_stored(stored_settings)
+            cursor = self._cursors.get(name)
+            if cursor is None:
+                cursor = Cursor(queue=self.name, name=name, position=position, settings=settings)
+                self._index.apply_filter(cursor, settings.event_filter)
+                self._cursors[name] = cursor
+                self._adopt_cursor_locked(cursor)
+                changed = True
+                continue
+            if cursor.settings != settings:
+                self._configure_cursor_locked(cursor, settings)
+                changed = True
+            if cursor.position != position:
+                cursor.position = position
+                changed = True
+        for name, cursor in list(self._cursors.items()):
+            if name in stored:
+                continue
+            if cursor.members:
+                self._journal_cursor_locked(cursor)  # deleted elsewhere while attached here: keep it
+            else:
+                del self._cursors[name]
+                self._index.forget(cursor)
+                changed = True
+        return changed
+
+    def _load_pending_locked(self, state: QueueState) -> bool:
+        """Match each durable cursor's pending entries to the file's rows and their holders."""
+        store = self._file.store
+        me = store.instance
+        rows: dict[str, dict[int, tuple[int, str | None, float | None]]] = {}
+        for name, offset, attempts, owner, due in state.pending:
+            rows.setdefault(name, {})[offset] = (attempts, owner, due)
+        changed = False
+        log = self._file
+        for name, cursor in self._cursors.items():
+            stored = rows.get(name, {})
+            pending = cursor.pending
+            for offset, entry in list(pending.items()):
+                row = stored.pop(offset, None)
+                if row is None or (row[1] is not None and row[1] != me):
+                    del pending[offset]  # settled, or taken, by another broker
+                    entry.state = SETTLED
+                    changed = True
+            adopt = [
+                (offset, attempts, due)
+                for offset, (attempts, owner, due) in stored.items()
+                if (owner is None or owner == me or not store.alive(owner)) and offset not in cursor.dead_in_transit
+            ]
+            if not adopt:
+                continue
+            first = log.first_offset
+            cached = {o: log.get(o) for o, _, _ in adopt if o >= first}
+            missing = [o for o, _, _ in adopt if o < first]
+            messages: dict[int, Any] = {m[2]: m for m in store.load_messages(self.name, missing)} if missing else {}
+            messages.update(cached)
+            now = self._time()
+            for offset, attempts, due in adopt:
+                message = messages.get(offset)
+                if message is None:
+                    continue  # its message is gone from the file: nothing left to redeliver
+                if message[0] not in self._events:
+                    self._index.add_event(message[0], self._all_cursors_locked())
+                # Delivered before and never settled, by a broker that is gone: due again, in
+                # order, unless it was nacked with a delay that has not ended yet.
+                entry = Pending(message, attempts, None, READY)
+                pending[offset] = entry
+                if due is not None and due > now:
+                    cursor.schedule.wait_until(entry, self._monotonic() + (due - now))
+                else:
+                    cursor.schedule.ready.append(entry)
+                changed = True
+        return changed
+
+
+class SqliteEngine:
+    """Storage in one mqlite file. Thread-safe (see :class:`~mqlite.engine.sqlite.store.SqliteStore`).
+
+    Raises:
+        InvalidArgument: ``synchronous`` or ``commit`` is not one of its values.
+        StorageError: the file cannot be opened as an mqlite file; nothing is left open.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "normal",
+        commit: Commit = "each",
+        serializer: Serializer | None = None,
+    ) -> None:
+        self._store = SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        self.capabilities = Capabilities(shared=self._store.shared, persistent=True, blocking_io=True)
+
+    @property
+    def path(self) -> str | None:
+        """The file."""
+        return self._store.path
+
+    @property
+    def store(self) -> SqliteStore:
+        """The open file (for tests and tools that look at it directly)."""
+        return self._store
+
+    def queues(self) -> list[tuple[str, QueueConfig]]:
+        """Every queue the file holds, with its settings."""
+        return [(name, QueueConfig(**config)) for name, config in self._store.queues()]
+
+    def open_queue(self, name: str, config: QueueConfig, clock: Clock, dead_letters: DeadLetterSink) -> SqliteQueue:
+        """Open ``name``, creating it in the file with ``config`` if it is new."""
+        queue = SqliteQueue(name, config, clock, dead_letters, self._store.open_log(name, attrs.asdict(config)))
+        queue.open()
+        return queue
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait for the batched writer (``commit="batch"``); True at once otherwise."""
+        return self._store.flush(timeout)
+
+    def close(self) -> None:
+        """Close the file and stop its threads (bounded)."""
+        self._store.close()
