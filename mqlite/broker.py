@@ -414,8 +414,8 @@ class Broker:
             )
             for figures in snapshot.cursors:
                 members = figures.members
-                push = any(m.is_push for m in members)
-                pull = any(not m.is_push for m in members)
+                push = any(m._is_push for m in members)
+                pull = any(not m._is_push for m in members)
                 mode: Literal["push", "pull", "push+pull", "detached"] = (
                     "push+pull" if push and pull else "push" if push else "pull" if pull else "detached"
                 )

@@ -110,7 +110,7 @@ class _BatchRunner:
 def _log_failure(consumer: Consumer, message: Message, error: BaseException) -> None:
     _log.warning(
         "callback of subscription %s failed on %s offset %d (%s): %r",
-        consumer.label,
+        consumer._label,
         message.queue,
         message.offset,
         message.event,
@@ -176,7 +176,7 @@ class PushWorker:
             while self.step(block=True) is not None:
                 pass
         except BaseException:  # a callback's KeyboardInterrupt or SystemExit, or a bug in mqlite: say so
-            _log.exception("push worker for %s stopped; its subscription gets no more callbacks", self.consumer.label)
+            _log.exception("push worker for %s stopped; its subscription gets no more callbacks", self.consumer._label)
             raise
 
 
@@ -234,7 +234,7 @@ class AsyncPushWorker:
         if self.consumer.closed:
             self.finished.set()  # closed before the task could start: nothing to deliver
             return
-        self.task = self.loop.create_task(self.run(), name=f"mqlite-push-{self.consumer.label}")
+        self.task = self.loop.create_task(self.run(), name=f"mqlite-push-{self.consumer._label}")
         self.task.add_done_callback(self._on_done)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
@@ -243,7 +243,9 @@ class AsyncPushWorker:
         # was never retrieved" when the task is collected: the exception has gone up the loop.
         if not task.cancelled() and (error := task.exception()) is not None:
             _log.error(
-                "push task for %s stopped; its subscription gets no more callbacks", self.consumer.label, exc_info=error
+                "push task for %s stopped; its subscription gets no more callbacks",
+                self.consumer._label,
+                exc_info=error,
             )
 
     def _cancel(self) -> None:
@@ -344,7 +346,7 @@ class ThreadDispatcher:
 
     def start(self, worker: PushWorker) -> None:
         """Start a thread that runs ``worker`` until its subscription closes."""
-        thread = threading.Thread(target=worker.run, name=f"mqlite-push-{worker.consumer.label}", daemon=True)
+        thread = threading.Thread(target=worker.run, name=f"mqlite-push-{worker.consumer._label}", daemon=True)
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)

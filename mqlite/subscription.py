@@ -73,12 +73,12 @@ class Subscription:
         self._off_loop = off_loop
         self.id = ident
         self.name = name
-        self.is_push = push
+        self._is_push = push
         # closed and _reason are written under the queue's lock; push workers read closed
         # without it as a hint between callbacks and re-check it under the lock per batch.
         self.closed = False
         self._reason = ""
-        self.cursor: Cursor
+        self._cursor: Cursor
         # _close_lock guards _detached (close() detaches exactly once) and binding _loop, which
         # is set at most once and read without the lock afterwards.
         self._close_lock = threading.Lock()
@@ -88,31 +88,31 @@ class Subscription:
         self._set_loop(loop)
         # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
         # popped with deque's atomic popleft. Closing hands them back to the cursor.
-        self.buffer: deque[Message] = deque()
+        self._buffer: deque[Message] = deque()
 
     # -- what the queue needs from a consumer --------------------------------------------
 
     @property
-    def label(self) -> str:
+    def _label(self) -> str:
         """How logs and thread names refer to this subscription."""
         return f"{self._engine.name}/{self.name or '~'}#{self.id}"
 
-    def mark_closed(self, reason: str) -> None:
+    def _mark_closed(self, reason: str) -> None:
         """Record that this consumer is closed (called by the queue, under its lock)."""
         if not self.closed:
             self.closed = True
             self._reason = reason
 
-    def closed_reason(self) -> str:
+    def _closed_reason(self) -> str:
         """Why using this subscription raises SubscriptionClosed."""
-        return f"subscription {self.label} is closed: {self._reason}"
+        return f"subscription {self._label} is closed: {self._reason}"
 
     # -- pull ----------------------------------------------------------------------------
 
     def _check_pull(self) -> None:
-        if self.is_push:
+        if self._is_push:
             raise InvalidArgument(
-                f"subscription {self.label} delivers to its callback; get/poll/iteration are for "
+                f"subscription {self._label} delivers to its callback; get/poll/iteration are for "
                 "subscriptions made without callback="
             )
 
@@ -185,7 +185,7 @@ class Subscription:
                 self._set_loop(loop)
                 return
         raise WrongEventLoop(
-            f"subscription {self.label} is bound to another event loop; use it from that loop, "
+            f"subscription {self._label} is bound to another event loop; use it from that loop, "
             "or subscribe again from this one"
         )
 
@@ -246,7 +246,7 @@ class Subscription:
             self._engine.remove_waiter(result.waiter)
             result = result.value
         if isinstance(result, list) and result:
-            self.buffer.extendleft(reversed(result))
+            self._buffer.extendleft(reversed(result))
 
     def __aiter__(self) -> _AsyncIteration:
         return _AsyncIteration(self)
@@ -311,7 +311,7 @@ class Subscription:
     @property
     def events(self) -> tuple[str, ...] | None:
         """The event filter: None for every event, else the names and patterns."""
-        return self.cursor.filter.spec
+        return self._cursor.filter.spec
 
     @property
     def queue(self) -> str:
@@ -364,9 +364,9 @@ class Subscription:
         self.close()
 
     def __repr__(self) -> str:
-        kind = "push" if self.is_push else "pull"
+        kind = "push" if self._is_push else "pull"
         state = "closed" if self.closed else "open"
-        return f"<mqlite.Subscription {self.label} {kind} events={self.cursor.filter.spec!r} {state}>"
+        return f"<mqlite.Subscription {self._label} {kind} events={self._cursor.filter.spec!r} {state}>"
 
 
 class _AsyncIteration:
@@ -381,7 +381,7 @@ class _AsyncIteration:
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
-        self._buffer = sub.buffer
+        self._buffer = sub._buffer
         # Refills since the iteration last yielded to the loop.
         self._refills = 0
 

@@ -75,19 +75,19 @@ class Consumer(Protocol):
 
     id: int
     name: str | None
-    is_push: bool
+    _is_push: bool
     closed: bool
-    buffer: deque[Message]
-    cursor: Cursor
+    _buffer: deque[Message]
+    _cursor: Cursor
 
     @property
-    def label(self) -> str: ...
+    def _label(self) -> str: ...
 
-    def mark_closed(self, reason: str) -> None: ...
+    def _mark_closed(self, reason: str) -> None: ...
 
     def close(self) -> None: ...
 
-    def closed_reason(self) -> str: ...
+    def _closed_reason(self) -> str: ...
 
 
 class Taken(NamedTuple):

@@ -338,7 +338,7 @@ class QueueCore:
                 self._configure_cursor_locked(cursor, settings)
                 self._journal_cursor_locked(cursor)
             cursor.members.append(consumer)
-            consumer.cursor = cursor
+            consumer._cursor = cursor
             return cursor
 
     def _adopt_cursor_locked(self, cursor: Cursor) -> None:
@@ -372,8 +372,8 @@ class QueueCore:
     def detach(self, consumer: Consumer) -> None:
         """Detach a closing consumer: what it read ahead goes back unread, what it held is retried."""
         with self._lock:
-            cursor = consumer.cursor
-            consumer.mark_closed("the subscription was closed")
+            cursor = consumer._cursor
+            consumer._mark_closed("the subscription was closed")
             unread = self._drain_buffer(consumer)
             self._give_back_locked(cursor, unread, pulled=True)
             if unread and self.durable and cursor.name is not None:
@@ -398,7 +398,7 @@ class QueueCore:
 
     @staticmethod
     def _drain_buffer(consumer: Consumer) -> list[Message]:
-        buffer = consumer.buffer
+        buffer = consumer._buffer
         unread = []
         while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
             try:
@@ -413,7 +413,7 @@ class QueueCore:
         if not messages:
             return
         with self._lock:
-            cursor = consumer.cursor
+            cursor = consumer._cursor
             self._give_back_locked(cursor, messages, pulled=True)
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, [m[2] for m in messages])
@@ -516,7 +516,7 @@ class QueueCore:
             self._check_at = -1  # every publish now takes the slow path, which refuses it
             members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
             for member in members:
-                member.mark_closed("the broker was closed")
+                member._mark_closed("the broker was closed")
             self._waiters.wake_all()
         return members
 

@@ -56,7 +56,7 @@ class DeliveryCore(QueueCore):
         try:
             messages = self._pull_locked(consumer, max_messages, read_ahead)
             if not messages:
-                cursor = consumer.cursor
+                cursor = consumer._cursor
                 waiter = self._waiters.add(cursor.names, wake)
                 bound = self._due_bound_locked(cursor)
             dead = self._take_outbox_locked()
@@ -74,8 +74,8 @@ class DeliveryCore(QueueCore):
         taken and the ones beyond ``max_messages`` kept in the consumer's buffer.
         """
         if consumer.closed:
-            raise SubscriptionClosed(consumer.closed_reason())
-        buffer = consumer.buffer
+            raise SubscriptionClosed(consumer._closed_reason())
+        buffer = consumer._buffer
         if buffer:
             # No min() or max() on hot paths: on CPython 3.11 each call costs ten times a
             # conditional expression.
@@ -83,7 +83,7 @@ class DeliveryCore(QueueCore):
             if count == 1:  # each step of sync iteration: skip the comprehension's frame
                 return [buffer.popleft()]
             return [buffer.popleft() for _ in range(count)]
-        cursor = consumer.cursor
+        cursor = consumer._cursor
         wanted = max_messages
         if read_ahead:
             wanted = policy.read_ahead_size(
@@ -113,7 +113,7 @@ class DeliveryCore(QueueCore):
             if consumer.closed:
                 done = True
             else:
-                cursor = consumer.cursor
+                cursor = consumer._cursor
                 size = policy.push_batch_size(max_messages, len(cursor.members))
                 taken = self._take_locked(consumer, cursor, size, True)
                 done = bool(taken.messages)
@@ -141,7 +141,7 @@ class DeliveryCore(QueueCore):
         lock = self._lock
         lock.acquire()
         try:
-            cursor = consumer.cursor
+            cursor = consumer._cursor
             cursor.inflight -= 1
             pending = cursor.pending
             manual = cursor.manual_ack
@@ -331,8 +331,8 @@ class DeliveryCore(QueueCore):
 
     def _check_manual_locked(self, consumer: Consumer, verb: str) -> Cursor:
         if consumer.closed:
-            raise SubscriptionClosed(consumer.closed_reason())
-        cursor = consumer.cursor
+            raise SubscriptionClosed(consumer._closed_reason())
+        cursor = consumer._cursor
         if not cursor.manual_ack:
             raise AckModeError(
                 f"{verb}() needs a subscription made with ack='manual'; this one acks automatically "
@@ -344,8 +344,8 @@ class DeliveryCore(QueueCore):
         """Move the consumer's cursor (shared by every subscription of its name) to ``target``."""
         with self._lock:
             if consumer.closed:
-                raise SubscriptionClosed(consumer.closed_reason())
-            cursor = consumer.cursor
+                raise SubscriptionClosed(consumer._closed_reason())
+            cursor = consumer._cursor
             cursor.position = self._resolve_locked(target)
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, (), moved=True)
@@ -356,8 +356,8 @@ class DeliveryCore(QueueCore):
         """Replace the cursor's event filter with ``change(current)``."""
         with self._lock:
             if consumer.closed:
-                raise SubscriptionClosed(consumer.closed_reason())
-            cursor = consumer.cursor
+                raise SubscriptionClosed(consumer._closed_reason())
+            cursor = consumer._cursor
             self._index.apply_filter(cursor, change(cursor.filter))
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)
@@ -369,7 +369,7 @@ class DeliveryCore(QueueCore):
     def cursor_stats(self, consumer: Consumer) -> CursorStats:
         """(position, lag, pending, missed) of a consumer's cursor, read atomically."""
         with self._lock:
-            cursor = consumer.cursor
+            cursor = consumer._cursor
             start = self._limit_floor_locked()
             position = cursor.position
             count = self._index.count
@@ -412,7 +412,7 @@ class DeliveryCore(QueueCore):
             candidates = self._all_cursors_locked() if cursors is None else cursors
             start = self._limit_floor_locked()
             for index, cursor in enumerate(candidates):
-                if not any(member.is_push for member in cursor.members):
+                if not any(member._is_push for member in cursor.members):
                     continue
                 position = cursor.position if cursor.position > start else start
                 if cursor.unsettled_before(offset) or self._index.count(cursor, position, offset):
