@@ -98,6 +98,15 @@ class Broker:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
         self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        try:
+            self._set_up(clock, dispatcher)
+        except BaseException:
+            # All or nothing: a broker that fails to open leaves no thread, file or claim behind.
+            self._engine.close()
+            raise
+
+    def _set_up(self, clock: Clock | None, dispatcher: Dispatcher | None) -> None:
+        """The rest of ``__init__``, once the engine is open; the engine is closed if it raises."""
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
         # _lock guards _closed, _async_workers and writes of _queues. _queues is copy-on-write:
@@ -110,6 +119,10 @@ class Broker:
         self._io_lock = threading.Lock()
         self._io: ThreadPoolExecutor | None = None
         self._closed = False
+        # Closing: whether it finished (a close that failed part-way is finished by the next one),
+        # and the coroutine workers the finish still has to wait for. Guarded by _lock.
+        self._close_done = False
+        self._closing_workers: list[AsyncPushWorker] = []
         self._async_workers: list[AsyncPushWorker] = []  # close() stops them; the dispatcher never sees them
         self._ids = itertools.count(1)
         # _progress guards _progress_count, _drainers, _async_drainers and _stopped;
@@ -125,8 +138,7 @@ class Broker:
                 self._queue(name, {}, config)
         except BaseException:
             self._clock.remove_listener(self._on_clock)
-            self._engine.close()  # a damaged file must not stay claimed
-            raise
+            raise  # __init__ closes the engine: a damaged file must not stay claimed
 
     # -- queues and publishing -----------------------------------------------------------
 
@@ -393,7 +405,13 @@ class Broker:
     # -- introspection -------------------------------------------------------------------
 
     def info(self) -> BrokerInfo:
-        """A frozen snapshot of every queue and subscription."""
+        """A frozen snapshot of every queue and subscription.
+
+        On storage that other brokers share, it lists the queues they created too, and the
+        positions, lag and pending counts are the storage's; the counters count this broker's work.
+        """
+        if self._engine.capabilities.shared:
+            self._open_new_queues()
         queues = []
         subs = []
         for name, engine in list(self._engines.items()):
@@ -441,6 +459,19 @@ class Broker:
                 )
         return BrokerInfo(queues=tuple(queues), subscriptions=tuple(subs))
 
+    def _open_new_queues(self) -> None:
+        """Open the queues that other brokers sharing the storage created since this one opened."""
+        if self.closed:
+            return  # a closed broker reports what it had
+        try:
+            for name, config in self._engine.queues():
+                if name not in self._engines:
+                    self._queue(name, {}, config)
+        except MqliteError:
+            if not self.closed:
+                raise
+            # closed meanwhile (its queue refused to open, or its file is shut): report what it had
+
     async def _run_off_loop(self, step: Callable[[], _T]) -> _T:
         """Run one engine step in this broker's I/O thread (engines with blocking I/O)."""
         with self._io_lock:
@@ -464,8 +495,12 @@ class Broker:
         still running then is cancelled, and the message it held goes back for redelivery.
         Called on an event loop's own thread, close cannot wait for that loop's coroutine
         callbacks (they finish by themselves when the loop runs again): use :meth:`aclose` or
-        ``async with`` there. Idempotent. Afterwards publish and subscribe raise
+        ``async with`` there. Idempotent; a close that raised part-way (say, the file could not
+        be closed) is finished by calling it again. Afterwards publish and subscribe raise
         :class:`~mqlite.BrokerClosed`.
+
+        Raises:
+            InvalidArgument: ``timeout`` is not a non-negative number; nothing was closed.
         """
         deadline = _close_deadline(timeout)
         workers = self._begin_close()
@@ -499,10 +534,12 @@ class Broker:
         """
         with self._lock:
             if self._closed:
-                return None
+                # Already closed, unless a close failed part-way: then this one finishes it.
+                return None if self._close_done else list(self._closing_workers)
             self._closed = True
             engines = list(self._engines.values())
             workers, self._async_workers = self._async_workers, []
+            self._closing_workers = workers
         members = [member for engine in engines for member in engine.close()]
         for member in members:
             member.close()
@@ -520,6 +557,9 @@ class Broker:
         if io is not None:
             io.shutdown(wait=True)  # each step it runs is bounded
         self._engine.close()
+        with self._lock:
+            self._close_done = True
+            self._closing_workers = []
         with self._progress:
             self._stopped = True
             self._progress.notify_all()

@@ -155,16 +155,23 @@ class PushWorker:
             return False
         callback = self.callback
         runner = _BatchRunner(queue, consumer, taken)
+        rest = iter(runner)
+        message = None
         try:
-            for message in runner:
-                if consumer.closed:  # read without the lock: a hint between callbacks, re-checked per batch
-                    break
+            # The try is outside the loop, entered again after a failure: a handler set up around
+            # each call costs every message of every push subscription a little.
+            while True:
                 try:
-                    callback(message)
+                    for message in rest:
+                        if consumer.closed:  # read without the lock: a hint between callbacks, re-checked per batch
+                            break
+                        callback(message)
+                    else:
+                        runner.all_handled()
+                    break
                 except Exception as error:  # noqa: BLE001  # a failed delivery: failed() logs it, the batch goes on
+                    assert message is not None
                     runner.failed(message, error)
-            else:
-                runner.all_handled()
         finally:
             runner.settle()
             self._on_progress()

@@ -23,6 +23,23 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
+# _background_lock guards _background: wake-ups scheduled from loop callbacks (of any loop, on
+# any thread), kept alive until they ran, since a loop keeps only a weak reference to a task.
+_background_lock = threading.Lock()
+_background: set[asyncio.Future[object]] = set()
+
+
+def _keep_alive(task: asyncio.Future[object]) -> None:
+    with _background_lock:
+        _background.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    with _background_lock:
+        _background.discard(task)
+
+
 OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]
 """Runs one engine step in a thread, for an engine whose steps do blocking I/O."""
 
@@ -247,6 +264,10 @@ class Subscription:
             result = result.value
         if isinstance(result, list) and result:
             self._buffer.extendleft(reversed(result))
+            # A read of this subscription may already be waiting (its step was queued behind the
+            # cancelled one): wake it, from the I/O thread, so that it finds the buffer.
+            assert self._off_loop is not None
+            _keep_alive(asyncio.ensure_future(self._off_loop(self._engine.wake_all)))
 
     def __aiter__(self) -> _AsyncIteration:
         return _AsyncIteration(self)

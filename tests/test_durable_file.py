@@ -122,6 +122,27 @@ def test_a_crash_after_the_dead_letter_is_published_redelivers_rather_than_loses
         assert payloads(again) == ["poison"]
 
 
+def test_a_push_callback_dead_letter_keeps_its_row_until_the_letter_is_published(tmp_path: Path) -> None:
+    """The same for a push callback that raised: settling its batch must not delete the row of
+    a message whose dead letter is still on its way."""
+    path = tmp_path / "app.mqlite"
+    dispatcher = mqlite.ManualDispatcher()
+
+    def poisoned(message: mqlite.Message) -> None:
+        raise ValueError("poison")
+
+    with mqlite.Broker(path, dispatcher=dispatcher) as broker:
+        stop_after_publishing_dead_letters(broker.queue("q"))
+        broker.subscribe("q", name="w", callback=poisoned, max_deliveries=1)
+        broker.publish("q", "e", "poison")
+        assert broker.drain(timeout=WAIT)
+        with sqlite3.connect(path) as db:
+            assert db.execute('SELECT name, "offset" FROM pending').fetchall() == [("w", 0)]
+    with mqlite.Broker(path) as broker:
+        again = pull_all(broker.subscribe("q", name="w", ack="manual", max_deliveries=1))
+        assert payloads(again) == ["poison"]
+
+
 def test_a_published_dead_letter_is_settled_on_the_file(tmp_path: Path) -> None:
     path = tmp_path / "app.mqlite"
     with mqlite.Broker(path) as broker:
@@ -833,6 +854,41 @@ def test_a_batched_writer_that_falls_behind_holds_publishers_back(
     assert max(batches) <= 8, f"the writer was handed {max(batches)} writes at once"
     with mqlite.Broker(path) as broker:
         assert len(broker.queue("q")) == 1000
+
+
+def test_a_publish_waits_for_a_stuck_batched_writer_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backpressure wait is bounded: a writer that never catches up makes the write fail."""
+    stuck = threading.Event()
+    release = threading.Event()
+    monkeypatch.setattr(writer, "MAX_BACKLOG", 2)
+    monkeypatch.setattr(writer, "BACKPRESSURE_TIMEOUT", 0.2)
+    path = tmp_path / "app.mqlite"
+    broker = mqlite.Broker(path, commit="batch")
+    try:
+        queue = broker.queue("q", retention="limits")
+        store = broker._engine.store  # type: ignore[attr-defined]  # the file under test
+        execute = store._execute_locked
+
+        def blocked(ops: list[Any]) -> None:
+            stuck.set()
+            assert release.wait(WAIT), "the test never released the writer"
+            execute(ops)
+
+        monkeypatch.setattr(store, "_execute_locked", blocked)
+        queue.publish("e", 0)
+        assert stuck.wait(WAIT)
+
+        def publish_more() -> None:
+            for i in range(1, 10):
+                queue.publish("e", i)
+
+        with pytest.raises(mqlite.StorageError, match="behind"):
+            publish_more()
+    finally:
+        release.set()
+        broker.close()
 
 
 @pytest.mark.parametrize("limit", [32766, 999, 100, 10])

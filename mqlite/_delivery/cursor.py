@@ -40,6 +40,13 @@ class Cursor:
         self.schedule = Schedule(self.pending)
         # Files only: offsets dead-lettered whose pending row stays until the letter is published.
         self.dead_in_transit: set[int] = set()
+        # Files only: offsets of auto-ack push batches whose callbacks run. Not pending in memory
+        # (a returning callback settles them), but saved as pending rows held by this broker, so
+        # that a crash redelivers them; a reload must not take them for a dead broker's.
+        self.pushing: set[int] = set()
+        # Shared storage only: how many of this cursor's pending messages other live brokers
+        # hold (not in ``pending``, which has only what this broker may deliver).
+        self.held_elsewhere = 0
         self.inflight = 0  # push batches taken and not yet reported done
         self.delivered = 0
         self.acked = 0
@@ -81,6 +88,11 @@ class Cursor:
         if self.inflight:
             return True
         return any(e.state != OUT and e.message[2] < offset for e in self.pending.values())
+
+    @property
+    def pending_count(self) -> int:
+        """How many messages are pending on this cursor, wherever they are held."""
+        return len(self.pending) + self.held_elsewhere
 
     def __repr__(self) -> str:
         return f"<Cursor {self.queue}/{self.name or '~'} position={self.position} pending={len(self.pending)}>"

@@ -375,7 +375,7 @@ class DeliveryCore(QueueCore):
             count = self._index.count
             missed = cursor.missed + count(cursor, position, start)
             position = position if position > start else start
-            return CursorStats(position, count(cursor, position, self._end), len(cursor.pending), missed)
+            return CursorStats(position, count(cursor, position, self._end), cursor.pending_count, missed)
 
     def snapshot(self) -> QueueSnapshot:
         """The queue's figures and each cursor's, taken atomically (for ``Broker.info``)."""
@@ -390,7 +390,7 @@ class DeliveryCore(QueueCore):
                     members=tuple(cursor.members),
                     position=cursor.position,
                     lag=count(cursor, cursor.position, self._end),
-                    pending=len(cursor.pending),
+                    pending=cursor.pending_count,
                     delivered=cursor.delivered,
                     acked=cursor.acked,
                     redelivered=cursor.redelivered,

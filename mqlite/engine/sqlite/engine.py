@@ -15,13 +15,14 @@ from typing import Any
 import attrs
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
+from mqlite._delivery.entries import OUT, READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, SubscriptionSettings
 from mqlite.engine.base import Capabilities, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.delivery import DeliveryCore
+from mqlite.engine.index import EventIndex
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.sharing import FileLock
 from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
@@ -43,10 +44,26 @@ class SqliteQueue(DeliveryCore):
         # brokers may now take (written when the transaction ends). None when no other broker
         # can share the file.
         self._released: list[tuple[Cursor, Pending]] | None = None
+        # Shared files only, for undoing a failed operation (see FileLock): each cursor's counters,
+        # members and in-transit sets when it began; the entries it changed, with their state
+        # before; the messages it read ahead into consumers' buffers; the outbox's length.
+        self._saved: list[tuple[Cursor, tuple[Any, ...]]] = []
+        self._saved_cursors: dict[str, Cursor] = {}
+        self._saved_ephemeral: list[Cursor] = []
+        self._saved_outbox = 0
+        self._touched: dict[Pending, tuple[Cursor, Any, object | None, int, float]] = {}
+        self._buffered: list[tuple[Cursor, list[Message]]] = []
         self._file_lock: FileLock | None = None
         if store.shared:
             self._released = []
-            self._file_lock = FileLock(store, self._refresh_locked, self._on_commit)
+            self._file_lock = FileLock(
+                store,
+                self._refresh_locked,
+                self._on_commit,
+                on_begin=self._on_begin_locked,
+                undo=self._undo_locked,
+                reload=self._reload_all_locked,
+            )
             self._lock = self._file_lock
             store.watch(self._on_foreign_change)
 
@@ -93,6 +110,10 @@ class SqliteQueue(DeliveryCore):
 
     def _journal_ack_locked(self, cursor: Cursor, offsets: list[int]) -> None:
         assert cursor.name is not None
+        if self._released is not None:
+            pending = cursor.pending
+            for offset in offsets:
+                self._touch_locked(cursor, pending[offset])
         self._file.sync_cursor(cursor.name, None, (), offsets)
 
     def _note_dead_in_transit_locked(self, cursor: Cursor, offset: int) -> bool:
@@ -100,6 +121,20 @@ class SqliteQueue(DeliveryCore):
             return False
         cursor.dead_in_transit.add(offset)
         return True
+
+    def _fail_locked(
+        self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None
+    ) -> None:
+        if self._released is not None:
+            self._touch_locked(cursor, entry)
+        super()._fail_locked(cursor, entry, reason, delay, error)
+
+    def _journal_take_locked(
+        self, cursor: Cursor, out: list[Message], redelivered: int, *, manual: bool, push: bool
+    ) -> None:
+        if self._released is not None:
+            self._buffered.append((cursor, out))
+        super()._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
 
     def _adopt_cursor_locked(self, cursor: Cursor) -> None:
         if self._released is not None:
@@ -112,17 +147,21 @@ class SqliteQueue(DeliveryCore):
         """Save, for ``offsets``, whether each is still pending on a durable cursor (and its position if ``moved``).
 
         ``inflight`` are offsets handed to a push callback with automatic acks: they are saved as
-        pending (delivered once) until the callback returns, so a crash redelivers them.
+        pending (delivered once) until the callback returns, so a crash redelivers them. They are
+        not pending in memory; ``cursor.pushing`` remembers them until the batch is settled (its
+        offsets synced again), so that a reload knows their rows for this broker's own.
         """
         if cursor.name is None:
             return
         pending = cursor.pending
         upserts: list[tuple[int, int, bool, float | None]] = []
         deletes: list[int] = []
+        in_transit = cursor.dead_in_transit
         for offset in offsets:
             entry = pending.get(offset)
             if entry is None:
-                deletes.append(offset)
+                if offset not in in_transit:  # a dead letter's row stays until the letter is published
+                    deletes.append(offset)
             elif entry.state == WAITING:
                 # Waiting out a delay: held by nobody, so any broker sharing the file may take it
                 # once the delay ends, and the wall-clock time it waits for survives a restart.
@@ -132,6 +171,11 @@ class SqliteQueue(DeliveryCore):
                 upserts.append((offset, entry.attempts, entry.state != READY, None))
         upserts.extend((offset, 1, True, None) for offset in inflight)
         self._file.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
+        pushing = cursor.pushing
+        if pushing and offsets:
+            pushing.difference_update(offsets)
+        if inflight:
+            pushing.update(inflight)
 
     def _wall_due_locked(self, entry: Pending) -> float:
         """When a WAITING entry's delay ends, in the clock's wall time (what a file can keep)."""
@@ -173,6 +217,137 @@ class SqliteQueue(DeliveryCore):
         for cursor, due in offsets.items():
             if cursor.name is not None and self._cursors.get(cursor.name) is cursor:
                 self._journal_sync_locked(cursor, due)
+
+    # -- undoing a failed operation ------------------------------------------------------------
+
+    def _on_begin_locked(self) -> None:
+        """An operation begins (shared files): remember what the file cannot restore if it fails."""
+        self._saved = [
+            (
+                cursor,
+                (
+                    cursor.delivered,
+                    cursor.acked,
+                    cursor.redelivered,
+                    cursor.dead_lettered,
+                    cursor.missed,
+                    cursor.inflight,
+                    list(cursor.members),
+                    set(cursor.dead_in_transit) if cursor.dead_in_transit else None,
+                    set(cursor.pushing) if cursor.pushing else None,
+                ),
+            )
+            for cursor in self._all_cursors_locked()
+        ]
+        self._saved_cursors = dict(self._cursors)
+        self._saved_ephemeral = list(self._ephemeral)
+        self._saved_outbox = len(self._outbox)
+        if self._touched:
+            self._touched.clear()
+        if self._buffered:
+            self._buffered.clear()
+
+    def _touch_locked(self, cursor: Cursor, entry: Pending) -> None:
+        """Remember an entry's state before the running operation changes it (first change only)."""
+        if entry not in self._touched:
+            self._touched[entry] = (cursor, entry.state, entry.owner, entry.attempts, entry.deadline)
+
+    def _undo_locked(self) -> None:
+        """Put back what a failed operation changed that the file does not hold (counters, members)."""
+        for cursor, saved in self._saved:
+            (
+                cursor.delivered,
+                cursor.acked,
+                cursor.redelivered,
+                cursor.dead_lettered,
+                cursor.missed,
+                cursor.inflight,
+                members,
+                in_transit,
+                pushing,
+            ) = saved
+            cursor.members[:] = members
+            cursor.dead_in_transit = in_transit if in_transit is not None else set()
+            cursor.pushing = pushing if pushing is not None else set()
+        self._cursors.clear()
+        self._cursors.update(self._saved_cursors)
+        self._ephemeral[:] = self._saved_ephemeral
+        del self._outbox[self._saved_outbox :]
+        if self._released:
+            self._released.clear()
+        for cursor, out in self._buffered:
+            taken = {id(message) for message in out}
+            for member in cursor.members:
+                buffer = member._buffer
+                for message in [m for m in buffer if id(m) in taken]:
+                    buffer.remove(message)
+        self._buffered.clear()
+
+    def _reload_all_locked(self) -> None:
+        """Make memory what the file holds: messages, event index, bounds, cursors and pending entries.
+
+        Attached consumers stay attached to their cursor objects. Entries a failed operation
+        changed get back their state from before it; an entry the file says is due again that
+        memory has out goes back to the front of the line.
+        """
+        store = self._file.store
+        state = store.changes(self.name, -1)
+        self._config = QueueConfig(**state.config)
+        self._file.reset(state.start, state.messages)
+        self._end = state.start + len(state.messages)
+        self._start = state.start
+        self._check_at = -1 if self._closed else 0  # the next publish runs housekeeping
+        index = EventIndex(self._file)
+        self._index = index
+        self._events = index.events
+        for message in state.messages:
+            if message[0] not in index.events:
+                index.add_event(message[0], ())
+        for cursor in self._all_cursors_locked():
+            cursor.names = None
+            index.apply_filter(cursor, cursor.filter)
+        self._load_cursors_locked(state)
+        self._restore_pending_locked(state)
+        self._load_pending_locked(state)
+        self._touched.clear()
+        if self._waiters:
+            self._waiters.wake_all()
+
+    def _restore_pending_locked(self, state: QueueState) -> None:
+        """Before ``_load_pending_locked``: undo the failed operation's changes to pending entries."""
+        me = self._file.store.instance
+        rows: dict[tuple[str, int], tuple[int, str | None]] = {
+            (name, offset): (attempts, owner) for name, offset, attempts, owner, _ in state.pending
+        }
+        front: dict[Cursor, list[Pending]] = {}
+        for entry, (cursor, entry_state, owner, attempts, deadline) in self._touched.items():
+            if cursor.name is None or (cursor.name, entry.message[2]) not in rows:
+                continue
+            cursor.pending[entry.message[2]] = entry
+            entry.attempts = attempts
+            if entry_state == OUT:
+                entry.state = OUT
+                entry.owner = owner
+                entry.deadline = deadline
+                if cursor.ack_timeout is not None:
+                    cursor.schedule.track_timeout(deadline, [entry])
+            elif entry_state == WAITING:
+                cursor.schedule.wait_until(entry, deadline)
+            else:
+                front.setdefault(cursor, []).append(entry)
+        touched = self._touched
+        for name, cursor in self._cursors.items():
+            for offset, entry in cursor.pending.items():
+                row = rows.get((name, offset))
+                if row is None or entry in touched:
+                    continue
+                entry.attempts = row[0]
+                if entry.state == OUT and row[1] != me:
+                    front.setdefault(cursor, []).append(entry)  # the failed operation took it
+        for cursor, entries in front.items():
+            entries.sort(key=lambda entry: entry.message[2])
+            for i, entry in enumerate(entries):
+                cursor.schedule.insert_ready(i, entry)
 
     # -- reloading what other brokers wrote ----------------------------------------------------
 
@@ -239,28 +414,42 @@ class SqliteQueue(DeliveryCore):
         return changed
 
     def _load_pending_locked(self, state: QueueState) -> bool:
-        """Match each durable cursor's pending entries to the file's rows and their holders."""
+        """Match each durable cursor's pending entries to the file's rows and their holders.
+
+        Each row is held by another live broker (counted in ``held_elsewhere``, not loaded), is
+        this broker's own in transit (an auto-ack push batch whose callback runs, a dead letter
+        being published: left alone), or may be delivered here (loaded, if it is not already).
+        """
         store = self._file.store
         me = store.instance
         rows: dict[str, dict[int, tuple[int, str | None, float | None]]] = {}
         for name, offset, attempts, owner, due in state.pending:
             rows.setdefault(name, {})[offset] = (attempts, owner, due)
+        alive: dict[str, bool] = {}  # one liveness look per holder and reload
+
+        def elsewhere(owner: str | None) -> bool:
+            if owner is None or owner == me:
+                return False
+            if owner not in alive:
+                alive[owner] = store.alive(owner)
+            return alive[owner]
+
         changed = False
         log = self._file
         for name, cursor in self._cursors.items():
             stored = rows.get(name, {})
+            held = [offset for offset, (_, owner, _) in stored.items() if elsewhere(owner)]
+            cursor.held_elsewhere = len(held)
+            for offset in held:
+                del stored[offset]
             pending = cursor.pending
             for offset, entry in list(pending.items()):
-                row = stored.pop(offset, None)
-                if row is None or (row[1] is not None and row[1] != me):
+                if stored.pop(offset, None) is None:
                     del pending[offset]  # settled, or taken, by another broker
                     entry.state = SETTLED
                     changed = True
-            adopt = [
-                (offset, attempts, due)
-                for offset, (attempts, owner, due) in stored.items()
-                if (owner is None or owner == me or not store.alive(owner)) and offset not in cursor.dead_in_transit
-            ]
+            in_transit = cursor.pushing | cursor.dead_in_transit
+            adopt = [(o, attempts, due) for o, (attempts, _, due) in stored.items() if o not in in_transit]
             if not adopt:
                 continue
             first = log.first_offset

@@ -92,6 +92,13 @@ class SqliteLog:
             cache.drop_before(start)
         cache.extend(messages)
 
+    def reset(self, start: int, messages: Sequence[Message]) -> None:
+        """Forget the memory log and hold ``messages`` (the file's, from its oldest offset ``start``) instead."""
+        cache = MemoryLog(start)
+        cache.extend(messages)
+        self._cache = cache
+        self._cache_append = cache.append
+
     def read(self, from_offset: int, to_offset: int) -> list[Message]:
         """Messages in ``[from_offset, to_offset)``, from memory."""
         return self._cache.read(from_offset, to_offset)

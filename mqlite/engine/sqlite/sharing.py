@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mqlite.errors import StorageError
+from mqlite.errors import MqliteError, StorageError
 
 if TYPE_CHECKING:
     from mqlite.engine.sqlite.store import SqliteStore
@@ -231,53 +231,131 @@ class FileLock:
     other connections changed; ``release`` lets the queue write what it still owes, commits and
     releases. Everything a queue does under its lock is therefore one atomic step across every
     process sharing the file. Once the store is closed it is a plain lock.
+
+    All or nothing: when the body raises (an exception other than the one, if any, being handled
+    when it began) after writing, or when the writes at release fail, the transaction is rolled
+    back and the queue undoes its memory changes (``undo``) and reloads its state from the file
+    (``reload``), the file being the truth. A body refused before it wrote changed nothing (the
+    core checks before it changes), so it is only rolled back. A reload that fails leaves the
+    queue ``stale``: the next acquire reloads before anything else.
     """
 
-    __slots__ = ("_began", "_on_commit", "_refresh", "_store", "plain", "synced")
+    __slots__ = (
+        "_began",
+        "_entry_error",
+        "_on_begin",
+        "_on_commit",
+        "_refresh",
+        "_reload",
+        "_store",
+        "_undo",
+        "plain",
+        "stale",
+        "synced",
+    )
 
-    def __init__(self, store: SqliteStore, refresh: Callable[[], None], on_commit: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        refresh: Callable[[], None],
+        on_commit: Callable[[], None],
+        *,
+        on_begin: Callable[[], None] = lambda: None,
+        undo: Callable[[], None] = lambda: None,
+        reload: Callable[[], None] | None = None,
+    ) -> None:
         self.plain = threading.Lock()
         self._store = store
-        self._refresh = refresh  # reload the queue from the file
+        self._refresh = refresh  # reload the queue from the file: what changed since it last looked
+        self._reload = reload if reload is not None else refresh  # reload all of it
         self._on_commit = on_commit  # write what the queue still owes the file
-        # Guarded by plain: whether a transaction is open, and the store generation the queue
-        # last reloaded at (-1: never, so the first acquire loads it).
+        self._on_begin = on_begin  # remember what undo needs
+        self._undo = undo  # undo the memory changes of a failed operation that the file cannot restore
+        # Guarded by plain: whether a transaction is open, the exception being handled when it
+        # began, the store generation the queue last reloaded at (-1: never, so the first acquire
+        # loads it), and whether memory must be reloaded in full before the next operation.
         self._began = False
+        self._entry_error: BaseException | None = None
         self.synced = -1
+        self.stale = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock)."""
         if not self.plain.acquire(blocking, timeout):
             return False
         try:
-            generation = self._store.begin()
+            store = self._store
+            generation = store.begin()
             if generation is None:
                 return True  # the store is closed: a plain lock from now on
-            self._began = True
-            if generation != self.synced:
+            if self.stale or generation != self.synced:
                 try:
-                    self._refresh()
+                    (self._reload if self.stale else self._refresh)()
                 except BaseException:
-                    self._began = False
-                    self._store.commit()
+                    self.stale = True  # a reload that stopped half-way: the next one starts afresh
+                    store.rollback()
                     raise
+                self.stale = False
                 self.synced = generation
+            self._on_begin()
+            self._began = True
+            self._entry_error = sys.exc_info()[1]
         except BaseException:
             self.plain.release()
             raise
         return True
 
     def release(self) -> None:
-        """Commit the transaction and release the lock."""
+        """Commit the transaction and release the lock (roll back and restore if the body failed)."""
         try:
             if self._began:
                 self._began = False
+                store = self._store
+                error = sys.exc_info()[1]
+                if error is not None and error is not self._entry_error:
+                    wrote = store.wrote
+                    store.rollback()
+                    if wrote or not isinstance(error, MqliteError):
+                        self._restore()
+                    return
                 try:
                     self._on_commit()
-                finally:
-                    self._store.commit()
+                except BaseException:
+                    store.rollback()
+                    self._restore()
+                    raise
+                try:
+                    store.commit()
+                except BaseException:
+                    self._restore()
+                    raise
         finally:
+            self._entry_error = None
             self.plain.release()
+
+    def _restore(self) -> None:
+        """After a rollback: undo what the file cannot tell, then reload the rest from the file."""
+        self.stale = True
+        try:
+            self._undo()
+            generation = self._store.begin()
+            if generation is None:
+                return
+            try:
+                self._reload()
+            except BaseException:
+                self._store.rollback()
+                raise
+            self._store.commit()
+        except Exception:  # noqa: BLE001  # the operation's own error is the one to raise
+            _log.warning(
+                "reloading a queue of %r after a failed operation failed; it reloads before the next one",
+                self._store.path,
+                exc_info=True,
+            )
+            return
+        self.synced = generation
+        self.stale = False
 
     def __enter__(self) -> bool:
         return self.acquire()

@@ -99,6 +99,11 @@ class SqliteStore:
         # While no other broker has the file open (its claim is exclusive), every write simply
         # autocommits: there is nobody to reload from. The watcher ends this when one shows up.
         self._solo = False
+        # Between begin() and commit() or rollback() (under _db_lock): an operation is running,
+        # and whether it wrote. Its first write begins the transaction if begin() did not (alone
+        # on the file), so that every operation is all or nothing on the file too.
+        self._in_op = False
+        self.wrote = False
         self._busy_timeout = busy_timeout
         self._db_lock = threading.RLock()
         self._closed = False
@@ -138,8 +143,13 @@ class SqliteStore:
     # -- queues ----------------------------------------------------------------------------
 
     def queues(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every stored queue with its retention settings, by name."""
+        """Every stored queue with its retention settings, by name.
+
+        Raises:
+            StorageError: the store is closed.
+        """
         with self._db_lock:
+            self._check_open()
             rows = self._db.execute("SELECT name, config FROM queues ORDER BY name").fetchall()
         return [(name, json.loads(config)) for name, config in rows]
 
@@ -265,13 +275,16 @@ class SqliteStore:
         if self._closed:
             self._db_lock.release()
             return None
+        self._in_op = True
+        self.wrote = False
         if self._solo:
-            return self.generation  # alone on the file: writes autocommit, nothing to reload
+            return self.generation  # alone on the file: nothing to reload; the first write begins
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             self._note_version_locked()
         except BaseException as error:
+            self._in_op = False
             try:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -292,16 +305,40 @@ class SqliteStore:
             StorageError: the commit failed; the transaction was rolled back.
         """
         db = self._db
+        self._in_op = False
         try:
             if db.in_transaction:
                 try:
                     db.execute("COMMIT")
                 except sqlite3.Error as error:
-                    db.execute("ROLLBACK")
-                    self.generation += 1  # memory may now be ahead of the file: reload everything
-                    raise StorageError(f"cannot commit to {self.path!r}: {error}") from error
+                    self._rollback_locked()
+                    raise StorageError(f"cannot commit to {self.path!r}: {error}; nothing was changed") from error
         finally:
             self._db_lock.release()
+
+    def rollback(self) -> None:
+        """End the transaction :meth:`begin` started without keeping its writes; release the store's lock."""
+        self._in_op = False
+        try:
+            self._rollback_locked()
+        finally:
+            self._db_lock.release()
+
+    def _rollback_locked(self) -> None:
+        db = self._db
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            # SQLite rolls a transaction back by itself after the errors that stop ROLLBACK.
+            _log.warning("rolling back a transaction on %r failed", self.path, exc_info=True)
+
+    def _begin_write_locked(self) -> None:
+        """An operation writes: note it, and begin its transaction if :meth:`begin` did not (alone on the file)."""
+        if self._in_op:
+            self.wrote = True
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN")
 
     def _note_version_locked(self) -> bool:
         """Whether another connection committed since the last look; if so the generation grows."""
@@ -429,6 +466,10 @@ class SqliteStore:
             if self._closed:
                 self._check_open()
             try:
+                if self._in_op:
+                    self.wrote = True
+                    if not self._db.in_transaction:
+                        self._db.execute("BEGIN")  # as _begin_write_locked, inlined: the publish path
                 self._db.execute(_INSERT, row)
             except sqlite3.Error as error:
                 raise StorageError(f"cannot write to {self.path!r}: {error}; nothing was published") from error
@@ -456,6 +497,7 @@ class SqliteStore:
             with self._db_lock:
                 self._check_open()
                 try:
+                    self._begin_write_locked()
                     self._execute_locked(ops)
                     if vacuum:
                         # Give freed pages back to the file system: a steady workload keeps a steady size.
@@ -494,7 +536,7 @@ class SqliteStore:
     def close(self) -> None:
         """Commit what is still buffered, hand back what this broker held, close the file.
 
-        Idempotent; later writes are refused.
+        Idempotent, and a close that raised part-way is finished by the next; later writes are refused.
         """
         writer = self._writer
         if writer is not None:
@@ -504,23 +546,25 @@ class SqliteStore:
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._join(self._watcher)
         with self._db_lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                # Unsettled messages this broker held are due again, for whoever reads next.
-                self._db.execute("UPDATE pending SET owner = NULL WHERE owner = ?", (self.instance,))
-            except sqlite3.Error:
-                _log.warning(
-                    "could not hand back the pending messages of %r; they wait for this broker's death to be noticed",
-                    self.path,
-                    exc_info=True,
-                )
+            if not self._closed:
+                self._closed = True
+                try:
+                    # Unsettled messages this broker held are due again, for whoever reads next.
+                    self._db.execute("UPDATE pending SET owner = NULL WHERE owner = ?", (self.instance,))
+                except sqlite3.Error:
+                    _log.warning(
+                        "could not hand back the pending messages of %r; "
+                        "they wait for this broker's death to be noticed",
+                        self.path,
+                        exc_info=True,
+                    )
+            # Each step may be repeated: a close that raised part-way is finished by the next one.
             self._db.close()
             if self._liveness is not None:
                 self._liveness.close()
             if self._claim is not None:
                 self._claim.close()  # releases the claim
+                self._claim = None
 
     def _join(self, thread: threading.Thread) -> None:
         """Wait up to CLOSE_TIMEOUT for ``thread`` to end; if it does not, say so and go on."""

@@ -20,12 +20,16 @@ from typing import Any
 from mqlite.engine.sqlite.sharing import _transaction
 from mqlite.errors import StorageError
 
-__all__ = ["CHUNKS", "MAX_BACKLOG", "BatchWriter", "execute"]
+__all__ = ["BACKPRESSURE_TIMEOUT", "CHUNKS", "MAX_BACKLOG", "BatchWriter", "execute"]
 
 _log = logging.getLogger("mqlite")
 
 # commit="batch": how many writes may wait for the writer before callers wait for it.
 MAX_BACKLOG = 10_000
+
+BACKPRESSURE_TIMEOUT = 30.0
+"""Seconds a caller waits for a writer that is MAX_BACKLOG writes behind before it gives up with
+StorageError (a disk that stopped answering): the wait holds the caller's queue lock."""
 
 _Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
 _UPSERT_PENDING = (
@@ -244,10 +248,21 @@ class BatchWriter:
     def _room_locked(self) -> list[_Op]:
         """The writer's buffer, once it has room (waiting for the writer if need be); under ``_cond``.
 
-        Backpressure: a writer more than MAX_BACKLOG rows and ops behind makes callers wait for it.
+        Backpressure: a writer more than MAX_BACKLOG rows and ops behind makes callers wait for it,
+        for at most BACKPRESSURE_TIMEOUT seconds.
+
+        Raises:
+            StorageError: the store is closing, the writer failed, or it did not catch up in time.
         """
+        deadline = time.monotonic() + BACKPRESSURE_TIMEOUT
         while self._backlog >= MAX_BACKLOG and not self.stopping and self._failure is None:
-            self._cond.wait()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StorageError(
+                    f"{self._path!r}: the background writer stayed {self._backlog} writes behind for "
+                    f"{BACKPRESSURE_TIMEOUT:g} s; this write was refused"
+                )
+            self._cond.wait(remaining)
         if self.stopping:
             raise StorageError(f"{self._path!r} is closed")
         if self._failure is not None:
