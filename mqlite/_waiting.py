@@ -19,7 +19,7 @@ from typing import TypeVar
 from mqlite._delivery.waiters import Waiter
 from mqlite.engine.base import Attempt
 
-__all__ = ["await_", "loop_waker", "wait"]
+__all__ = ["OffLoop", "await_", "loop_waker", "run_off_loop", "wait"]
 
 _T = TypeVar("_T")
 
@@ -122,3 +122,27 @@ async def await_(
             if timer is not None:
                 timer.cancel()
             remove(result.waiter)
+
+
+OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]
+"""Runs one engine step in a thread, for an engine whose steps do blocking I/O."""
+
+
+async def run_off_loop(off_loop: OffLoop[_T], step: Callable[[], _T], keep: Callable[[_T], object]) -> _T:
+    """Run ``step`` with ``off_loop`` (in the broker's I/O thread), so the loop never waits on I/O.
+
+    A step cannot be stopped once it runs. If the awaiting task is cancelled meanwhile, the
+    step's result goes to ``keep`` when it is done, on the loop, so that what it took is kept
+    or given back instead of lost.
+    """
+    future: asyncio.Future[_T] = asyncio.ensure_future(off_loop(step))
+
+    def finished(done: asyncio.Future[_T]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            keep(done.result())
+
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(finished)
+        raise

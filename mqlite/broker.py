@@ -295,7 +295,7 @@ class Broker:
         target.attach(sub, name, start, settings)
         if is_async:
             assert loop is not None
-            worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop)  # type: ignore[arg-type]  # checked coroutine function
+            worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop, off_loop)  # type: ignore[arg-type]  # checked coroutine function
             with self._lock:
                 # A worker whose subscription close() already closed ends by itself; untracked is fine.
                 self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]

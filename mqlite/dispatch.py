@@ -8,15 +8,16 @@ in how they call the callback (a plain call or an ``await``) and how they wait f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
-from mqlite._waiting import await_, wait
-from mqlite.engine.base import Consumer, QueueEngine, Taken
+from mqlite._waiting import OffLoop, await_, run_off_loop, wait
+from mqlite.engine.base import Attempt, Consumer, QueueEngine
 from mqlite.message import Message
 
 __all__ = [
@@ -68,13 +69,12 @@ class _BatchRunner:
     belongs to the worker running the batch.
     """
 
-    __slots__ = ("_batch", "_consumer", "_failures", "_finished", "_queue", "_rest", "_taken")
+    __slots__ = ("_batch", "_consumer", "_failures", "_finished", "_queue", "_rest")
 
-    def __init__(self, queue: QueueEngine, consumer: Consumer, taken: Taken) -> None:
+    def __init__(self, queue: QueueEngine, consumer: Consumer, batch: list[Message]) -> None:
         self._queue = queue
         self._consumer = consumer
-        self._taken = taken
-        batch = self._batch = taken.messages
+        self._batch = batch
         self._failures: list[tuple[Message, BaseException]] = []
         # A plain list iterator, not a generator: this loop runs for every message of every push
         # subscription, and resuming a generator costs about 320 more instructions per message
@@ -104,7 +104,7 @@ class _BatchRunner:
             # Stopped early: the last message taken from the iterator was in hand, not handled.
             taken = len(batch) - operator.length_hint(self._rest)
             unprocessed = batch[taken - 1 if taken else 0 :]
-        self._queue.push_done(self._consumer, self._taken, self._failures, unprocessed)
+        self._queue.push_done(self._consumer, batch, self._failures, unprocessed)
 
 
 def _log_failure(consumer: Consumer, message: Message, error: BaseException) -> None:
@@ -145,16 +145,15 @@ class PushWorker:
         """Deliver one batch. Returns whether anything was delivered, or None once closed."""
         queue = self.queue
         consumer = self.consumer
-        if block:
-            taken = wait(lambda wake: queue.push_or_wait(consumer, PUSH_BATCH, wake), queue.remove_waiter, None).value
-        else:
-            taken = queue.push_or_wait(consumer, PUSH_BATCH, None).value
-        if taken is None:
+        batch = queue.try_push(consumer, PUSH_BATCH)
+        if batch is not None and not batch:
+            if not block:
+                return False
+            batch = wait(lambda wake: queue.push_or_wait(consumer, PUSH_BATCH, wake), queue.remove_waiter, None).value
+        if batch is None:
             return None
-        if not taken.messages:
-            return False
         callback = self.callback
-        runner = _BatchRunner(queue, consumer, taken)
+        runner = _BatchRunner(queue, consumer, batch)
         rest = iter(runner)
         message = None
         try:
@@ -203,8 +202,11 @@ class AsyncPushWorker:
         callback: Callable[[Message], Awaitable[object]],
         on_progress: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
+        off_loop: OffLoop[Any] | None = None,
     ) -> None:
         self.queue = queue
+        # How engine steps run: inline, or in the broker's I/O thread for an engine with blocking I/O.
+        self._off_loop = off_loop
         self.consumer = consumer
         self.callback = callback
         self._on_progress = on_progress
@@ -264,14 +266,21 @@ class AsyncPushWorker:
         queue = self.queue
         consumer = self.consumer
         callback = self.callback
+        off_loop = self._off_loop
+        run = None if off_loop is None else functools.partial(run_off_loop, off_loop, keep=self._give_back_taken)
         try:
             while True:
-                taken = (
-                    await await_(lambda wake: queue.push_or_wait(consumer, PUSH_BATCH, wake), queue.remove_waiter, None)
-                ).value
-                if taken is None:
+                take = functools.partial(queue.try_push, consumer, PUSH_BATCH)
+                batch = take() if run is None else await run(take)
+                if batch is not None and not batch:
+                    batch = (
+                        await await_(
+                            lambda wake: queue.push_or_wait(consumer, PUSH_BATCH, wake), queue.remove_waiter, None, run
+                        )
+                    ).value
+                if batch is None:
                     return
-                runner = _BatchRunner(queue, consumer, taken)
+                runner = _BatchRunner(queue, consumer, batch)
                 try:
                     for message in runner:
                         if consumer.closed:
@@ -283,10 +292,21 @@ class AsyncPushWorker:
                     else:
                         runner.all_handled()
                 finally:
-                    runner.settle()
+                    if off_loop is None:
+                        runner.settle()
+                    else:  # shielded: a second cancellation cannot stop the settlement half-way
+                        await asyncio.shield(off_loop(runner.settle))
                     self._on_progress()
         finally:
             self.finished.set()
+
+    def _give_back_taken(self, result: object) -> None:
+        """What a take that ran for a cancelled task got goes back, unprocessed (never lost)."""
+        if isinstance(result, Attempt):
+            self.queue.remove_waiter(result.waiter)
+            result = result.value
+        if isinstance(result, list) and result:
+            self.queue.push_done(self.consumer, result, [], result)
 
 
 def stop_async_workers(workers: list[AsyncPushWorker], deadline: float) -> bool:

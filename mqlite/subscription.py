@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from threading import get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._waiting import await_, wait
+from mqlite._waiting import OffLoop, await_, run_off_loop, wait
 from mqlite.config import Start
 from mqlite.engine.base import Attempt, QueueEngine
 from mqlite.errors import InvalidArgument, SubscriptionClosed, WrongEventLoop
@@ -39,9 +39,6 @@ def _forget(task: asyncio.Future[object]) -> None:
     with _background_lock:
         _background.discard(task)
 
-
-OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]
-"""Runs one engine step in a thread, for an engine whose steps do blocking I/O."""
 
 __all__ = ["READ_AHEAD", "YIELD_EVERY", "Subscription", "check_timeout"]
 
@@ -119,6 +116,11 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._reason = reason
+
+    def _reopen(self) -> None:
+        """Undo a close that failed and was rolled back (called by the engine, under its lock)."""
+        self.closed = False
+        self._reason = ""
 
     def _closed_reason(self) -> str:
         """Why using this subscription raises SubscriptionClosed."""
@@ -243,22 +245,13 @@ class Subscription:
     async def _run_off_loop(self, step: Callable[[], _T]) -> _T:
         """Run an engine step in the broker's I/O thread, so that the loop never waits on a file.
 
-        A step cannot be stopped once it runs. If the awaiting task is cancelled meanwhile, what
-        the step took is kept for this subscription's next read (or given back when it closes):
-        cancelling consumes nothing.
+        If the awaiting task is cancelled meanwhile, what the step took is kept for this
+        subscription's next read (or given back when it closes): cancelling consumes nothing.
         """
         assert self._off_loop is not None
-        future: asyncio.Future[_T] = asyncio.ensure_future(self._off_loop(step))  # type: ignore[arg-type]  # OffLoop is generic per call
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(self._keep_what_was_taken)
-            raise
+        return await run_off_loop(self._off_loop, step, self._keep_what_was_taken)  # type: ignore[arg-type]  # OffLoop is generic per call
 
-    def _keep_what_was_taken(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        result = future.result()
+    def _keep_what_was_taken(self, result: object) -> None:
         if isinstance(result, Attempt):
             self._engine.remove_waiter(result.waiter)
             result = result.value
@@ -371,7 +364,12 @@ class Subscription:
             if self._detached:
                 return
             self._detached = True
-        self._engine.detach(self)
+        try:
+            self._engine.detach(self)
+        except BaseException:
+            with self._close_lock:
+                self._detached = False  # nothing was detached: the next close() tries again
+            raise
 
     def __enter__(self) -> Self:
         return self

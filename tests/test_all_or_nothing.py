@@ -290,6 +290,26 @@ def test_a_failed_ack_leaves_the_message_pending(tmp_path: Path) -> None:
         assert broker.subscribe("q", name="s", ack="manual").get(timeout=0) is None
 
 
+@pytest.mark.parametrize("fault", [{"write": 1}, {"commit": 1}], ids=["write", "commit"])
+def test_a_close_that_fails_leaves_the_subscription_open_and_can_be_called_again(
+    tmp_path: Path, fault: dict[str, int]
+) -> None:
+    with mqlite.Broker(tmp_path / "q.mqlite") as broker:
+        sub = broker.subscribe("q", name="s", ack="manual")
+        broker.publish("q", "e", 0)
+        message = sub.get(timeout=WAIT)
+        assert message is not None
+        with faulty(broker, **fault), pytest.raises(mqlite.StorageError):
+            sub.close()
+        assert not sub.closed
+        assert sub.pending == 1
+        sub.ack(message)  # still open, still holding it
+        sub.close()
+        assert sub.closed
+    with mqlite.Broker(tmp_path / "q.mqlite") as broker:
+        assert broker.subscribe("q", name="s", ack="manual").get(timeout=0) is None
+
+
 def test_a_get_that_fails_takes_nothing_and_a_later_get_delivers_it(tmp_path: Path) -> None:
     with mqlite.Broker(tmp_path / "q.mqlite") as broker:
         sub = broker.subscribe("q", name="s")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -339,6 +340,41 @@ def test_aget_on_a_file_keeps_the_loop_running_while_sqlite_waits(tmp_path: Path
                 finally:
                     await cancelled(ticking)
                     await cancelled(get)
+
+        run(body)
+
+
+def test_a_coroutine_callback_on_a_file_takes_and_settles_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async push worker's engine steps (take, wait, settle) run in the broker's I/O thread:
+    on a file each is a transaction that may wait on the busy timeout, which must not stall the loop."""
+    path = tmp_path / "q.mqlite"
+    with mqlite.Broker(path) as broker:
+        engine = broker.queue("q")._engine  # type: ignore[attr-defined]  # the engine under test
+        threads: list[str] = []
+        for step in ("try_push", "push_or_wait", "push_done"):
+            original = getattr(engine, step)
+
+            def recorded(*args: Any, _original: Any = original) -> Any:
+                threads.append(threading.current_thread().name)
+                return _original(*args)
+
+            monkeypatch.setattr(engine, step, recorded)
+        seen: list[int] = []
+
+        async def handle(message: mqlite.Message) -> None:
+            seen.append(message.payload)
+
+        async def body() -> None:
+            loop_thread = threading.current_thread().name
+            broker.subscribe("q", name="pusher", callback=handle)
+            await until(lambda: len(threads) >= 2)  # it took nothing and is waiting
+            broker.publish("q", "e", 1)
+            await until(lambda: seen == [1])
+            await broker.aclose()
+            assert threads, "the worker made no engine step"
+            assert loop_thread not in threads, f"engine steps ran on the loop's thread: {threads}"
 
         run(body)
 

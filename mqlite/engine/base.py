@@ -40,7 +40,6 @@ __all__ = [
     "QueueEngine",
     "QueueSnapshot",
     "StorageEngine",
-    "Taken",
 ]
 
 _T = TypeVar("_T")
@@ -85,16 +84,13 @@ class Consumer(Protocol):
 
     def _mark_closed(self, reason: str) -> None: ...
 
+    def _reopen(self) -> None:
+        """Undo :meth:`_mark_closed` of an operation that failed and was rolled back."""
+        ...
+
     def close(self) -> None: ...
 
     def _closed_reason(self) -> str: ...
-
-
-class Taken(NamedTuple):
-    """A push batch: its messages, of which the first ``redelivered`` are redeliveries."""
-
-    messages: list[Message]
-    redelivered: int
 
 
 class Attempt(NamedTuple, Generic[_T]):
@@ -185,14 +181,16 @@ class QueueEngine(Protocol):
         self, consumer: Consumer, max_messages: int, read_ahead: int, wake: Callable[[], object]
     ) -> Attempt[list[Message]]: ...
 
+    def try_push(self, consumer: Consumer, max_messages: int) -> list[Message] | None: ...
+
     def push_or_wait(
-        self, consumer: Consumer, max_messages: int, wake: Callable[[], object] | None
-    ) -> Attempt[Taken | None]: ...
+        self, consumer: Consumer, max_messages: int, wake: Callable[[], object]
+    ) -> Attempt[list[Message] | None]: ...
 
     def push_done(
         self,
         consumer: Consumer,
-        taken: Taken,
+        batch: list[Message],
         failures: list[tuple[Message, BaseException]],
         unprocessed: list[Message],
     ) -> None: ...

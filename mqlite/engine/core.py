@@ -373,11 +373,14 @@ class QueueCore:
         """Detach a closing consumer: what it read ahead goes back unread, what it held is retried."""
         with self._lock:
             cursor = consumer._cursor
-            consumer._mark_closed("the subscription was closed")
             unread = self._drain_buffer(consumer)
-            self._give_back_locked(cursor, unread, pulled=True)
-            if unread and self.durable and cursor.name is not None:
-                self._journal_sync_locked(cursor, [m[2] for m in unread])
+            try:
+                self._give_back_locked(cursor, unread, pulled=True)
+                if unread and self.durable and cursor.name is not None:
+                    self._journal_sync_locked(cursor, [m[2] for m in unread])
+            except BaseException:
+                consumer._buffer.extendleft(reversed(unread))  # the engine restores the rest; this is ours
+                raise
             if consumer in cursor.members:
                 cursor.members.remove(consumer)
             closing_broker = self._closed
@@ -392,6 +395,8 @@ class QueueCore:
             if not cursor.members and not cursor.durable and cursor in self._ephemeral:
                 self._ephemeral.remove(cursor)
                 self._index.forget(cursor)
+            # Closed only once nothing else can fail: a close that raised can be called again.
+            consumer._mark_closed("the subscription was closed")
             self._waiters.wake_all()
             dead = self._take_outbox_locked()
         self._send_dead_letters(dead)

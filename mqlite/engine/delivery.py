@@ -12,7 +12,7 @@ from mqlite._delivery import policy
 from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import OUT, SETTLED, WAITING, Pending
 from mqlite.config import Start
-from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot, Taken
+from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot
 from mqlite.engine.core import QueueCore
 from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
@@ -92,7 +92,7 @@ class DeliveryCore(QueueCore):
                 manual_ack=cursor.manual_ack,
                 durable_take=self.durable and consumer.name is not None,
             )
-        messages = self._take_locked(consumer, cursor, wanted, False).messages
+        messages = self._take_locked(consumer, cursor, wanted, False)
         if len(messages) > max_messages:
             buffer.extend(messages[max_messages:])
             del messages[max_messages:]
@@ -100,24 +100,38 @@ class DeliveryCore(QueueCore):
 
     # -- pushing ------------------------------------------------------------------------------
 
+    def try_push(self, consumer: Consumer, max_messages: int) -> list[Message] | None:
+        """The next batch for a push consumer, possibly empty, without waiting; None once it is closed."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            batch = None if consumer.closed else self._push_batch_locked(consumer, max_messages)
+            dead = self._outbox
+            if dead:
+                self._outbox = []
+        finally:
+            lock.release()
+        if dead:
+            self._send_dead_letters(dead)
+        return batch
+
     def push_or_wait(
-        self, consumer: Consumer, max_messages: int, wake: Callable[[], object] | None
-    ) -> Attempt[Taken | None]:
-        """The next batch for a push consumer (None once it is closed); else register ``wake``."""
+        self, consumer: Consumer, max_messages: int, wake: Callable[[], object]
+    ) -> Attempt[list[Message] | None]:
+        """:meth:`try_push`; if the batch is empty, register ``wake`` for when it may not be."""
         waiter = None
         bound = None
-        taken: Taken | None = None
+        batch: list[Message] | None = None
         lock = self._lock
         lock.acquire()
         try:
             if consumer.closed:
                 done = True
             else:
-                cursor = consumer._cursor
-                size = policy.push_batch_size(max_messages, len(cursor.members))
-                taken = self._take_locked(consumer, cursor, size, True)
-                done = bool(taken.messages)
-                if not done and wake is not None:
+                batch = self._push_batch_locked(consumer, max_messages)
+                done = bool(batch)
+                if not done:
+                    cursor = consumer._cursor
                     waiter = self._waiters.add(cursor.names, wake)
                     bound = self._due_bound_locked(cursor)
             dead = self._take_outbox_locked()
@@ -125,19 +139,23 @@ class DeliveryCore(QueueCore):
             lock.release()
         if dead:
             self._send_dead_letters(dead)
-        attempt: Attempt[Taken | None] = _tuple_new(Attempt, (done, taken, waiter, bound))
+        attempt: Attempt[list[Message] | None] = _tuple_new(Attempt, (done, batch, waiter, bound))
         return attempt
+
+    def _push_batch_locked(self, consumer: Consumer, max_messages: int) -> list[Message]:
+        cursor = consumer._cursor
+        size = policy.push_batch_size(max_messages, len(cursor.members))
+        return self._take_locked(consumer, cursor, size, True)
 
     def push_done(
         self,
         consumer: Consumer,
-        taken: Taken,
+        batch: list[Message],
         failures: list[tuple[Message, BaseException]],
         unprocessed: list[Message],
     ) -> None:
         """Settle a push batch: successes are acked (auto mode), failures retried or dead-lettered,
         and what was never handed to the callback goes back to the front of the line."""
-        batch, redelivered = taken
         lock = self._lock
         lock.acquire()
         try:
@@ -148,7 +166,9 @@ class DeliveryCore(QueueCore):
             failed_offsets = {m[2] for m, _ in failures}
             done = len(batch) - len(unprocessed)
             if not manual:
-                for message in batch[: redelivered if redelivered < done else done]:
+                # Redeliveries are pending entries; a new message taken for a push is not (it
+                # becomes one only if it fails), so only a cursor with pending entries looks.
+                for message in batch[:done] if pending else ():
                     if message[2] not in failed_offsets:
                         entry = pending.pop(message[2], None)
                         if entry is not None:
@@ -176,7 +196,7 @@ class DeliveryCore(QueueCore):
 
     # -- taking -------------------------------------------------------------------------------
 
-    def _take_locked(self, consumer: Consumer, cursor: Cursor, max_messages: int, push: bool) -> Taken:
+    def _take_locked(self, consumer: Consumer, cursor: Cursor, max_messages: int, push: bool) -> list[Message]:
         """Hand up to ``max_messages`` to a consumer: due redeliveries first, then new messages.
 
         Pull consumers with automatic acks settle their messages here; everyone else gets them
@@ -226,8 +246,7 @@ class DeliveryCore(QueueCore):
                 cursor.inflight += 1
             if self.durable and cursor.name is not None:
                 self._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
-        taken: Taken = _tuple_new(Taken, (out, redelivered))
-        return taken
+        return out
 
     def _journal_take_locked(
         self, cursor: Cursor, out: list[Message], redelivered: int, *, manual: bool, push: bool

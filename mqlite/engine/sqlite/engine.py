@@ -19,7 +19,7 @@ from mqlite._delivery.entries import OUT, READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, SubscriptionSettings
-from mqlite.engine.base import Capabilities, DeadLetterSink
+from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.engine.index import EventIndex
@@ -45,9 +45,11 @@ class SqliteQueue(DeliveryCore):
         # can share the file.
         self._released: list[tuple[Cursor, Pending]] | None = None
         # Shared files only, for undoing a failed operation (see FileLock): each cursor's counters,
-        # members and in-transit sets when it began; the entries it changed, with their state
-        # before; the messages it read ahead into consumers' buffers; the outbox's length.
+        # members and in-transit sets when it began, and which members were open; the entries it
+        # changed, with their state before; the messages it read ahead into consumers' buffers;
+        # the outbox's length.
         self._saved: list[tuple[Cursor, tuple[Any, ...]]] = []
+        self._saved_open: list[Consumer] = []
         self._saved_cursors: dict[str, Cursor] = {}
         self._saved_ephemeral: list[Cursor] = []
         self._saved_outbox = 0
@@ -241,6 +243,7 @@ class SqliteQueue(DeliveryCore):
         ]
         self._saved_cursors = dict(self._cursors)
         self._saved_ephemeral = list(self._ephemeral)
+        self._saved_open = [member for cursor, _ in self._saved for member in cursor.members if not member.closed]
         self._saved_outbox = len(self._outbox)
         if self._touched:
             self._touched.clear()
@@ -269,6 +272,9 @@ class SqliteQueue(DeliveryCore):
             cursor.members[:] = members
             cursor.dead_in_transit = in_transit if in_transit is not None else set()
             cursor.pushing = pushing if pushing is not None else set()
+        for member in self._saved_open:
+            if member.closed:
+                member._reopen()  # closed by the operation that failed: a close can be called again
         self._cursors.clear()
         self._cursors.update(self._saved_cursors)
         self._ephemeral[:] = self._saved_ephemeral
