@@ -32,7 +32,7 @@ from mqlite.dispatch import (
 from mqlite.engine.base import QueueEngine, StorageEngine
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
 from mqlite.filters import EventFilter, check_name
-from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
+from mqlite.info import BrokerInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription, check_timeout
@@ -251,21 +251,16 @@ class Broker:
             check_name("subscription", name)
         if callback is not None and not callable(callback):
             raise InvalidArgument(f"callback must be callable or None, got {callback!r}")
-        if ack not in ("auto", "manual"):
-            raise InvalidArgument(f"ack must be 'auto' or 'manual', got {ack!r}")
-        if ack_timeout is not None:
-            if ack != "manual":
-                raise InvalidArgument("ack_timeout applies only to ack='manual' subscriptions")
-            if not check_timeout(ack_timeout, name="ack_timeout"):
-                raise InvalidArgument(f"ack_timeout must be a positive number of seconds, got {ack_timeout!r}")
-        if max_deliveries is not None and (
-            isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) or max_deliveries < 1
-        ):
-            raise InvalidArgument(f"max_deliveries must be None or an int >= 1, got {max_deliveries!r}")
         if dead_letter is not None:
             check_name("dead_letter queue", dead_letter)
-        if backoff is not None and not isinstance(backoff, Backoff):
-            raise InvalidArgument(f"backoff must be a mqlite.Backoff, got {backoff!r}")
+        settings = SubscriptionSettings.from_arguments(
+            event_filter,
+            ack=ack,
+            ack_timeout=ack_timeout,
+            max_deliveries=max_deliveries,
+            dead_letter=dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
+            backoff=backoff,
+        )
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             raise InvalidArgument(f"loop must be an asyncio event loop or None, got {loop!r}")
         if loop is None:
@@ -278,14 +273,6 @@ class Broker:
             raise InvalidArgument(
                 "a coroutine callback needs an event loop: call subscribe() from a running loop, or pass loop="
             )
-        settings = SubscriptionSettings(
-            event_filter,
-            ack == "manual",
-            ack_timeout,
-            max_deliveries,
-            dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
-            backoff if backoff is not None else Backoff(),
-        )
         self.queue(queue)
         target = self._engines[queue]
         off_loop = self._run_off_loop if self._engine.capabilities.blocking_io else None
@@ -413,50 +400,11 @@ class Broker:
         if self._engine.capabilities.shared:
             self._open_new_queues()
         queues = []
-        subs = []
+        subs: list[SubscriptionInfo] = []
         for name, engine in list(self._engines.items()):
-            snapshot = engine.snapshot()
-            config = snapshot.config
-            queues.append(
-                QueueInfo(
-                    name=name,
-                    start_offset=snapshot.start_offset,
-                    end_offset=snapshot.end_offset,
-                    retained=snapshot.end_offset - snapshot.start_offset,
-                    retention=config.retention,
-                    max_messages=config.max_messages,
-                    max_age=config.max_age,
-                    overflow=config.overflow,
-                    waiters=snapshot.waiters,
-                )
-            )
-            for figures in snapshot.cursors:
-                members = figures.members
-                push = any(m._is_push for m in members)
-                pull = any(not m._is_push for m in members)
-                mode: Literal["push", "pull", "push+pull", "detached"] = (
-                    "push+pull" if push and pull else "push" if push else "pull" if pull else "detached"
-                )
-                subs.append(
-                    SubscriptionInfo(
-                        queue=name,
-                        name=figures.name,
-                        durable=figures.name is not None,
-                        events=figures.events,
-                        mode=mode,
-                        consumers=len(members),
-                        subscription_ids=tuple(m.id for m in members),
-                        ack="manual" if figures.manual_ack else "auto",
-                        position=figures.position,
-                        lag=figures.lag,
-                        pending=figures.pending,
-                        delivered=figures.delivered,
-                        acked=figures.acked,
-                        redelivered=figures.redelivered,
-                        dead_lettered=figures.dead_lettered,
-                        missed=figures.missed,
-                    )
-                )
+            queue_info, sub_infos = engine.snapshot().to_info(name)
+            queues.append(queue_info)
+            subs.extend(sub_infos)
         return BrokerInfo(queues=tuple(queues), subscriptions=tuple(subs))
 
     def _open_new_queues(self) -> None:

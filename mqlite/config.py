@@ -96,6 +96,44 @@ class SubscriptionSettings:
     dead_letter: str = ""
     backoff: Backoff = attrs.field(factory=Backoff)
 
+    @classmethod
+    def from_arguments(
+        cls,
+        event_filter: EventFilter,
+        *,
+        ack: object,
+        ack_timeout: object,
+        max_deliveries: object,
+        dead_letter: str,
+        backoff: object,
+    ) -> SubscriptionSettings:
+        """The settings ``Broker.subscribe`` was given, each checked.
+
+        Raises:
+            InvalidArgument: naming the argument that is wrong, and its value.
+        """
+        if ack not in ("auto", "manual"):
+            raise InvalidArgument(f"ack must be 'auto' or 'manual', got {ack!r}")
+        if ack_timeout is not None:
+            if ack != "manual":
+                raise InvalidArgument("ack_timeout applies only to ack='manual' subscriptions")
+            if isinstance(ack_timeout, bool) or not isinstance(ack_timeout, (int, float)) or not ack_timeout > 0:
+                raise InvalidArgument(f"ack_timeout must be a positive number of seconds, got {ack_timeout!r}")
+        if max_deliveries is not None and (
+            isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) or max_deliveries < 1
+        ):
+            raise InvalidArgument(f"max_deliveries must be None or an int >= 1, got {max_deliveries!r}")
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise InvalidArgument(f"backoff must be a mqlite.Backoff, got {backoff!r}")
+        return cls(
+            event_filter,
+            ack == "manual",
+            None if ack_timeout is None else float(ack_timeout),
+            max_deliveries,
+            dead_letter,
+            backoff if backoff is not None else Backoff(),
+        )
+
     def describe(self) -> str:
         """The settings as a person reads them, for conflict messages."""
         return (

@@ -25,6 +25,7 @@ from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
 from mqlite.filters import EventFilter
+from mqlite.info import QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -133,6 +134,33 @@ class CursorFigures:
     dead_lettered: int
     missed: int
 
+    def to_info(self, queue: str) -> SubscriptionInfo:
+        """The public record of this cursor of ``queue``."""
+        members = self.members
+        push = any(m._is_push for m in members)
+        pull = any(not m._is_push for m in members)
+        mode: Literal["push", "pull", "push+pull", "detached"] = (
+            "push+pull" if push and pull else "push" if push else "pull" if pull else "detached"
+        )
+        return SubscriptionInfo(
+            queue=queue,
+            name=self.name,
+            durable=self.name is not None,
+            events=self.events,
+            mode=mode,
+            consumers=len(members),
+            subscription_ids=tuple(m.id for m in members),
+            ack="manual" if self.manual_ack else "auto",
+            position=self.position,
+            lag=self.lag,
+            pending=self.pending,
+            delivered=self.delivered,
+            acked=self.acked,
+            redelivered=self.redelivered,
+            dead_lettered=self.dead_lettered,
+            missed=self.missed,
+        )
+
 
 @attrs.frozen
 class QueueSnapshot:
@@ -143,6 +171,22 @@ class QueueSnapshot:
     end_offset: int
     cursors: tuple[CursorFigures, ...]
     waiters: int
+
+    def to_info(self, queue: str) -> tuple[QueueInfo, list[SubscriptionInfo]]:
+        """The public records of this snapshot of ``queue``, as ``Broker.info()`` reports them."""
+        config = self.config
+        queue_info = QueueInfo(
+            name=queue,
+            start_offset=self.start_offset,
+            end_offset=self.end_offset,
+            retained=self.end_offset - self.start_offset,
+            retention=config.retention,
+            max_messages=config.max_messages,
+            max_age=config.max_age,
+            overflow=config.overflow,
+            waiters=self.waiters,
+        )
+        return queue_info, [figures.to_info(queue) for figures in self.cursors]
 
 
 class QueueEngine(Protocol):
