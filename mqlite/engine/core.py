@@ -159,6 +159,33 @@ class QueueCore:
             lock.release()
         return message
 
+    def _publish_encoded(self, event: str, payload: Any, fields: Fields) -> Message:
+        """:meth:`publish` of a plain message whose payload an engine encoded before the lock.
+
+        The same steps as the memory fast path above, which cannot afford the frame that sharing
+        this body would cost it (each frame is about 4% of a memory publish).
+        """
+        lock = self._lock
+        lock.acquire()
+        try:
+            try:
+                postings = self._events[event]
+            except KeyError:
+                postings = self._new_event_locked(event)
+            offset = self._end
+            if offset >= self._check_at:
+                self._make_room_locked(1)
+            message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
+            self._write_locked([message], [fields])
+            self._end = offset + 1
+            if postings is not None:
+                postings.append(message)
+            if self._waiters:
+                self._waiters.wake_event(event)
+        finally:
+            lock.release()
+        return message
+
     def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
         """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none."""
         return self._append_drafts(drafts)
@@ -201,8 +228,9 @@ class QueueCore:
     def _append_locked(
         self, checked: list[tuple[str, Any, MessageMeta | None]], encoded: list[Fields] | None
     ) -> list[Message]:
-        self._make_room_locked(len(checked))
         start = self._end
+        if start + len(checked) > self._check_at:  # housekeeping due, queue full, or broker closed
+            self._make_room_locked(len(checked))
         now = self._time()
         cls = self._message_class
         messages: list[Message] = [

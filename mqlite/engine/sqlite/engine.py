@@ -82,7 +82,10 @@ class SqliteQueue(DeliveryCore):
         self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
     ) -> Message:
         """Append one message (see :meth:`QueueCore.publish`); the serializer runs before the lock."""
-        return self._append_drafts([(event, payload, key, headers)])[0]
+        if key is not None or headers is not None or type(event) is not str:
+            return self._append_drafts([(event, payload, key, headers)])[0]
+        fields = encode_fields(self._file.store.serializer, self.name, event, payload, None, EMPTY_HEADERS)
+        return self._publish_encoded(event, payload, fields)
 
     def _encode(self, checked: list[tuple[str, Any, MessageMeta | None]]) -> list[Fields] | None:
         serializer = self._file.store.serializer
