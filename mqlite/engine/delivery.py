@@ -1,6 +1,6 @@
 """The reading side of a queue, written once: take, settle, seek, and the figures of ``info()``.
 
-:class:`DeliveryCore` adds to :class:`~mqlite.engine.core.QueueCore` the operations consumers
+:class:`DeliveryCore` adds to :class:`~mqlite.engine.cursors.CursorCore` the operations consumers
 call. The memory engine is exactly this class; the SQLite engine subclasses it with a journal.
 """
 
@@ -13,7 +13,7 @@ from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import OUT, SETTLED, WAITING, Pending
 from mqlite.config import Start
 from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot
-from mqlite.engine.core import QueueCore
+from mqlite.engine.cursors import CursorCore
 from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
 from mqlite.message import Message
@@ -25,7 +25,7 @@ __all__ = ["DeliveryCore"]
 _tuple_new = tuple.__new__
 
 
-class DeliveryCore(QueueCore):
+class DeliveryCore(CursorCore):
     """A queue with its consumers' operations. Thread-safe; see :class:`QueueCore`."""
 
     # -- pulling ------------------------------------------------------------------------------
