@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -336,6 +336,10 @@ class QueueCore:
         raise InvalidArgument(f"start/seek takes 'earliest', 'latest', an int offset or a datetime, got {target!r}")
 
     # -- waiting ------------------------------------------------------------------------------
+
+    def _register_waiter_locked(self, cursor: Cursor, wake: Callable[[], object]) -> tuple[Waiter, float | None]:
+        """A one-shot waiter for what ``cursor`` wants, and how long it may sleep at most."""
+        return self._waiters.add(cursor.names, wake), self._due_bound_locked(cursor)
 
     def _due_bound_locked(self, cursor: Cursor) -> float | None:
         """How long a waiter may sleep before a timer of ``cursor`` falls due (None: no bound).

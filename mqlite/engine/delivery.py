@@ -56,9 +56,7 @@ class DeliveryCore(CursorCore):
         try:
             messages = self._pull_locked(consumer, max_messages, read_ahead)
             if not messages:
-                cursor = consumer._cursor
-                waiter = self._waiters.add(cursor.names, wake)
-                bound = self._due_bound_locked(cursor)
+                waiter, bound = self._register_waiter_locked(consumer._cursor, wake)
             dead = self._take_outbox_locked()
         finally:
             lock.release()
@@ -131,9 +129,7 @@ class DeliveryCore(CursorCore):
                 batch = self._push_batch_locked(consumer, max_messages)
                 done = bool(batch)
                 if not done:
-                    cursor = consumer._cursor
-                    waiter = self._waiters.add(cursor.names, wake)
-                    bound = self._due_bound_locked(cursor)
+                    waiter, bound = self._register_waiter_locked(consumer._cursor, wake)
             dead = self._take_outbox_locked()
         finally:
             lock.release()
