@@ -10,6 +10,7 @@ Broker that fails to open or close leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import sqlite3
 import threading
@@ -28,14 +29,23 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
 class FaultyConnection:
-    """An sqlite3 connection that fails its Nth write statement or its Nth COMMIT; otherwise the real one."""
+    """An sqlite3 connection that fails its Nth write statement, COMMIT or ROLLBACK; otherwise the real one."""
 
-    def __init__(self, db: sqlite3.Connection, *, write: int | None = None, commit: int | None = None) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        *,
+        write: int | None = None,
+        commit: int | None = None,
+        rollback: int | None = None,
+    ) -> None:
         self._db = db
         self._fail_write = write
         self._fail_commit = commit
+        self._fail_rollback = rollback
         self.writes = 0
         self.commits = 0
+        self.rollbacks = 0
 
     def _check(self, sql: str) -> None:
         word = sql.lstrip().split(None, 1)[0].upper()
@@ -46,6 +56,11 @@ class FaultyConnection:
         elif word == "COMMIT":
             self.commits += 1
             if self.commits == self._fail_commit:
+                raise sqlite3.OperationalError("disk I/O error")
+        elif word == "ROLLBACK":
+            self.rollbacks += 1
+            if self.rollbacks == self._fail_rollback:
+                self._db.execute("ROLLBACK")  # as SQLite does after the errors that make ROLLBACK fail
                 raise sqlite3.OperationalError("disk I/O error")
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
@@ -496,3 +511,39 @@ def test_a_close_that_fails_part_way_is_finished_by_the_next(tmp_path: Path) -> 
     broker.close()
     with mqlite.Broker(path, commit="batch") as again:  # the claim was released
         assert again.info().queue("q").end_offset == 1
+
+
+class _LockWatchingHandler(logging.Handler):
+    """Records, for each record, whether the queue's lock was free when the handler ran."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(logging.WARNING)
+        self._lock = lock
+        self.seen: list[tuple[str, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        free = self._lock.acquire(blocking=False)
+        if free:
+            self._lock.release()
+        self.seen.append((record.getMessage(), free))
+
+
+def test_a_failed_rollback_is_logged_after_the_queue_lock_is_released(tmp_path: Path) -> None:
+    broker = mqlite.Broker(tmp_path / "app.mqlite")
+    try:
+        sub = broker.subscribe("q", name="w", ack="manual")
+        broker.publish("q", "e", 0)
+        queue_lock = broker._engines["q"]._file_lock.plain  # type: ignore[attr-defined]
+        handler = _LockWatchingHandler(queue_lock)
+        logger = logging.getLogger("mqlite")
+        logger.addHandler(handler)
+        try:
+            with faulty(broker, write=1, rollback=1), pytest.raises(mqlite.StorageError):
+                sub.get(timeout=0)
+        finally:
+            logger.removeHandler(handler)
+        assert [free for message, free in handler.seen if "rolling back" in message] == [True]
+        message = sub.get(timeout=WAIT)  # and the failed get took nothing
+        assert message is not None and message.offset == 0
+    finally:
+        broker.close()

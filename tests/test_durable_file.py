@@ -820,7 +820,7 @@ def test_close_gives_up_on_a_stuck_watcher_after_close_timeout_and_says_so(
     finally:
         release.set()
         if store._watcher is not None:
-            store._watcher.join(WAIT)
+            store._watcher.thread.join(WAIT)
         store.close()
         if other is not None:
             other.close()

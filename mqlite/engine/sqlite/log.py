@@ -6,11 +6,13 @@ calls it, with its queue's name.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mqlite.engine.codec import Fields
 from mqlite.engine.memory_log import MemoryLog
+from mqlite.engine.sqlite.writer import _DELETE_PENDING, _DROP_MESSAGES, _INSERT, _SET_POSITION, _UPSERT_PENDING, _Op
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ class SqliteLog:
         if len(rows) == 1:
             self.store.insert_row(rows[0])
         else:
-            self.store.insert(rows)
+            self.store.submit([(_INSERT, rows, True)])
         self._cache.extend(messages)
 
     def _append(self, message: Message) -> None:
@@ -78,7 +80,7 @@ class SqliteLog:
     def extend(self, messages: Sequence[Message]) -> None:
         """Append several messages in one transaction: all are stored or none."""
         encode = self.store.encode
-        self.store.insert([encode(message) for message in messages])
+        self.store.submit([(_INSERT, [encode(message) for message in messages], True)])
         self._cache.extend(messages)
 
     def load(self, start: int, messages: Sequence[Message]) -> None:
@@ -110,7 +112,14 @@ class SqliteLog:
     def drop_before(self, offset: int) -> None:
         """Forget every message below ``offset``, in memory and (unless still pending) on disk."""
         self._cache.drop_before(offset)
-        self.store.drop_before(self.queue, offset)
+        store = self.store
+        if store.closed:
+            return
+        ops: list[_Op] = [
+            ("UPDATE queues SET start_offset = max(start_offset, ?) WHERE name = ?", (offset, self.queue), False),
+            (_DROP_MESSAGES, (self.queue, offset, self.queue), False),
+        ]
+        store.submit(ops, vacuum=True)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -119,15 +128,25 @@ class SqliteLog:
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Remember the queue's retention settings."""
-        self.store.save_config(self.queue, config)
+        self.store.submit([("UPDATE queues SET config = ? WHERE name = ?", (json.dumps(config), self.queue), False)])
 
     def save_cursor(self, name: str, position: int, settings: dict[str, Any]) -> None:
-        """Create or update a durable cursor."""
-        self.store.save_cursor(self.queue, name, position, settings)
+        """Create or update a durable cursor's position and settings."""
+        sql = (
+            "INSERT INTO cursors (queue, name, position, settings) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(queue, name) DO UPDATE SET position = excluded.position, settings = excluded.settings"
+        )
+        self.store.submit([(sql, (self.queue, name, position, json.dumps(settings)), False)])
 
     def delete_cursor(self, name: str) -> None:
-        """Forget a durable cursor for good (``Broker.delete_subscription``)."""
-        self.store.delete_cursor(self.queue, name)
+        """Forget a durable cursor and its pending rows (messages only it kept go at the next reclaim)."""
+        queue = self.queue
+        self.store.submit(
+            [
+                ("DELETE FROM pending WHERE queue = ? AND name = ?", (queue, name), False),
+                ("DELETE FROM cursors WHERE queue = ? AND name = ?", (queue, name), False),
+            ]
+        )
 
     def sync_cursor(
         self,
@@ -136,5 +155,20 @@ class SqliteLog:
         upserts: Sequence[tuple[int, int, bool, float | None]],
         deletes: Sequence[int],
     ) -> None:
-        """Record a durable cursor's position and changes to its pending set, atomically."""
-        self.store.sync_cursor(self.queue, name, position, upserts, deletes)
+        """In one transaction: set the position (unless None), record ``(offset, attempts, held, due)``
+        pending (held: by this broker; otherwise due for whoever reads next; due: the wall-clock
+        time a nacked message waits for, or None), forget ``deletes``."""
+        queue = self.queue
+        ops: list[_Op] = []
+        if position is not None:
+            ops.append((_SET_POSITION, (position, queue, name), False))
+        if upserts:
+            me = self.store.instance
+            rows = [
+                (queue, name, offset, attempts, me if held else None, due) for offset, attempts, held, due in upserts
+            ]
+            ops.append((_UPSERT_PENDING, rows, True))
+        if deletes:
+            ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
+        if ops:
+            self.store.submit(ops)

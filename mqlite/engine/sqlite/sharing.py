@@ -4,8 +4,8 @@ A broker holds an ``flock`` on the database file (its claim: exclusive while it 
 once another broker opens the file) and one on its own lock file ``<path>-brokers/<id>.lock``
 while it lives; a lock file nobody holds belongs to a dead broker, whose pending messages are
 then redelivered. Each queue operation on a shared file is one SQLite write transaction
-(:class:`FileLock`). The watcher thread is part of
-:class:`~mqlite.engine.sqlite.store.SqliteStore`; it paces itself by the constants here and
+(:class:`FileLock`). The watcher thread
+(:class:`~mqlite.engine.sqlite.watcher.Watcher`) paces itself by the constants here and
 checkpoints through :class:`_Checkpointer`.
 """
 
@@ -224,6 +224,11 @@ class _Checkpointer:
             self._db = None
 
 
+def _rolled_back(failure: sqlite3.Error | None) -> tuple[str, BaseException] | None:
+    """What to log about a ROLLBACK that raised (SQLite had rolled back by itself), if it did."""
+    return None if failure is None else ("rolling back a transaction failed (SQLite rolled it back itself)", failure)
+
+
 class FileLock:
     """A queue's lock on a shared file: holding it also holds one SQLite write transaction.
 
@@ -293,7 +298,7 @@ class FileLock:
                     (self._reload if self.stale else self._refresh)()
                 except BaseException:
                     self.stale = True  # a reload that stopped half-way: the next one starts afresh
-                    store.rollback()
+                    store.rollback()  # its failure is not news: SQLite rolled back itself; the reload's error is raised
                     raise
                 self.stale = False
                 self.synced = generation
@@ -306,7 +311,13 @@ class FileLock:
         return True
 
     def release(self) -> None:
-        """Commit the transaction and release the lock (roll back and restore if the body failed)."""
+        """Commit the transaction and release the lock (roll back and restore if the body failed).
+
+        What goes wrong while cleaning up after a failed body is logged once the lock is
+        released (no logging handler runs under a queue's lock); the body's own error is the
+        one raised.
+        """
+        trouble: tuple[str, BaseException] | None = None
         try:
             if self._began:
                 self._began = False
@@ -314,48 +325,51 @@ class FileLock:
                 error = sys.exc_info()[1]
                 if error is not None and error is not self._entry_error:
                     wrote = store.wrote
-                    store.rollback()
+                    trouble = _rolled_back(store.rollback())
                     if wrote or not isinstance(error, MqliteError):
-                        self._restore()
+                        trouble = self._restore() or trouble
                     return
                 try:
                     self._on_commit()
                 except BaseException:
-                    store.rollback()
-                    self._restore()
+                    trouble = _rolled_back(store.rollback())
+                    trouble = self._restore() or trouble
                     raise
                 try:
                     store.commit()
                 except BaseException:
-                    self._restore()
+                    trouble = self._restore()
                     raise
         finally:
             self._entry_error = None
             self.plain.release()
+            if trouble is not None:
+                what, failure = trouble
+                _log.warning("%r: %s", self._store.path, what, exc_info=failure)
 
-    def _restore(self) -> None:
-        """After a rollback: undo what the file cannot tell, then reload the rest from the file."""
+    def _restore(self) -> tuple[str, BaseException] | None:
+        """After a rollback: undo what the file cannot tell, then reload the rest from the file.
+
+        Returns what went wrong, if the reload failed: the queue then reloads before its next
+        operation.
+        """
         self.stale = True
         try:
             self._undo()
             generation = self._store.begin()
             if generation is None:
-                return
+                return None
             try:
                 self._reload()
             except BaseException:
                 self._store.rollback()
                 raise
             self._store.commit()
-        except Exception:  # noqa: BLE001  # the operation's own error is the one to raise
-            _log.warning(
-                "reloading a queue of %r after a failed operation failed; it reloads before the next one",
-                self._store.path,
-                exc_info=True,
-            )
-            return
+        except Exception as error:  # noqa: BLE001  # the operation's own error is the one to raise
+            return "reloading a queue after a failed operation failed; it reloads before the next one", error
         self.synced = generation
         self.stale = False
+        return None
 
     def __enter__(self) -> bool:
         return self.acquire()

@@ -1,4 +1,4 @@
-"""The open mqlite file: :class:`SqliteStore`, its connection, reads and writes, watcher and close.
+"""The open mqlite file: :class:`SqliteStore`, its connection, transactions, writes and close.
 
 The retained part of each log is also held in memory (a
 :class:`~mqlite.engine.sqlite.log.SqliteLog` over a :class:`MemoryLog`), so reads never touch the
@@ -9,8 +9,10 @@ shows that another connection committed since, the queue first reloads what chan
 when another process publishes, and hands back the pending messages of brokers that died.
 
 The file's layout is in :mod:`~mqlite.engine.sqlite.schema`, each queue's log in
-:mod:`~mqlite.engine.sqlite.log`, the claims and lock files that let brokers share the file in
-:mod:`~mqlite.engine.sqlite.sharing`, and the batched writer in :mod:`~mqlite.engine.sqlite.writer`.
+:mod:`~mqlite.engine.sqlite.log`, the reads in :mod:`~mqlite.engine.sqlite.reading`, the claims
+and lock files that let brokers share the file in :mod:`~mqlite.engine.sqlite.sharing`, the watcher
+thread in :mod:`~mqlite.engine.sqlite.watcher`, and the batched writer in
+:mod:`~mqlite.engine.sqlite.writer`.
 """
 
 from __future__ import annotations
@@ -28,14 +30,12 @@ from typing import Any, Literal
 from mqlite.engine.codec import JsonSerializer, Serializer, decode_row, encode_row
 from mqlite.engine.memory_log import MemoryLog
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
+from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_queues
 from mqlite.engine.sqlite.schema import Synchronous, check_or_create
-from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, WATCH_MAX, WATCH_MIN, _Checkpointer, _claim, _Liveness
+from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness
+from mqlite.engine.sqlite.watcher import Watcher
 from mqlite.engine.sqlite.writer import (
-    _DELETE_PENDING,
-    _DROP_MESSAGES,
     _INSERT,
-    _SET_POSITION,
-    _UPSERT_PENDING,
     BatchWriter,
     _Op,
     execute,
@@ -59,9 +59,9 @@ class SqliteStore:
 
     ``_db_lock`` (reentrant) guards the connection, ``_closed``, the data-version bookkeeping and
     the liveness cache; the batched writer (:class:`~mqlite.engine.sqlite.writer.BatchWriter`)
-    guards its buffer and counters with its own ``_cond``, and ``_watched_lock`` guards
-    ``_watched``, the watcher's list. Lock order: a queue's lock, then ``_db_lock``, then
-    ``_cond``; ``_cond`` is never held while taking ``_db_lock``.
+    guards its buffer and counters with its own ``_cond``, and the watcher
+    (:class:`~mqlite.engine.sqlite.watcher.Watcher`) its list of queues. Lock order: a queue's
+    lock, then ``_db_lock``, then ``_cond``; ``_cond`` is never held while taking ``_db_lock``.
 
     With ``commit="each"`` every write is committed before the call returns, and the file can be
     shared with other brokers (:attr:`shared`): each queue operation is one transaction between
@@ -115,10 +115,9 @@ class SqliteStore:
         # Batched mode only: the writer that queues and commits every write (None when every
         # write commits at once).
         self._writer = None if self.shared else BatchWriter(self.path, self._write_batch)
-        self._watcher: threading.Thread | None = None
-        self._stop_watching = threading.Event()
-        self._watched_lock = threading.Lock()
-        self._watched: list[Callable[[], None]] = []
+        self._check_liveness_at = 0.0  # when poll_changes next looks for dead brokers
+        # Shared mode only: the thread that notices other connections' commits.
+        self._watcher = Watcher(self) if self.shared else None
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
@@ -136,9 +135,8 @@ class SqliteStore:
             raise
         if self._writer is not None:
             self._writer.thread.start()
-        else:
-            self._watcher = threading.Thread(target=self._watch, name="mqlite-watcher", daemon=True)
-            self._watcher.start()
+        if self._watcher is not None:
+            self._watcher.thread.start()
 
     # -- queues ----------------------------------------------------------------------------
 
@@ -150,8 +148,7 @@ class SqliteStore:
         """
         with self._db_lock:
             self._check_open()
-            rows = self._db.execute("SELECT name, config FROM queues ORDER BY name").fetchall()
-        return [(name, json.loads(config)) for name, config in rows]
+            return read_queues(self._db)
 
     def open_log(self, queue: str, config: dict[str, Any]) -> SqliteLog:
         """The log of ``queue``, created with ``config`` if new. Its queue loads it with :meth:`changes`."""
@@ -177,88 +174,13 @@ class SqliteStore:
         reads is one consistent state.
         """
         with self._db_lock:
-            db = self._db
-            start, config = db.execute("SELECT start_offset, config FROM queues WHERE name = ?", (queue,)).fetchone()
-            first = max(start, end)
-            rows = db.execute(
-                'SELECT "offset", event, payload, key, headers, timestamp FROM messages '
-                'WHERE queue = ? AND "offset" >= ? ORDER BY "offset"',
-                (queue, first),
-            ).fetchall()
-            cursors = [
-                (name, position, json.loads(settings))
-                for name, position, settings in db.execute(
-                    "SELECT name, position, settings FROM cursors WHERE queue = ? ORDER BY name", (queue,)
-                )
-            ]
-            pending = db.execute(
-                'SELECT name, "offset", attempts, owner, due FROM pending WHERE queue = ? ORDER BY name, "offset"',
-                (queue,),
-            ).fetchall()
-        messages = []
-        for expected, row in enumerate(rows, first):
-            if row[0] != expected:
-                raise StorageError(
-                    f"{self.path!r} is corrupt: queue {queue!r} jumps from offset {expected - 1} to {row[0]}"
-                )
-            messages.append(self._decode(queue, row))
-        return QueueState(start, json.loads(config), messages, cursors, pending)
+            return read_changes(self._db, self.path, self.serializer, queue, end)
 
     def load_messages(self, queue: str, offsets: Sequence[int]) -> list[Message]:
         """The stored messages of ``queue`` at ``offsets`` (pending ones the memory log already dropped)."""
         with self._db_lock:
-            rows = [
-                self._db.execute(
-                    'SELECT "offset", event, payload, key, headers, timestamp FROM messages '
-                    'WHERE queue = ? AND "offset" = ?',
-                    (queue, offset),
-                ).fetchone()
-                for offset in offsets
-            ]
-        return [self._decode(queue, row) for row in rows if row is not None]
-
-    def save_config(self, queue: str, config: dict[str, Any]) -> None:
-        """Remember a queue's retention settings."""
-        self._submit([("UPDATE queues SET config = ? WHERE name = ?", (json.dumps(config), queue), False)])
-
-    # -- cursors ---------------------------------------------------------------------------
-
-    def save_cursor(self, queue: str, name: str, position: int, settings: dict[str, Any]) -> None:
-        """Create or update a durable cursor's position and settings."""
-        sql = (
-            "INSERT INTO cursors (queue, name, position, settings) VALUES (?, ?, ?, ?) ON CONFLICT "
-            "(queue, name) DO UPDATE SET position = excluded.position, settings = excluded.settings"
-        )
-        self._submit([(sql, (queue, name, position, json.dumps(settings)), False)])
-
-    def sync_cursor(
-        self,
-        queue: str,
-        name: str,
-        position: int | None,
-        upserts: Sequence[tuple[int, int, bool, float | None]],
-        deletes: Sequence[int],
-    ) -> None:
-        """In one transaction: set the position (unless None), record ``(offset, attempts, held, due)``
-        pending (held: by this broker; otherwise due for whoever reads next; due: the wall-clock
-        time a nacked message waits for, or None), forget ``deletes``."""
-        ops: list[_Op] = []
-        if position is not None:
-            ops.append((_SET_POSITION, (position, queue, name), False))
-        if upserts:
-            me = self.instance
-            rows = [
-                (queue, name, offset, attempts, me if held else None, due) for offset, attempts, held, due in upserts
-            ]
-            ops.append((_UPSERT_PENDING, rows, True))
-        if deletes:
-            ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
-        if not ops:
-            return
-        if self._closed or (self._writer is not None and self._writer.stopping):
-            _log.warning("cursor %r of %r changed after its broker closed; the change is not saved", name, queue)
-            return
-        self._submit(ops)
+            rows = read_message_rows(self._db, queue, offsets)
+        return [decode_row(self.serializer, queue, row, self.path) for row in rows]
 
     # -- sharing the file ------------------------------------------------------------------
 
@@ -311,27 +233,33 @@ class SqliteStore:
                 try:
                     db.execute("COMMIT")
                 except sqlite3.Error as error:
-                    self._rollback_locked()
-                    raise StorageError(f"cannot commit to {self.path!r}: {error}; nothing was changed") from error
+                    failed = self._rollback_locked()
+                    also = f" (and ROLLBACK said: {failed}, so SQLite rolled back itself)" if failed else ""
+                    raise StorageError(f"cannot commit to {self.path!r}: {error}; nothing was changed{also}") from error
         finally:
             self._db_lock.release()
 
-    def rollback(self) -> None:
-        """End the transaction :meth:`begin` started without keeping its writes; release the store's lock."""
+    def rollback(self) -> sqlite3.Error | None:
+        """End the transaction :meth:`begin` started without keeping its writes; release the store's lock.
+
+        Returns the error ROLLBACK raised, if it did, for the caller to report once it holds no
+        lock. SQLite rolls a transaction back by itself after the errors that stop ROLLBACK, so
+        nothing is kept either way.
+        """
         self._in_op = False
         try:
-            self._rollback_locked()
+            return self._rollback_locked()
         finally:
             self._db_lock.release()
 
-    def _rollback_locked(self) -> None:
+    def _rollback_locked(self) -> sqlite3.Error | None:
         db = self._db
         try:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-        except sqlite3.Error:
-            # SQLite rolls a transaction back by itself after the errors that stop ROLLBACK.
-            _log.warning("rolling back a transaction on %r failed", self.path, exc_info=True)
+        except sqlite3.Error as error:
+            return error
+        return None
 
     def _begin_write_locked(self) -> None:
         """An operation writes: note it, and begin its transaction if :meth:`begin` did not (alone on the file)."""
@@ -351,48 +279,31 @@ class SqliteStore:
 
     def watch(self, poke: Callable[[], None]) -> None:
         """Call ``poke`` (from the watcher thread) whenever another connection changed the file."""
-        with self._watched_lock:
-            self._watched.append(poke)
+        if self._watcher is not None:
+            self._watcher.add(poke)
 
-    def _watch(self) -> None:
-        """The watcher: poll data_version, poke every queue when it moved, reclaim dead brokers' messages."""
-        delay = WATCH_MIN
-        check_liveness_at = 0.0
-        checkpointer = _Checkpointer(self.path)
-        try:
-            while not self._stop_watching.wait(delay):
-                checkpointer.maybe_run()
-                try:
-                    with self._db_lock:
-                        if self._closed:
-                            break
-                        if self._solo:
-                            if self._liveness is not None and self._liveness.others_alive():
-                                self._share_locked()
-                            delay = WATCH_MAX
-                            continue
-                        changed = self._note_version_locked()
-                        if time.monotonic() >= check_liveness_at:
-                            check_liveness_at = time.monotonic() + LIVENESS_EVERY
-                            if self._release_dead_locked():
-                                self.generation += 1
-                                changed = True
-                except sqlite3.Error:
-                    _log.warning("the watcher of %r could not read the file; retrying", self.path, exc_info=True)
-                    changed = False
-                if changed:
-                    delay = WATCH_MIN
-                    with self._watched_lock:
-                        pokes = list(self._watched)
-                    for poke in pokes:
-                        try:
-                            poke()
-                        except Exception:  # noqa: BLE001  # a queue that fails to reload must not stop the watcher
-                            _log.exception("reloading a queue of %r failed", self.path)
-                else:
-                    delay = min(delay * 2, WATCH_MAX)
-        finally:
-            checkpointer.close()
+    def poll_changes(self) -> bool | None:
+        """The watcher's look at the file: whether another connection changed it; None once closed.
+
+        Alone on the file, it only looks for another broker wanting in, and then shares the file.
+        Otherwise it notes a new data_version and, every LIVENESS_EVERY, hands back the pending
+        messages of brokers that died.
+        """
+        with self._db_lock:
+            if self._closed:
+                return None
+            if self._solo:
+                if self._liveness is not None and self._liveness.others_alive():
+                    self._share_locked()
+                return False
+            changed = self._note_version_locked()
+            now = time.monotonic()
+            if now >= self._check_liveness_at:
+                self._check_liveness_at = now + LIVENESS_EVERY
+                if self._release_dead_locked():
+                    self.generation += 1
+                    changed = True
+            return changed
 
     def _share_locked(self) -> None:
         """Another broker waits to open the file: from now on every operation is a transaction.
@@ -430,15 +341,6 @@ class SqliteStore:
                 self._alive_until.pop(owner, None)
             return alive
 
-    def delete_cursor(self, queue: str, name: str) -> None:
-        """Forget a durable cursor and its pending rows (messages only it kept go at the next reclaim)."""
-        self._submit(
-            [
-                ("DELETE FROM pending WHERE queue = ? AND name = ?", (queue, name), False),
-                ("DELETE FROM cursors WHERE queue = ? AND name = ?", (queue, name), False),
-            ]
-        )
-
     # -- messages --------------------------------------------------------------------------
 
     def encode(self, message: Message) -> tuple[Any, ...]:
@@ -448,9 +350,6 @@ class SqliteStore:
             SerializationError: the payload, key or headers cannot be encoded.
         """
         return encode_row(self.serializer, message)
-
-    def _decode(self, queue: str, row: Sequence[Any]) -> Message:
-        return decode_row(self.serializer, queue, row, self.path)
 
     def insert_one(self, message: Message) -> None:
         """Append one message."""
@@ -474,23 +373,9 @@ class SqliteStore:
             except sqlite3.Error as error:
                 raise StorageError(f"cannot write to {self.path!r}: {error}; nothing was published") from error
 
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Append encoded messages in one transaction."""
-        self._submit([(_INSERT, rows, True)])
-
-    def drop_before(self, queue: str, offset: int) -> None:
-        """Delete the messages of ``queue`` below ``offset`` that no durable cursor still has pending."""
-        if self._closed:
-            return
-        ops: list[_Op] = [
-            ("UPDATE queues SET start_offset = max(start_offset, ?) WHERE name = ?", (offset, queue), False),
-            (_DROP_MESSAGES, (queue, offset, queue), False),
-        ]
-        self._submit(ops, vacuum=True)
-
     # -- writing ---------------------------------------------------------------------------
 
-    def _submit(self, ops: list[_Op], *, vacuum: bool = False) -> None:
+    def submit(self, ops: list[_Op], *, vacuum: bool = False) -> None:
         """Run ``ops`` as one transaction now, or (batched) hand them to the writer thread."""
         writer = self._writer
         if writer is None:
@@ -529,6 +414,11 @@ class SqliteStore:
 
     # -- plumbing --------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` began. Read without the lock: a write that races close is refused by :meth:`submit`."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"{self.path!r} is closed")
@@ -542,9 +432,11 @@ class SqliteStore:
         if writer is not None:
             writer.stop()
             self._join(writer.thread)
-        self._stop_watching.set()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._join(self._watcher)
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.stop()
+            if watcher.thread is not threading.current_thread():
+                self._join(watcher.thread)
         with self._db_lock:
             if not self._closed:
                 self._closed = True
