@@ -15,17 +15,18 @@ from typing import Any
 import attrs
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._delivery.entries import OUT, READY, SETTLED, WAITING, Pending
+from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, SubscriptionSettings
-from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink
+from mqlite.engine.base import Capabilities, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.engine.index import EventIndex
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.sharing import FileLock
 from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
+from mqlite.engine.sqlite.undo import UndoLog
 from mqlite.message import EMPTY_HEADERS, Message, MessageMeta
 
 __all__ = ["SqliteEngine", "SqliteQueue"]
@@ -44,17 +45,8 @@ class SqliteQueue(DeliveryCore):
         # brokers may now take (written when the transaction ends). None when no other broker
         # can share the file.
         self._released: list[tuple[Cursor, Pending]] | None = None
-        # Shared files only, for undoing a failed operation (see FileLock): each cursor's counters,
-        # members and in-transit sets when it began, and which members were open; the entries it
-        # changed, with their state before; the messages it read ahead into consumers' buffers;
-        # the outbox's length.
-        self._saved: list[tuple[Cursor, tuple[Any, ...]]] = []
-        self._saved_open: list[Consumer] = []
-        self._saved_cursors: dict[str, Cursor] = {}
-        self._saved_ephemeral: list[Cursor] = []
-        self._saved_outbox = 0
-        self._touched: dict[Pending, tuple[Cursor, Any, object | None, int, float]] = {}
-        self._buffered: list[tuple[Cursor, list[Message]]] = []
+        # Shared files only: what the file cannot restore when an operation fails (see FileLock).
+        self._undo = UndoLog()
         self._file_lock: FileLock | None = None
         if store.shared:
             self._released = []
@@ -118,7 +110,7 @@ class SqliteQueue(DeliveryCore):
         if self._released is not None:
             pending = cursor.pending
             for offset in offsets:
-                self._touch_locked(cursor, pending[offset])
+                self._undo.touch(cursor, pending[offset])
         self._file.sync_cursor(cursor.name, None, (), offsets)
 
     def _note_dead_in_transit_locked(self, cursor: Cursor, offset: int) -> bool:
@@ -131,14 +123,14 @@ class SqliteQueue(DeliveryCore):
         self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None
     ) -> None:
         if self._released is not None:
-            self._touch_locked(cursor, entry)
+            self._undo.touch(cursor, entry)
         super()._fail_locked(cursor, entry, reason, delay, error)
 
     def _journal_take_locked(
         self, cursor: Cursor, out: list[Message], redelivered: int, *, manual: bool, push: bool
     ) -> None:
         if self._released is not None:
-            self._buffered.append((cursor, out))
+            self._undo.took(cursor, out)
         super()._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
 
     def _adopt_cursor_locked(self, cursor: Cursor) -> None:
@@ -227,70 +219,13 @@ class SqliteQueue(DeliveryCore):
 
     def _on_begin_locked(self) -> None:
         """An operation begins (shared files): remember what the file cannot restore if it fails."""
-        self._saved = [
-            (
-                cursor,
-                (
-                    cursor.delivered,
-                    cursor.acked,
-                    cursor.redelivered,
-                    cursor.dead_lettered,
-                    cursor.missed,
-                    cursor.inflight,
-                    list(cursor.members),
-                    set(cursor.dead_in_transit) if cursor.dead_in_transit else None,
-                    set(cursor.pushing) if cursor.pushing else None,
-                ),
-            )
-            for cursor in self._all_cursors_locked()
-        ]
-        self._saved_cursors = dict(self._cursors)
-        self._saved_ephemeral = list(self._ephemeral)
-        self._saved_open = [member for cursor, _ in self._saved for member in cursor.members if not member.closed]
-        self._saved_outbox = len(self._outbox)
-        if self._touched:
-            self._touched.clear()
-        if self._buffered:
-            self._buffered.clear()
-
-    def _touch_locked(self, cursor: Cursor, entry: Pending) -> None:
-        """Remember an entry's state before the running operation changes it (first change only)."""
-        if entry not in self._touched:
-            self._touched[entry] = (cursor, entry.state, entry.owner, entry.attempts, entry.deadline)
+        self._undo.begin(self._cursors, self._ephemeral, self._outbox)
 
     def _undo_locked(self) -> None:
         """Put back what a failed operation changed that the file does not hold (counters, members)."""
-        for cursor, saved in self._saved:
-            (
-                cursor.delivered,
-                cursor.acked,
-                cursor.redelivered,
-                cursor.dead_lettered,
-                cursor.missed,
-                cursor.inflight,
-                members,
-                in_transit,
-                pushing,
-            ) = saved
-            cursor.members[:] = members
-            cursor.dead_in_transit = in_transit if in_transit is not None else set()
-            cursor.pushing = pushing if pushing is not None else set()
-        for member in self._saved_open:
-            if member.closed:
-                member._reopen()  # closed by the operation that failed: a close can be called again
-        self._cursors.clear()
-        self._cursors.update(self._saved_cursors)
-        self._ephemeral[:] = self._saved_ephemeral
-        del self._outbox[self._saved_outbox :]
+        self._undo.undo(self._cursors, self._ephemeral, self._outbox)
         if self._released:
             self._released.clear()
-        for cursor, out in self._buffered:
-            taken = {id(message) for message in out}
-            for member in cursor.members:
-                buffer = member._buffer
-                for message in [m for m in buffer if id(m) in taken]:
-                    buffer.remove(message)
-        self._buffered.clear()
 
     def _reload_all_locked(self) -> None:
         """Make memory what the file holds: messages, event index, bounds, cursors and pending entries.
@@ -316,47 +251,11 @@ class SqliteQueue(DeliveryCore):
             cursor.names = None
             index.apply_filter(cursor, cursor.filter)
         self._load_cursors_locked(state)
-        self._restore_pending_locked(state)
+        rows = {(name, offset): (attempts, owner) for name, offset, attempts, owner, _ in state.pending}
+        self._undo.restore_pending(self._cursors, rows, store.instance)
         self._load_pending_locked(state)
-        self._touched.clear()
         if self._waiters:
             self._waiters.wake_all()
-
-    def _restore_pending_locked(self, state: QueueState) -> None:
-        """Before ``_load_pending_locked``: undo the failed operation's changes to pending entries."""
-        me = self._file.store.instance
-        rows: dict[tuple[str, int], tuple[int, str | None]] = {
-            (name, offset): (attempts, owner) for name, offset, attempts, owner, _ in state.pending
-        }
-        front: dict[Cursor, list[Pending]] = {}
-        for entry, (cursor, entry_state, owner, attempts, deadline) in self._touched.items():
-            if cursor.name is None or (cursor.name, entry.message[2]) not in rows:
-                continue
-            cursor.pending[entry.message[2]] = entry
-            entry.attempts = attempts
-            if entry_state == OUT:
-                entry.state = OUT
-                entry.owner = owner
-                entry.deadline = deadline
-                if cursor.ack_timeout is not None:
-                    cursor.schedule.track_timeout(deadline, [entry])
-            elif entry_state == WAITING:
-                cursor.schedule.wait_until(entry, deadline)
-            else:
-                front.setdefault(cursor, []).append(entry)
-        touched = self._touched
-        for name, cursor in self._cursors.items():
-            for offset, entry in cursor.pending.items():
-                row = rows.get((name, offset))
-                if row is None or entry in touched:
-                    continue
-                entry.attempts = row[0]
-                if entry.state == OUT and row[1] != me:
-                    front.setdefault(cursor, []).append(entry)  # the failed operation took it
-        for cursor, entries in front.items():
-            entries.sort(key=lambda entry: entry.message[2])
-            for i, entry in enumerate(entries):
-                cursor.schedule.insert_ready(i, entry)
 
     # -- reloading what other brokers wrote ----------------------------------------------------
 
