@@ -17,6 +17,7 @@ from mqlite.errors import (
     SerializationError,
     StorageError,
     SubscriptionClosed,
+    WouldDeadlock,
     WrongEventLoop,
 )
 from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
@@ -55,6 +56,7 @@ __all__ = [
     "SubscriptionInfo",
     "SystemClock",
     "ThreadDispatcher",
+    "WouldDeadlock",
     "WrongEventLoop",
     "dead_letter_queue_name",
 ]

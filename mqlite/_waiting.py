@@ -19,12 +19,25 @@ from typing import TypeVar
 from mqlite._delivery.waiters import Waiter
 from mqlite.engine.base import Attempt
 
-__all__ = ["OffLoop", "await_", "loop_waker", "run_off_loop", "wait"]
+__all__ = ["LONGEST_WAIT", "OffLoop", "await_", "capped", "loop_waker", "run_off_loop", "wait"]
 
 _T = TypeVar("_T")
 
 Try = Callable[[Callable[[], object]], Attempt[_T]]
 """One step of an engine, given the wake function to register if it must wait."""
+
+
+LONGEST_WAIT = threading.TIMEOUT_MAX / 2
+"""The longest a single blocking wait lasts (about 146 years on Linux, 24 days on Windows).
+
+A timeout or a due time further off, infinity included, waits this long and looks again: a
+lock's ``acquire`` raises OverflowError beyond ``threading.TIMEOUT_MAX``. Half of it, so that a
+deadline made from it minus a later clock reading stays below the limit despite rounding."""
+
+
+def capped(seconds: float) -> float:
+    """``seconds``, or :data:`LONGEST_WAIT` if longer: what a blocking wait may be given."""
+    return seconds if seconds < LONGEST_WAIT else LONGEST_WAIT
 
 
 def _bounded(wait_at_most: float | None, remaining: float | None) -> float | None:
@@ -53,7 +66,7 @@ def wait(attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: flo
                 remove(result.waiter)
                 return result
         bound = _bounded(result.wait_at_most, remaining)
-        if not signal.acquire(True, -1 if bound is None else bound):
+        if not signal.acquire(True, -1 if bound is None else capped(bound)):
             remove(result.waiter)  # whoever wakes a waiter removes it; only a timed-out wait removes its own
 
 
@@ -115,7 +128,7 @@ async def await_(
                 remove(result.waiter)
                 return result
         bound = _bounded(result.wait_at_most, remaining)
-        timer = loop.call_later(bound, _resolve, future) if bound is not None else None
+        timer = loop.call_later(capped(bound), _resolve, future) if bound is not None else None
         try:
             await future
         finally:

@@ -18,9 +18,9 @@ import attrs
 
 from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import DeadLetter
-from mqlite._waiting import loop_waker
+from mqlite._waiting import capped, loop_waker
 from mqlite.clock import Clock, SystemClock
-from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, SubscriptionSettings
+from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, SubscriptionSettings, check_start
 from mqlite.dispatch import (
     AsyncPushWorker,
     Dispatcher,
@@ -30,10 +30,10 @@ from mqlite.dispatch import (
     stop_async_workers,
 )
 from mqlite.engine.base import QueueEngine, StorageEngine
-from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError
-from mqlite.filters import EventFilter, check_name
+from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, WouldDeadlock
+from mqlite.filters import EventFilter, check_event_name, check_name
 from mqlite.info import BrokerInfo, SubscriptionInfo
-from mqlite.message import Message
+from mqlite.message import Message, check_header_names
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription, check_timeout
 
@@ -95,8 +95,10 @@ class Broker:
         commit: Commit = "each",
         serializer: Serializer | None = None,
     ) -> None:
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
+        # Every argument is checked before anything opens: a refused broker leaves no file,
+        # thread or claim behind.
+        path = _check_path(path)
+        _check_arguments(clock, dispatcher, synchronous, commit, serializer)
         self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
         try:
             self._set_up(clock, dispatcher)
@@ -109,7 +111,7 @@ class Broker:
         """The rest of ``__init__``, once the engine is open; the engine is closed if it raises."""
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
-        # _lock guards _closed, _async_workers and writes of _queues. _queues is copy-on-write:
+        # _lock guards _closed, _async_workers, _push_workers and writes of _queues. _queues is copy-on-write:
         # it is replaced, never mutated, so publish can look a queue up without taking the lock.
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
@@ -124,6 +126,7 @@ class Broker:
         self._close_done = False
         self._closing_workers: list[AsyncPushWorker] = []
         self._async_workers: list[AsyncPushWorker] = []  # close() stops them; the dispatcher never sees them
+        self._push_workers: list[PushWorker] = []  # what the dispatcher runs; drain() looks at them
         self._ids = itertools.count(1)
         # _progress guards _progress_count, _drainers, _async_drainers and _stopped;
         # push workers bump the count after every batch.
@@ -170,7 +173,7 @@ class Broker:
 
     def _queue(self, name: str, changes: Mapping[str, Any], default: QueueConfig) -> Queue:
         existing = self._queues.get(name) if isinstance(name, str) else None
-        if existing is not None and not changes:
+        if existing is not None and not changes and not self._closed:  # a hint; rechecked under the lock
             return existing
         check_name("queue", name)
         with self._lock:
@@ -201,6 +204,15 @@ class Broker:
         try:
             engine = self._engines[queue]
         except (KeyError, TypeError):
+            # A new queue: check the message first, so that a refused publish creates no queue.
+            check_name("queue", queue)
+            check_event_name(event)
+            if headers is not None:
+                if not isinstance(headers, Mapping):
+                    raise InvalidArgument(
+                        f"headers must be a mapping or None, got {type(headers).__name__}: {headers!r}"
+                    ) from None
+                check_header_names(headers)
             self.queue(queue)
             engine = self._engines[queue]
         return engine.publish(event, payload, key, headers)
@@ -247,12 +259,18 @@ class Broker:
         """
         check_name("queue", queue)
         event_filter = EventFilter(events)
+        start = check_start(start)
         if name is not None:
             check_name("subscription", name)
-        if callback is not None and not callable(callback):
-            raise InvalidArgument(f"callback must be callable or None, got {callback!r}")
+        if callback is not None:
+            _check_callback(callback)
         if dead_letter is not None:
             check_name("dead_letter queue", dead_letter)
+            if dead_letter == queue:
+                raise InvalidArgument(
+                    f"dead_letter must name another queue than {queue!r}: its dead letters would come "
+                    "back to it and fail again for ever"
+                )
         settings = SubscriptionSettings.from_arguments(
             event_filter,
             ack=ack,
@@ -273,6 +291,8 @@ class Broker:
             raise InvalidArgument(
                 "a coroutine callback needs an event loop: call subscribe() from a running loop, or pass loop="
             )
+        if is_async and loop is not None and loop.is_closed():
+            raise InvalidArgument(f"the event loop of coroutine callback {callback!r} is closed: pass an open loop")
         self.queue(queue)
         target = self._engines[queue]
         off_loop = self._run_off_loop if self._engine.capabilities.blocking_io else None
@@ -280,16 +300,24 @@ class Broker:
             target, ident=next(self._ids), name=name, push=callback is not None, loop=loop, off_loop=off_loop
         )
         target.attach(sub, name, start, settings)
-        if is_async:
-            assert loop is not None
-            worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop, off_loop)  # type: ignore[arg-type]  # checked coroutine function
-            with self._lock:
-                # A worker whose subscription close() already closed ends by itself; untracked is fine.
-                self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]
-                self._async_workers.append(worker)
-            worker.start()
-        elif callback is not None:
-            self._dispatcher.start(PushWorker(target, sub, callback, self._note_progress))
+        try:
+            if is_async:
+                assert loop is not None
+                worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop, off_loop)  # type: ignore[arg-type]  # checked coroutine function
+                with self._lock:
+                    # A worker whose subscription close() already closed ends by itself; untracked is fine.
+                    self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]
+                    self._async_workers.append(worker)
+                worker.start()
+            elif callback is not None:
+                push_worker = PushWorker(target, sub, callback, self._note_progress)
+                with self._lock:
+                    self._push_workers = [w for w in self._push_workers if not w.consumer.closed]
+                    self._push_workers.append(push_worker)
+                self._dispatcher.start(push_worker)
+        except BaseException:
+            sub.close()  # all or nothing: no consumer stays attached with nothing to deliver to it
+            raise
         return sub
 
     def delete_subscription(self, queue: str, name: str) -> bool:
@@ -301,9 +329,12 @@ class Broker:
 
         Raises:
             ConfigConflict: subscriptions with that name are still attached.
+            BrokerClosed: the broker was closed.
         """
         check_name("queue", queue)
         check_name("subscription", name)
+        if self.closed:
+            raise BrokerClosed(f"cannot delete subscription {name!r} of {queue!r}: the broker is closed")
         target = self._engines.get(queue)
         return target is not None and target.delete_cursor(name)
 
@@ -362,6 +393,24 @@ class Broker:
             await self._await_progress(drain.seen, drain.deadline)
         return done
 
+    def _running_own_callback(self) -> str | None:
+        """The label of the push subscription of this broker whose callback the caller is in, if any."""
+        me = threading.get_ident()
+        with self._lock:
+            push_workers = list(self._push_workers)
+        for push_worker in push_workers:
+            if push_worker.running_on == me:
+                return push_worker.consumer._label
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return None  # no loop runs on this thread, so no coroutine callback either
+        if task is None:
+            return None
+        with self._lock:
+            workers = [*self._async_workers, *self._closing_workers]
+        return next((w.consumer._label for w in workers if w.task is task), None)
+
     def _wait_for_progress(self, seen: int, deadline: float | None) -> None:
         """Block until a push worker reports progress after ``seen``, the broker closes, or ``deadline``."""
         with self._progress:
@@ -371,7 +420,7 @@ class Broker:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return
-                    self._progress.wait(remaining)
+                    self._progress.wait(None if remaining is None else capped(remaining))
             finally:
                 self._drainers -= 1
 
@@ -385,7 +434,7 @@ class Broker:
             self._async_drainers.append(loop_waker(loop, future))
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            await asyncio.wait_for(future, remaining)
+            await asyncio.wait_for(future, None if remaining is None else capped(remaining))
         except TimeoutError:
             pass  # the deadline: the caller looks once more
 
@@ -546,7 +595,8 @@ class Broker:
         Raises:
             StorageError: the background writer failed (for example, the disk is full).
         """
-        return self._engine.flush(check_timeout(timeout))
+        timeout = check_timeout(timeout)
+        return self._engine.flush(None if timeout is None else capped(timeout))
 
     @property
     def path(self) -> str | None:
@@ -557,6 +607,26 @@ class Broker:
         state = "closed" if self.closed else "open"
         where = "" if self._engine.path is None else f" {self._engine.path!r}"
         return f"<mqlite.Broker{where} {state} queues={sorted(self._queues)!r}>"
+
+
+def _check_callback(callback: object) -> None:
+    """Refuse a callback that is not callable, or whose signature shows it cannot take one message.
+
+    A callable whose signature cannot be read (some builtins) is taken on trust. Wrappers are
+    judged by their own signature (``follow_wrapped=False``): a decorator may well change it.
+    """
+    if not callable(callback):
+        raise InvalidArgument(f"callback must be callable or None, got {callback!r}")
+    try:
+        signature = inspect.signature(callback, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise InvalidArgument(
+            f"callback {callback!r} must accept one argument (the message), but its signature is {signature}"
+        ) from None
 
 
 def _is_coroutine_function(callback: object) -> bool:
@@ -570,7 +640,7 @@ def _close_deadline(timeout: object) -> float:
     seconds = check_timeout(timeout)
     if seconds is None:
         raise InvalidArgument("close timeout must be a non-negative number of seconds, got None")
-    return time.monotonic() + seconds
+    return time.monotonic() + capped(seconds)  # infinity: as long as a wait can last
 
 
 class _Drain:
@@ -582,6 +652,12 @@ class _Drain:
     __slots__ = ("_broker", "_targets", "deadline", "seen")
 
     def __init__(self, broker: Broker, timeout: float | None) -> None:
+        label = broker._running_own_callback()
+        if label is not None:
+            raise WouldDeadlock(
+                f"drain() called inside a callback of subscription {label} would wait for that callback "
+                "to return: drain from outside the broker's push callbacks"
+            )
         self._broker = broker
         # Each queue, its end when the drain began, and its push cursors still unsettled at the
         # last look (None: not looked at yet), so each settled cursor is checked once.
@@ -619,6 +695,63 @@ class _Drain:
             if unsettled:
                 return False
         return True
+
+
+def _check_path(path: object) -> str | None:
+    """``path`` as a str that SQLite can open as a file, or None for memory.
+
+    Raises:
+        InvalidArgument: naming what is wrong with ``path``: its type, empty, a NUL character,
+            text the file system cannot encode, SQLite's ``":memory:"``, or a directory.
+    """
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
+    where = os.fspath(path)
+    if not isinstance(where, str):
+        raise InvalidArgument(f"path must be a str or a path-like object giving a str, got {where!r}")
+    if not where or where == ":memory:":
+        raise InvalidArgument(f"path must name a file, got {where!r}; pass path=None for an in-memory broker")
+    if "\0" in where:
+        raise InvalidArgument(f"path must not contain a NUL character, got {where!r}")
+    try:
+        os.fsencode(where)
+    except UnicodeEncodeError as error:
+        raise InvalidArgument(f"path {where!r} cannot be encoded for the file system: {error.reason}") from None
+    if os.path.isdir(where):
+        raise InvalidArgument(f"path {where!r} is a directory; pass the path of an mqlite file (created if missing)")
+    return where
+
+
+def _check_arguments(
+    clock: object, dispatcher: object, synchronous: object, commit: object, serializer: object
+) -> None:
+    """Check the broker's other arguments, all before anything is opened.
+
+    Raises:
+        InvalidArgument: naming the argument and the value.
+    """
+    for argument, value, protocol, members in (
+        ("clock", clock, "mqlite.Clock", ("time", "monotonic", "add_listener", "remove_listener")),
+        ("dispatcher", dispatcher, "mqlite.Dispatcher", ("start", "run_ready", "close")),
+        ("serializer", serializer, "serializer", ("dumps", "loads")),
+    ):
+        if value is None:
+            continue
+        missing = [member for member in members if not callable(getattr(value, member, None))]
+        if argument == "clock" and not isinstance(getattr(value, "virtual", None), bool):
+            missing.append("virtual (a bool)")
+        if argument == "serializer" and not (isinstance(getattr(value, "name", None), str) and value.name):  # type: ignore[attr-defined]  # just checked
+            missing.append("name (a non-empty str)")
+        if missing:
+            raise InvalidArgument(
+                f"{argument} must be a {protocol} or None, got {value!r}, which has no {', '.join(missing)}"
+            )
+    if synchronous not in ("normal", "full"):
+        raise InvalidArgument(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+    if commit not in ("each", "batch"):
+        raise InvalidArgument(f"commit must be 'each' or 'batch', got {commit!r}")
 
 
 def _open_engine(

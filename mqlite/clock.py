@@ -7,6 +7,9 @@ import time as _time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from mqlite.config import is_finite_number
+from mqlite.errors import InvalidArgument
+
 __all__ = ["Clock", "ManualClock", "SystemClock"]
 
 
@@ -55,6 +58,8 @@ class ManualClock:
     virtual = True
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
+        if not is_finite_number(start):
+            raise InvalidArgument(f"ManualClock start must be a finite number of seconds, got {start!r}")
         # _lock guards _now and _listeners.
         self._lock = threading.Lock()
         self._now = float(start)
@@ -71,9 +76,14 @@ class ManualClock:
             return self._now
 
     def advance(self, seconds: float) -> None:
-        """Move time forward and let every attached broker act on what became due."""
-        if not isinstance(seconds, (int, float)) or seconds < 0:
-            raise ValueError(f"advance() takes a non-negative number of seconds, got {seconds!r}")
+        """Move time forward and let every attached broker act on what became due.
+
+        Raises:
+            InvalidArgument: ``seconds`` is not a finite number >= 0 (NaN and infinity would
+                stop time for good); the clock did not move.
+        """
+        if not is_finite_number(seconds) or seconds < 0:
+            raise InvalidArgument(f"advance() takes a finite, non-negative number of seconds, got {seconds!r}")
         with self._lock:
             self._now += seconds
             listeners = list(self._listeners)

@@ -3,21 +3,65 @@ every subscription sharing a cursor must agree on (``SubscriptionSettings``). Al
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+import math
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeGuard
 
 import attrs
 
 from mqlite.errors import InvalidArgument
 from mqlite.filters import EventFilter
 
-__all__ = ["Backoff", "Overflow", "QueueConfig", "Retention", "Start", "SubscriptionSettings"]
+__all__ = ["Backoff", "Overflow", "QueueConfig", "Retention", "Start", "SubscriptionSettings", "check_start"]
 
 Start = Literal["earliest", "latest"] | int | datetime
 """Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
 
 Retention = Literal["interest", "limits"]
 Overflow = Literal["drop_oldest", "reject"]
+
+
+def is_finite_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float that is neither NaN nor infinite, nor too large for a float.
+
+    A bool is no number of seconds, so it is refused.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def check_start(start: object, *, verb: str = "start") -> Start:
+    """``start`` (of ``subscribe`` or ``seek``) as a position an engine resolves without user code.
+
+    ``"earliest"``, ``"latest"`` and int offsets pass as plain values (an offset is checked
+    against the queue by the engine). A datetime is turned into a plain UTC datetime here, where
+    its ``tzinfo`` (which may be user code) runs outside every lock. One too early or too late
+    for the platform to convert (``datetime.min``, ``datetime.max``, naive or aware) lies before
+    or after every message: it means ``"earliest"`` or ``"latest"``.
+
+    Raises:
+        InvalidArgument: ``start`` is none of those; the message names ``verb`` and the value.
+    """
+    if isinstance(start, str):
+        if start == "earliest":
+            return "earliest"
+        if start == "latest":
+            return "latest"
+    elif isinstance(start, int) and not isinstance(start, bool):
+        if start < 0:
+            raise InvalidArgument(f"{verb}={start} is outside queue offsets, which start at 0")
+        return int(start)
+    elif isinstance(start, datetime):
+        try:
+            return datetime.fromtimestamp(start.timestamp(), UTC)
+        except (OverflowError, OSError, ValueError):
+            # Outside what time_t or datetime can hold: before or after every message.
+            return "earliest" if start.year < 1970 else "latest"
+    raise InvalidArgument(f"start/seek takes 'earliest', 'latest', an int offset or a datetime, got {verb}={start!r}")
 
 
 def _check_limit(name: str, value: object, *, integer: bool) -> None:
@@ -27,6 +71,9 @@ def _check_limit(name: str, value: object, *, integer: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:  # type: ignore[operator]  # isinstance just proved a number
         kind = "a positive int" if integer else "a positive number of seconds"
         raise InvalidArgument(f"{name} must be None or {kind}, got {value!r}")
+    if not integer and not (is_finite_number(value) or value == math.inf):
+        # An int too large for a float would make every later publish raise OverflowError.
+        raise InvalidArgument(f"{name} must be None or a number of seconds a float can hold, got {value!r}")
 
 
 @attrs.frozen
@@ -73,12 +120,39 @@ class Backoff:
     maximum: float = attrs.field(default=30.0)
 
     def __attrs_post_init__(self) -> None:
-        if not self.initial >= 0 or not self.factor >= 1 or not self.maximum >= self.initial:
-            raise InvalidArgument(f"Backoff needs initial >= 0, factor >= 1 and maximum >= initial, got {self!r}")
+        for field, least in (("initial", 0.0), ("factor", 1.0), ("maximum", 0.0)):
+            value = getattr(self, field)
+            if not is_finite_number(value) or not value >= least:
+                raise InvalidArgument(f"Backoff needs {field} >= {least:g}, a finite number, got {field}={value!r}")
+        if not self.maximum >= self.initial:
+            raise InvalidArgument(f"Backoff needs maximum >= initial, got {self!r}")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed delivery (1-based)."""
-        return float(min(self.initial * self.factor ** max(failures - 1, 0), self.maximum))
+        try:
+            grown = self.initial * self.factor ** max(failures - 1, 0)
+        except OverflowError:  # float ** raises where * gives inf: the n-th failure of many
+            return float(self.maximum)
+        return float(grown if grown < self.maximum else self.maximum)
+
+
+# The JSON types of what SubscriptionSettings.to_stored writes, by key, for from_stored to check.
+_STORED_TYPES: dict[str, tuple[type, ...]] = {
+    "events": (list, type(None)),
+    "manual_ack": (bool,),
+    "ack_timeout": (float, int, type(None)),
+    "max_deliveries": (int, type(None)),
+    "dead_letter": (str,),
+    "backoff": (list,),
+}
+_JSON_NAMES: dict[type, str] = {
+    list: "a list",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+}
 
 
 @attrs.frozen
@@ -117,8 +191,10 @@ class SubscriptionSettings:
         if ack_timeout is not None:
             if ack != "manual":
                 raise InvalidArgument("ack_timeout applies only to ack='manual' subscriptions")
-            if isinstance(ack_timeout, bool) or not isinstance(ack_timeout, (int, float)) or not ack_timeout > 0:
-                raise InvalidArgument(f"ack_timeout must be a positive number of seconds, got {ack_timeout!r}")
+            if not is_finite_number(ack_timeout) or not ack_timeout > 0:
+                raise InvalidArgument(
+                    f"ack_timeout must be a positive, finite number of seconds (None: no timeout), got {ack_timeout!r}"
+                )
         if max_deliveries is not None and (
             isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int) or max_deliveries < 1
         ):
@@ -157,7 +233,21 @@ class SubscriptionSettings:
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> SubscriptionSettings:
-        """The settings a file keeps, as :meth:`to_stored` wrote them."""
+        """The settings a file keeps, as :meth:`to_stored` wrote them.
+
+        Raises:
+            InvalidArgument: a value is not of the type :meth:`to_stored` writes (naming its
+                key), or the stored backoff is not one.
+            InvalidName: the stored event filter is not one.
+            KeyError: a key is missing.
+        """
+        for key, kinds in _STORED_TYPES.items():
+            if type(stored[key]) not in kinds:  # exact types: what json.loads makes, where a bool is no int
+                expected = " or ".join(_JSON_NAMES[kind] for kind in kinds)
+                raise InvalidArgument(f"{key} must be {expected}, got {stored[key]!r}")
+        backoff = stored["backoff"]
+        if len(backoff) != 3 or any(type(n) not in (float, int) for n in backoff):
+            raise InvalidArgument(f"backoff must be [initial, factor, maximum], three numbers, got {backoff!r}")
         return cls(
             EventFilter(stored["events"]),
             stored["manual_ack"],

@@ -42,6 +42,9 @@ CANCEL_GRACE = 0.5
 of its loop; this only bounds a callback that ignores the cancellation."""
 
 
+_get_ident = threading.get_ident
+
+
 class _BatchRunner:
     """One push batch on its way through a callback, and its settlement; both workers use it.
 
@@ -140,6 +143,10 @@ class PushWorker:
         self.consumer = consumer
         self.callback = callback
         self._on_progress = on_progress
+        self.running_on: int | None = None
+        """The thread running this worker's callbacks now, if any: ``Broker.drain`` refuses to run
+        inside them. Only that thread writes its own ident here, so a thread that reads its own
+        ident knows it is inside, whatever others write meanwhile."""
 
     def step(self, *, block: bool) -> bool | None:
         """Deliver one batch. Returns whether anything was delivered, or None once closed."""
@@ -156,6 +163,7 @@ class PushWorker:
         runner = _BatchRunner(queue, consumer, batch)
         rest = iter(runner)
         message = None
+        self.running_on = _get_ident()  # once per batch
         try:
             # The try is outside the loop, entered again after a failure: a handler set up around
             # each call costs every message of every push subscription a little.
@@ -172,6 +180,7 @@ class PushWorker:
                     assert message is not None
                     runner.failed(message, error)
         finally:
+            self.running_on = None
             runner.settle()
             self._on_progress()
         return True
@@ -220,8 +229,12 @@ class AsyncPushWorker:
         """Create the task on the worker's loop, from that loop's thread or any other."""
         if self._on_loop_thread():
             self._spawn()
-        else:
+            return
+        try:
             self.loop.call_soon_threadsafe(self._spawn)
+        except RuntimeError:
+            self.finished.set()  # the loop is closed: the task will never start, nothing is in hand
+            raise
 
     def cancel(self) -> None:
         """Cancel the task from any thread: a callback that is running gets CancelledError."""
@@ -399,37 +412,61 @@ class ManualDispatcher:
     """Runs no threads: callbacks run when the test calls :meth:`run_ready` (or ``Broker.drain``).
 
     Use it for deterministic tests of push subscriptions. Thread-safe; callbacks run on the thread
-    that calls :meth:`run_ready`.
+    that calls :meth:`run_ready`. Each subscription's callbacks still run one at a time and in
+    order: a subscription whose callback is running, on another thread or further up this one
+    (a callback that calls ``run_ready``), is skipped until it returns.
     """
 
     def __init__(self) -> None:
-        # _lock guards _workers.
+        # _lock guards _workers: each worker in start order, and whether a call is stepping it now.
         self._lock = threading.Lock()
-        self._workers: list[PushWorker] = []
+        self._workers: dict[PushWorker, bool] = {}
 
     def start(self, worker: PushWorker) -> None:
         """Remember ``worker``; it delivers only inside :meth:`run_ready`."""
         with self._lock:
-            self._workers.append(worker)
+            self._workers[worker] = False
 
     def run_ready(self) -> bool:
-        """Deliver everything that is ready, round-robin, until no worker has anything left."""
+        """Deliver everything that is ready, round-robin, until no worker has anything left.
+
+        Skips the workers that another call is running. Returns whether this call delivered anything.
+        """
         did_any = False
         while True:
             with self._lock:
                 workers = list(self._workers)
             progressed = False
-            for worker in workers:
-                result = worker.step(block=False)
-                if result is None:
+            held: PushWorker | None = None  # claimed by this call; given up when it claims the next
+            closed = False
+            try:
+                for worker in workers:
+                    # One lock section per worker: it gives up the last one and claims this one.
                     with self._lock:
-                        if worker in self._workers:
-                            self._workers.remove(worker)
-                elif result:
-                    progressed = True
+                        self._give_up_locked(held, closed)
+                        held = None
+                        if self._workers.get(worker, True):  # forgotten, or running in another call
+                            continue
+                        held, closed = worker, False  # before the claim: an interrupt between them gives it up
+                        self._workers[worker] = True
+                    result = worker.step(block=False)
+                    closed = result is None
+                    progressed = progressed or bool(result)
+            finally:
+                if held is not None:
+                    with self._lock:
+                        self._give_up_locked(held, closed)
             if not progressed:
                 return did_any
             did_any = True
+
+    def _give_up_locked(self, worker: PushWorker | None, closed: bool) -> None:
+        """Let other calls run ``worker`` again, or forget it once its subscription has closed."""
+        if worker is not None and worker in self._workers:
+            if closed:
+                del self._workers[worker]
+            else:
+                self._workers[worker] = False
 
     def close(self, timeout: float) -> bool:
         """Forget every worker; there are no threads to stop."""

@@ -14,6 +14,7 @@ __all__ = [
     "SerializationError",
     "StorageError",
     "SubscriptionClosed",
+    "WouldDeadlock",
     "WrongEventLoop",
 ]
 
@@ -56,6 +57,13 @@ class ConfigConflict(InvalidArgument):
 
 class WrongEventLoop(MqliteError, RuntimeError):
     """An async call ran on an event loop other than the one its subscription is bound to."""
+
+
+class WouldDeadlock(MqliteError, RuntimeError):
+    """A call would wait for itself, such as ``drain()`` inside one of its broker's push callbacks.
+
+    It is refused at once and does nothing.
+    """
 
 
 class SerializationError(InvalidArgument):

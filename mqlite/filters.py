@@ -8,15 +8,32 @@ from fnmatch import translate
 
 from mqlite.errors import InvalidName
 
-__all__ = ["EventFilter", "check_event_name", "check_name"]
+__all__ = ["EventFilter", "check_event_name", "check_name", "event_names"]
 
 _WILDCARD_CHARS = frozenset("*?[")
+
+
+def _check_storable(what: str, name: str) -> None:
+    """Refuse a name that UTF-8 cannot encode (a lone surrogate): a file could not store it.
+
+    Memory refuses it too, so that a name works the same on every engine. ``isascii`` costs
+    nothing for the usual ASCII name; only other names are encoded.
+    """
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidName(
+                f"{what} {name!r} has a character UTF-8 cannot encode ({error.reason} at position "
+                f"{error.start}); names must be valid Unicode text"
+            ) from None
 
 
 def check_name(kind: str, name: object) -> str:
     """Return ``name`` if it is a usable queue or subscription name, else raise InvalidName."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise InvalidName(f"{kind} name must be a non-empty str without surrounding spaces, got {name!r}")
+    _check_storable(f"{kind} name", name)
     return name
 
 
@@ -26,7 +43,35 @@ def check_event_name(event: object) -> str:
         raise InvalidName(f"event must be a non-empty str, got {event!r}")
     if _WILDCARD_CHARS.intersection(event):
         raise InvalidName(f"event {event!r} contains a wildcard character (* ? [); those are only for filters")
+    _check_storable("event", event)
     return event
+
+
+def event_names(events: object, *, verb: str = "events") -> tuple[str, ...]:
+    """``events`` (a str, or any iterable of str, generators included) as a tuple, each checked.
+
+    It is read once, here, so that a generator is not used up before it is applied.
+
+    Raises:
+        InvalidName: ``events`` is not a str or an iterable, is empty, or holds something that
+            is not a non-empty str (``verb`` names the argument in the message).
+    """
+    if isinstance(events, str):
+        items: tuple[object, ...] = (events,)
+    else:
+        try:
+            items = tuple(events)  # type: ignore[arg-type]  # any iterable; TypeError below if not
+        except TypeError:
+            raise InvalidName(
+                f"{verb} must be a str or an iterable of str, got {type(events).__name__}: {events!r}"
+            ) from None
+    if not items:
+        raise InvalidName(f"{verb} must name at least one event; pass None to receive every event")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise InvalidName(f"each event filter must be a non-empty str, got {item!r} in {verb}")
+        _check_storable("event filter", item)
+    return items  # type: ignore[return-value]  # every item was just checked to be a str
 
 
 class EventFilter:
@@ -46,20 +91,7 @@ class EventFilter:
             self.match_all = True
             self._regex: re.Pattern[str] | None = None
             return
-        if isinstance(events, str):
-            items = [events]
-        else:
-            try:
-                items = list(events)
-            except TypeError:
-                raise InvalidName(
-                    f"events must be None, a str or an iterable of str, got {type(events).__name__}"
-                ) from None
-        if not items:
-            raise InvalidName("events must name at least one event; pass None to receive every event")
-        for item in items:
-            if not isinstance(item, str) or not item:
-                raise InvalidName(f"each event filter must be a non-empty str, got {item!r}")
+        items = event_names(events)
         self._exact = frozenset(i for i in items if not _WILDCARD_CHARS.intersection(i))
         self._patterns = tuple(sorted({i for i in items if _WILDCARD_CHARS.intersection(i)}))
         self.match_all = "*" in self._patterns
@@ -80,14 +112,14 @@ class EventFilter:
 
     def union(self, events: str | Iterable[str]) -> EventFilter:
         """This filter widened by ``events`` (for ``Subscription.join``)."""
+        added = event_names(events, verb="join() events")
         if self.match_all:
             return self
-        added = [events] if isinstance(events, str) else list(events)
         return EventFilter([*self._exact, *self._patterns, *added])
 
     def without(self, events: str | Iterable[str]) -> EventFilter:
         """This filter with the exact names or patterns in ``events`` removed (for ``leave``)."""
-        removed = {events} if isinstance(events, str) else set(events)
+        removed = set(event_names(events, verb="leave() events"))
         if self.match_all:
             raise InvalidName(
                 "cannot leave an event on a subscription that receives every event; "

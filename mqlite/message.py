@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from mqlite.errors import InvalidArgument
 
-__all__ = ["EMPTY_HEADERS", "Message", "MessageMeta", "make_meta", "message_class"]
+__all__ = ["EMPTY_HEADERS", "Message", "MessageMeta", "check_header_names", "make_meta", "message_class"]
 
 EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
@@ -129,7 +129,21 @@ def make_meta(queue: str, key: Any, headers: Mapping[str, Any] | None) -> Messag
     return MessageMeta(queue, key, frozen)
 
 
-def new_message(event: str, payload: Any, offset: int, timestamp: float, meta: MessageMeta) -> Message:
-    """Build a message with an explicit meta part (used when loading one from storage)."""
-    message: Message = _tuple_new(Message, (event, payload, offset, timestamp, meta))
+def check_header_names(headers: Mapping[str, Any]) -> None:
+    """Refuse headers whose names are not str, for a publish.
+
+    A file stores headers with its serializer, and a JSON key can only be a str (``1`` would
+    read back as ``"1"``): memory refuses them too, so that headers read back the same on every
+    engine. Loading a stored message does not check, so an old file always opens.
+    """
+    for name in headers:
+        if type(name) is not str:
+            raise InvalidArgument(f"headers names must be str, got {type(name).__name__}: {name!r}")
+
+
+def new_message(
+    cls: type[Message], event: str, payload: Any, offset: int, timestamp: float, meta: MessageMeta
+) -> Message:
+    """Build a message of the queue whose class is ``cls``, with an explicit meta part (loading one from storage)."""
+    message: Message = _tuple_new(cls, (event, payload, offset, timestamp, meta))
     return message

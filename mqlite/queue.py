@@ -69,7 +69,13 @@ class Queue:
             QueueFull: they do not all fit. Nothing was appended.
             BrokerClosed: the broker was closed.
         """
-        return self._engine.publish_many([_draft(item) for item in items])
+        try:
+            iterator = iter(items)
+        except TypeError:
+            raise InvalidArgument(
+                f"publish_many takes an iterable of messages, got {type(items).__name__}: {items!r}"
+            ) from None
+        return self._engine.publish_many([_draft(item) for item in iterator])
 
     @property
     def config(self) -> QueueConfig:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from mqlite._delivery.cursor import Cursor
 from mqlite._waiting import OffLoop, await_, run_off_loop, wait
-from mqlite.config import Start
+from mqlite.config import Start, check_start, is_finite_number
 from mqlite.engine.base import Attempt, QueueEngine
 from mqlite.errors import InvalidArgument, SubscriptionClosed, WrongEventLoop
-from mqlite.filters import EventFilter
+from mqlite.filters import event_names
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -50,12 +50,18 @@ YIELD_EVERY = 16
 
 
 def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
-    """Return ``timeout`` if it is None or a non-negative number, else raise InvalidArgument."""
+    """Return ``timeout`` if it is None or a non-negative number, else raise InvalidArgument.
+
+    Infinity is a timeout too: it waits for ever, as None does (see ``_waiting.capped``).
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise InvalidArgument(f"{name} must be None or a non-negative number of seconds, got {timeout!r}")
-    return float(timeout)
+    try:
+        return float(timeout)
+    except OverflowError:  # an int too large for a float: as good as for ever
+        return float("inf")
 
 
 def _check_max(max_messages: object) -> None:
@@ -224,6 +230,9 @@ class Subscription:
 
     async def _apull(self, max_messages: int, timeout: float | None, read_ahead: int = 0) -> list[Message]:
         self._check_pull()
+        if self.closed:
+            # Before binding: a closed subscription is never bound to the loop that asked.
+            raise SubscriptionClosed(self._closed_reason())
         self._bind_loop()
         engine = self._engine
         off_loop = self._off_loop
@@ -301,26 +310,35 @@ class Subscription:
 
         A nack counts as a failed delivery, so a message nacked ``max_deliveries`` times goes to
         the dead-letter queue instead.
+
+        Raises:
+            InvalidArgument: ``delay`` is not a finite number >= 0 (an infinite delay would keep
+                the message pending for ever); nothing changed.
+            NotPending: as for :meth:`ack`.
         """
-        self._engine.nack(self, message, check_timeout(delay, name="delay") or 0.0)
+        if not is_finite_number(delay) or not delay >= 0:
+            raise InvalidArgument(f"delay must be a finite, non-negative number of seconds, got {delay!r}")
+        self._engine.nack(self, message, float(delay))
 
     # -- position and filter -------------------------------------------------------------
 
     def seek(self, target: Start) -> int:
         """Move the cursor to ``"earliest"``, ``"latest"``, an offset or a datetime; returns the new position.
 
-        Pending (delivered, unacked) messages stay pending.
+        Pending (delivered, unacked) messages stay pending. ``datetime.min`` means
+        ``"earliest"`` and ``datetime.max`` ``"latest"`` (see :func:`~mqlite.config.check_start`).
         """
-        return self._engine.seek(self, target)
+        return self._engine.seek(self, check_start(target, verb="seek target"))
 
     def join(self, events: str | Iterable[str]) -> None:
-        """Also receive ``events`` (names or wildcard patterns) from now on."""
-        EventFilter(events)  # validate before touching the cursor
-        self._engine.set_filter(self, lambda current: current.union(events))
+        """Also receive ``events`` (names or wildcard patterns, a str or any iterable) from now on."""
+        names = event_names(events, verb="join() events")  # read once: a generator is used up
+        self._engine.set_filter(self, lambda current: current.union(names))
 
     def leave(self, events: str | Iterable[str]) -> None:
-        """Stop receiving ``events``, which must be names or patterns in the filter."""
-        self._engine.set_filter(self, lambda current: current.without(events))
+        """Stop receiving ``events`` (a str or any iterable), which must be names or patterns in the filter."""
+        names = event_names(events, verb="leave() events")
+        self._engine.set_filter(self, lambda current: current.without(names))
 
     @property
     def events(self) -> tuple[str, ...] | None:

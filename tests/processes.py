@@ -69,3 +69,79 @@ def wait_for_one(path: str, ready: Any, results: Any) -> None:
         ready.set()
         message = sub.get(timeout=DEADLINE)
         results.put((None if message is None else message.payload, time.time()))
+
+
+def _not_a_clock(path: str) -> mqlite.Broker:
+    return mqlite.Broker(path, clock=object())  # type: ignore[arg-type]  # the point
+
+
+def _not_a_dispatcher(path: str) -> mqlite.Broker:
+    return mqlite.Broker(path, dispatcher=object())  # type: ignore[arg-type]  # the point
+
+
+def _not_a_serializer(path: str) -> mqlite.Broker:
+    return mqlite.Broker(path, serializer=object())  # type: ignore[arg-type]  # the point
+
+
+def _bad_synchronous(path: str) -> mqlite.Broker:
+    return mqlite.Broker(path, synchronous="sometimes")  # type: ignore[arg-type]  # the point
+
+
+def _bad_commit(path: str) -> mqlite.Broker:
+    return mqlite.Broker(path, commit="never")  # type: ignore[arg-type]  # the point
+
+
+def _bad_close_timeout(path: str) -> mqlite.Broker:
+    """Open fine, refuse ``close(timeout=-1)``, then close for ever: nothing may stay behind."""
+    broker = mqlite.Broker(path)
+    sub = broker.subscribe("q", callback=lambda message: None)
+    try:
+        broker.close(timeout=-1)
+    except mqlite.InvalidArgument:
+        pass
+    else:
+        raise AssertionError("close(timeout=-1) was accepted")
+    if sub.closed or broker.closed:
+        raise AssertionError("the refused close closed something")
+    broker.publish("q", "e", 1)  # still open
+    broker.close(timeout=float("inf"))
+    raise mqlite.InvalidArgument("closed for ever: timeout=inf")  # reported like the refusals
+
+
+BAD_BROKERS = {
+    "clock": _not_a_clock,
+    "dispatcher": _not_a_dispatcher,
+    "serializer": _not_a_serializer,
+    "synchronous": _bad_synchronous,
+    "commit": _bad_commit,
+    "close timeout": _bad_close_timeout,
+}
+"""Broker calls that must fail, and leave no thread, file or claim behind (by name, for a child)."""
+
+
+def refused_broker_leaves_nothing(path: str, case: str, results: Any) -> None:
+    """Make the bad call ``case`` of :data:`BAD_BROKERS`, then report what it left behind.
+
+    Puts ``(error class, message, mqlite threads left, whether the file exists, claims left,
+    what opening a batched broker on the path then said)`` on ``results``. A batched broker
+    needs the file to itself, so it opens only if no claim was left.
+    """
+    import threading
+
+    try:
+        BAD_BROKERS[case](path)
+    except Exception as error:  # noqa: BLE001  # reported to the parent, which judges it
+        raised = (type(error).__name__, str(error))
+    else:
+        raised = ("nothing", "")
+    threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("mqlite"))
+    exists = os.path.exists(path)
+    folder = f"{path}-brokers"
+    claims = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    try:
+        with mqlite.Broker(path, commit="batch") as broker:
+            broker.publish("q", "e", "after")
+        opened = "opened"
+    except mqlite.MqliteError as error:
+        opened = f"{type(error).__name__}: {error}"
+    results.put((*raised, threads, exists, claims, opened))

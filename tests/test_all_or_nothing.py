@@ -451,8 +451,13 @@ def _mqlite_threads() -> set[threading.Thread]:
 def test_a_broker_that_fails_to_open_leaves_no_thread_and_no_claim(tmp_path: Path) -> None:
     path = tmp_path / "q.mqlite"
     before = _mqlite_threads()
-    with pytest.raises(AttributeError):
-        mqlite.Broker(path, clock=object())  # type: ignore[arg-type]  # not a clock
+
+    class BrokenClock(mqlite.SystemClock):
+        def add_listener(self, listener: object) -> None:
+            raise RuntimeError("this clock fails once the file is open")
+
+    with pytest.raises(RuntimeError, match="once the file is open"):
+        mqlite.Broker(path, clock=BrokenClock())
     for thread in _mqlite_threads() - before:
         thread.join(WAIT)
     assert _mqlite_threads() - before == set()
@@ -544,6 +549,7 @@ def test_a_failed_rollback_is_logged_after_the_queue_lock_is_released(tmp_path: 
             logger.removeHandler(handler)
         assert [free for message, free in handler.seen if "rolling back" in message] == [True]
         message = sub.get(timeout=WAIT)  # and the failed get took nothing
-        assert message is not None and message.offset == 0
+        assert message is not None
+        assert message.offset == 0
     finally:
         broker.close()

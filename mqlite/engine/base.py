@@ -197,6 +197,10 @@ class QueueEngine(Protocol):
     """
 
     name: str
+    message_class: type[Message]
+    """This queue's own Message subclass, unique to this engine instance. Every message it hands
+    out is one, also those read back from storage. ``ack``/``nack`` refuse a Message of any other
+    class with ``NotPending``: it came from another queue or another broker, or was built by hand."""
 
     def publish(
         self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mqlite.errors import SerializationError, StorageError
-from mqlite.message import EMPTY_HEADERS, Message, MessageMeta, make_meta, new_message
+from mqlite.message import Message, make_meta, new_message
 
 __all__ = ["JsonSerializer", "PickleSerializer", "Serializer", "decode_row", "encode_row"]
 
@@ -128,21 +128,24 @@ def encode_row(serializer: Serializer, message: Message) -> tuple[Any, ...]:
     return (message.queue, message[2], message[0], *fields, message[3])
 
 
-def decode_row(serializer: Serializer, queue: str, row: Sequence[Any], where: str) -> Message:
-    """The message of ``queue`` stored as ``row``: ``(offset, event, payload, key, headers, timestamp)``.
+def decode_row(serializer: Serializer, cls: type[Message], row: Sequence[Any], where: str) -> Message:
+    """The message stored as ``row``: ``(offset, event, payload, key, headers, timestamp)``.
 
-    ``where`` names the store the row came from (a file's path, say) in the error message.
+    ``cls`` is the Message subclass of the queue it belongs to (``message_class``): the message
+    is one, as if that queue had built it. ``where`` names the store the row came from (a file's
+    path, say) in the error message.
 
     Raises:
         StorageError: the row cannot be decoded, whatever the decoder raised: the store is corrupt.
     """
     offset, event, payload, key, headers, timestamp = row
     loads = serializer.loads
+    queue = cls._queue
     try:
         if key is None and headers is None:
-            meta = MessageMeta(queue, None, EMPTY_HEADERS)
-        else:
-            meta = make_meta(queue, None if key is None else loads(key), None if headers is None else loads(headers))
-        return new_message(event, loads(payload), offset, timestamp, meta)
+            message: Message = tuple.__new__(cls, (event, loads(payload), offset, timestamp))
+            return message
+        meta = make_meta(queue, None if key is None else loads(key), None if headers is None else loads(headers))
+        return new_message(cls, event, loads(payload), offset, timestamp, meta)
     except Exception as error:  # a bad row is a corrupt file, whatever the decoder raised
         raise StorageError(f"{where!r}: cannot decode message {offset} of {queue!r}: {error}") from error

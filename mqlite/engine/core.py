@@ -30,7 +30,7 @@ from mqlite.engine.codec import Fields
 from mqlite.engine.index import EventIndex, MessageLog
 from mqlite.errors import BrokerClosed, InvalidArgument, QueueFull
 from mqlite.filters import check_event_name
-from mqlite.message import Message, MessageMeta, make_meta, message_class
+from mqlite.message import Message, MessageMeta, check_header_names, make_meta, message_class
 
 __all__ = ["QueueCore", "QueueLock"]
 
@@ -89,7 +89,9 @@ class QueueCore:
         self._check_at = 0
         self._closed = False
         self._outbox: list[DeadLetter] = []
-        self._message_class = message_class(name)
+        # This queue's own Message subclass: every message it builds is one, which is how ack
+        # and nack tell a message of this broker from an equal-looking one of another.
+        self._message_class = self.message_class = message_class(name)
         self._clock = clock
         self._time = clock.time
         self._monotonic = clock.monotonic
@@ -148,6 +150,7 @@ class QueueCore:
             offset = self._end
             if offset >= self._check_at:  # housekeeping due, queue full, or broker closed
                 self._make_room_locked(1)
+                postings = self._postings_locked(event)  # housekeeping may have forgotten the event
             message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
             self._append(message)
             self._end = offset + 1
@@ -175,6 +178,7 @@ class QueueCore:
             offset = self._end
             if offset >= self._check_at:
                 self._make_room_locked(1)
+                postings = self._postings_locked(event)
             message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
             self._write_locked([message], [fields])
             self._end = offset + 1
@@ -190,6 +194,13 @@ class QueueCore:
         """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none."""
         return self._append_drafts(drafts)
 
+    def _postings_locked(self, event: str) -> list[Message] | None:
+        """The index list of a checked ``event``, registering it again if housekeeping forgot it."""
+        try:
+            return self._events[event]
+        except KeyError:
+            return self._index.add_event(event, self._all_cursors_locked())
+
     def _new_event_locked(self, event: str) -> list[Message] | None:
         """The fast path met an event it does not know: check the publish may go ahead, then register it."""
         check_event_name(event)
@@ -203,6 +214,8 @@ class QueueCore:
         for event, payload, key, headers in drafts:
             name = str.__str__(check_event_name(event))  # a plain str, whatever subclass came in
             meta = None if key is None and headers is None else make_meta(self.name, key, headers)
+            if meta is not None and meta.headers:
+                check_header_names(meta.headers)
             checked.append((name, payload, meta))
         if not checked:
             return []
@@ -236,7 +249,7 @@ class QueueCore:
         messages: list[Message] = [
             _tuple_new(cls, (event, payload, offset, now))
             if meta is None
-            else _tuple_new(Message, (event, payload, offset, now, meta))
+            else _tuple_new(cls, (event, payload, offset, now, meta))
             for offset, (event, payload, meta) in enumerate(checked, start)
         ]
         self._write_locked(messages, encoded)
@@ -283,7 +296,7 @@ class QueueCore:
         start = self._start = retention.interest_floor(start, end, self._config, (c.position for c in cursors))
         if retention.should_reclaim(self._log.first_offset, start, end):
             self._log.drop_before(start)
-            self._index.trim(start)
+            self._index.trim(start, cursors)
         self._check_at = -1 if self._closed else retention.next_check(start, end, len(cursors), self._config)
 
     def _skip_locked(self, cursor: Cursor, to: int) -> None:
@@ -303,8 +316,14 @@ class QueueCore:
             return self._config
 
     def configure(self, config: QueueConfig) -> None:
-        """Apply new retention settings; they take effect at once."""
+        """Apply new retention settings; they take effect at once.
+
+        Raises:
+            BrokerClosed: the broker was closed; nothing changed.
+        """
         with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot configure queue {self.name!r}: the broker is closed")
             self._journal_config_locked(config)
             self._config = config
             self._housekeep_locked()

@@ -72,6 +72,8 @@ class CursorCore(QueueCore):
             ConfigConflict: subscriptions with that name are still attached.
         """
         with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot delete subscription {name!r} of {self.name!r}: the broker is closed")
             cursor = self._cursors.get(name)
             if cursor is None:
                 return False

@@ -326,12 +326,18 @@ class DeliveryCore(CursorCore):
         self._send_dead_letters(dead)
 
     def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
-        if isinstance(message, Message):
+        if type(message) is self._message_class:  # this queue built it: the one compare of the usual case
+            offset = message[2]
+        elif isinstance(message, Message):
             if message.queue != self.name:
                 raise NotPending(
                     f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}"
                 )
-            offset = message[2]
+            # Equal to one of this queue's, perhaps, but built elsewhere: not the one delivered here.
+            raise NotPending(
+                f"cannot {verb} offset {message.offset} of {message.queue!r}: that Message came from another "
+                f"broker (or was built by hand); {verb} the one this subscription delivered"
+            )
         elif isinstance(message, int) and not isinstance(message, bool):
             offset = message
         else:

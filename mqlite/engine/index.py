@@ -104,22 +104,53 @@ class EventIndex:
             for name in events:
                 events[name] = None
 
-    def trim(self, offset: int) -> None:
-        """Forget indexed messages below ``offset``."""
+    def trim(self, offset: int, cursors: Sequence[Cursor] | None = None) -> None:
+        """Forget indexed messages below ``offset``, where the log now starts.
+
+        Given every cursor of the queue, it also forgets the event names with no message left in
+        the log, and takes them out of the cursors' ``names``: a queue whose every message has an
+        event of its own keeps no more names than its retention keeps messages. A name comes back
+        with its next message. While nothing filters, finding those names means reading the log,
+        so it looks only when there are more names than messages.
+        """
+        events = self.events
         if self.indexed:
-            for postings in self.events.values():
+            gone = []
+            for name, postings in events.items():
                 if postings:
                     del postings[: bisect_left(postings, offset, key=_offset_of)]
+                if not postings:
+                    gone.append(name)
+        elif cursors is not None and len(events) > len(self.log):
+            log = self.log
+            kept = {message[0] for message in log.read(log.first_offset, log.first_offset + len(log))}
+            gone = [name for name in events if name not in kept]
+        else:
+            return
+        if cursors is None or not gone:
+            return
+        for name in gone:
+            del events[name]
+        for cursor in cursors:
+            if cursor.names is not None:
+                cursor.names.difference_update(gone)
 
     def count(self, cursor: Cursor, from_offset: int, to_offset: int) -> int:
         """How many messages in ``[from_offset, to_offset)`` pass the cursor's filter."""
         if from_offset >= to_offset:
             return 0
-        if cursor.names is None:
+        names = cursor.names
+        if names is None:
             return to_offset - from_offset
+        log = self.log
+        first = log.first_offset
+        if to_offset - from_offset < len(names) and first <= from_offset and to_offset <= first + len(log):
+            # A short range and many names (every message with its own event, a cursor skipped
+            # forward by one): reading the range is cheaper than a look in every name's list.
+            return sum(1 for message in log.read(from_offset, to_offset) if message[0] in names)
         total = 0
         events = self.events
-        for name in cursor.names:
+        for name in names:
             postings = events[name]
             if postings:
                 total += bisect_left(postings, to_offset, key=_offset_of) - bisect_left(

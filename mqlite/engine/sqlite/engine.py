@@ -18,7 +18,7 @@ from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
-from mqlite.config import QueueConfig, SubscriptionSettings
+from mqlite.config import QueueConfig
 from mqlite.engine.base import Capabilities, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.delivery import DeliveryCore
@@ -235,8 +235,8 @@ class SqliteQueue(DeliveryCore):
         memory has out goes back to the front of the line.
         """
         store = self._file.store
-        state = store.changes(self.name, -1)
-        self._config = QueueConfig(**state.config)
+        state = store.changes(self._message_class, -1)
+        self._config = state.config
         self._file.reset(state.start, state.messages)
         self._end = state.start + len(state.messages)
         self._start = state.start
@@ -261,8 +261,8 @@ class SqliteQueue(DeliveryCore):
 
     def _refresh_locked(self) -> None:
         """Bring memory up to the file: new messages, settings, cursors and who holds what."""
-        state = self._file.store.changes(self.name, self._end)
-        config = QueueConfig(**state.config)
+        state = self._file.store.changes(self._message_class, self._end)
+        config = state.config
         if config != self._config:
             self._config = config
             self._check_at = min(self._check_at, self._end)
@@ -293,9 +293,8 @@ class SqliteQueue(DeliveryCore):
     def _load_cursors_locked(self, state: QueueState) -> bool:
         changed = False
         stored = set()
-        for name, position, stored_settings in state.cursors:
+        for name, position, settings in state.cursors:
             stored.add(name)
-            settings = SubscriptionSettings.from_stored(stored_settings)
             cursor = self._cursors.get(name)
             if cursor is None:
                 cursor = Cursor(queue=self.name, name=name, position=position, settings=settings)
@@ -363,7 +362,9 @@ class SqliteQueue(DeliveryCore):
             first = log.first_offset
             cached = {o: log.get(o) for o, _, _ in adopt if o >= first}
             missing = [o for o, _, _ in adopt if o < first]
-            messages: dict[int, Any] = {m[2]: m for m in store.load_messages(self.name, missing)} if missing else {}
+            messages: dict[int, Any] = (
+                {m[2]: m for m in store.load_messages(self._message_class, missing)} if missing else {}
+            )
             messages.update(cached)
             now = self._time()
             for offset, attempts, due in adopt:
@@ -415,7 +416,7 @@ class SqliteEngine:
 
     def queues(self) -> list[tuple[str, QueueConfig]]:
         """Every queue the file holds, with its settings."""
-        return [(name, QueueConfig(**config)) for name, config in self._store.queues()]
+        return self._store.queues()
 
     def open_queue(self, name: str, config: QueueConfig, clock: Clock, dead_letters: DeadLetterSink) -> SqliteQueue:
         """Open ``name``, creating it in the file with ``config`` if it is new."""

@@ -16,6 +16,7 @@ from mqlite.engine.sqlite.writer import _DELETE_PENDING, _DROP_MESSAGES, _INSERT
 from mqlite.message import Message
 
 if TYPE_CHECKING:
+    from mqlite.config import QueueConfig, SubscriptionSettings
     from mqlite.engine.sqlite.store import SqliteStore
 
 __all__ = ["QueueState", "SqliteLog"]
@@ -29,9 +30,9 @@ class QueueState:
     def __init__(
         self,
         start: int,
-        config: dict[str, Any],
+        config: QueueConfig,
         messages: list[Message],
-        cursors: list[tuple[str, int, dict[str, Any]]],
+        cursors: list[tuple[str, int, SubscriptionSettings]],
         pending: list[tuple[str, int, int, str | None, float | None]],
     ) -> None:
         self.start = start

@@ -17,10 +17,11 @@ Layout of the file (schema version 3):
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Literal
 
-from mqlite.engine.sqlite.sharing import _transaction
+from mqlite.engine.sqlite.sharing import _transaction, brokers_folder
 from mqlite.errors import StorageError
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WAL_AUTOCHECKPOINT",
     "Synchronous",
+    "check_access",
     "check_or_create",
     "configure",
     "upgrade",
@@ -56,6 +58,20 @@ CREATE TABLE pending (
 ) WITHOUT ROWID;
 """
 
+# The columns of each table, in order, as _SCHEMA makes them; and those an older version lacks
+# (upgrades only add columns).
+_COLUMNS = {
+    "mqlite_schema": ("version", "serializer"),
+    "queues": ("name", "start_offset", "config"),
+    "messages": ("queue", "offset", "event", "payload", "key", "headers", "timestamp"),
+    "cursors": ("queue", "name", "position", "settings"),
+    "pending": ("queue", "name", "offset", "attempts", "owner", "due"),
+}
+_ADDED_IN = {("pending", "owner"): 2, ("pending", "due"): 3}
+
+# The first 16 bytes of every SQLite database.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
 # commit="each": a publisher checkpoints the WAL itself only once it passes this many pages (16 MiB
 # of 4 KiB pages); until then the watcher does it on its own connection (sharing.CHECKPOINT_EVERY).
 WAL_AUTOCHECKPOINT = 4096
@@ -71,37 +87,33 @@ def check_or_create(
     Also sets the pragmas (:func:`configure`) and upgrades an older layout (:func:`upgrade`).
 
     Raises:
-        StorageError: the file is not an mqlite file, is corrupt, was written by a newer mqlite,
-            or with another serializer. The file is left untouched.
+        StorageError: the file is not an mqlite file, is corrupt (a damaged page, a missing table
+            or column, a schema row of the wrong type), was written by a newer mqlite, or with
+            another serializer. The file is left untouched.
     """
     version = SCHEMA_VERSION
     # Read-only probes first: nothing is written until the file is known to be ours.
     try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        columns: dict[str, tuple[str, ...]] = {}
+        for table, column in db.execute(
+            "SELECT m.name, c.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS c "
+            "WHERE m.type = 'table' ORDER BY m.name, c.cid"
+        ):
+            columns[table] = (*columns.get(table, ()), column)
     except sqlite3.DatabaseError as error:
-        raise StorageError(f"{path!r} is not an mqlite file (SQLite says: {error}); it was left untouched") from error
-    if tables or application_id:
-        if "mqlite_schema" not in tables or application_id != APPLICATION_ID:
+        raise StorageError(_unreadable(path, error)) from error
+    if columns or application_id:
+        if application_id != APPLICATION_ID:
             raise StorageError(f"{path!r} is an SQLite database but not an mqlite file; it was left untouched")
-        try:
-            version, stored_serializer = db.execute("SELECT version, serializer FROM mqlite_schema").fetchone()
-        except (sqlite3.DatabaseError, TypeError) as error:
-            raise StorageError(f"{path!r} has a damaged mqlite_schema table: {error}") from error
-        if version > SCHEMA_VERSION:
-            raise StorageError(
-                f"{path!r} has mqlite schema version {version}, newer than the {SCHEMA_VERSION} "
-                "this mqlite understands; upgrade mqlite to open it (the file was left untouched)"
-            )
-        if stored_serializer != serializer:
-            raise StorageError(
-                f"{path!r} was written with the {stored_serializer!r} serializer; open it with "
-                f"serializer={stored_serializer!r}-compatible settings, not {serializer!r}"
-            )
+        version = _check_layout(db, path, serializer, columns)
     configure(db, path, synchronous, shared=shared)
-    if tables and version < SCHEMA_VERSION:
-        upgrade(db, version)
-    if not tables:
+    if columns and version < SCHEMA_VERSION:
+        try:
+            upgrade(db, version)
+        except sqlite3.Error as error:
+            raise StorageError(f"cannot upgrade {path!r} from schema version {version}: {error}") from error
+    if not columns:
         with _transaction(db):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -111,6 +123,111 @@ def check_or_create(
                 (SCHEMA_VERSION, serializer),
             )
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def _check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: dict[str, tuple[str, ...]]) -> int:
+    """The schema version of the file mqlite's ``application_id`` marks, once its layout is checked.
+
+    ``columns`` are those of each table of the file. Tables mqlite does not know (SQLite's own,
+    such as ``sqlite_stat1`` after an ``ANALYZE``) are allowed.
+    """
+    if "mqlite_schema" not in columns:
+        raise StorageError(_corrupt(path, "it has no mqlite_schema table"))
+    try:
+        rows = db.execute("SELECT version, serializer FROM mqlite_schema").fetchall()
+    except sqlite3.DatabaseError as error:
+        raise StorageError(_unreadable(path, error)) from error
+    if len(rows) != 1:
+        raise StorageError(_corrupt(path, f"its mqlite_schema table has {len(rows)} rows, not one"))
+    version, stored_serializer = rows[0]
+    if type(version) is not int or version < 1:
+        raise StorageError(_corrupt(path, f"its schema version is {version!r}, not a positive integer"))
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"{path!r} has mqlite schema version {version}, newer than the {SCHEMA_VERSION} "
+            "this mqlite understands; upgrade mqlite to open it (the file was left untouched)"
+        )
+    if type(stored_serializer) is not str:
+        raise StorageError(_corrupt(path, f"its serializer name is {stored_serializer!r}, not a str"))
+    for table, expected in _COLUMNS.items():
+        found = columns.get(table)
+        if found is None:
+            raise StorageError(_corrupt(path, f"it has no {table} table"))
+        expected = tuple(column for column in expected if _ADDED_IN.get((table, column), 1) <= version)
+        if found != expected:
+            raise StorageError(
+                _corrupt(path, f"its {table} table has the columns {found}, not {expected} (schema version {version})")
+            )
+    if stored_serializer != serializer:
+        raise StorageError(
+            f"{path!r} was written with the {stored_serializer!r} serializer; open it with "
+            f"serializer={stored_serializer!r}-compatible settings, not {serializer!r}"
+        )
+    return version
+
+
+def _corrupt(path: str, problem: str) -> str:
+    return f"{path!r} is a corrupt mqlite file: {problem}; it was left untouched"
+
+
+def _unreadable(path: str, error: sqlite3.DatabaseError) -> str:
+    """What to say when SQLite cannot read ``path``: a file it could not read is never called foreign."""
+    code = getattr(error, "sqlite_errorname", "")
+    if code == "SQLITE_NOTADB":
+        try:
+            with open(path, "rb") as file:
+                magic = file.read(len(_SQLITE_MAGIC))
+        except OSError:
+            magic = b""
+        if magic == _SQLITE_MAGIC:
+            return f"{path!r} is corrupt: its SQLite header is damaged (SQLite says: {error}); it was left untouched"
+        return (
+            f"{path!r} is not an SQLite database (SQLite says: {error}), so not an mqlite file, unless "
+            "its first page was overwritten; it was left untouched"
+        )
+    if code.startswith("SQLITE_CORRUPT"):
+        return f"{path!r} is corrupt: a page of it is damaged (SQLite says: {error}); it was left untouched"
+    return f"cannot read {path!r} (SQLite says: {error}); it was left untouched"
+
+
+def check_access(path: str) -> None:
+    """Refuse, before SQLite opens it, a file that mqlite could read but not write.
+
+    mqlite writes to every file it opens; in WAL mode SQLite keeps ``<path>-wal`` and
+    ``<path>-shm`` beside it, and each broker keeps a lock file in ``<path>-brokers/``. Left to
+    SQLite, a read-only file would fail at its first write, and a read-only folder would make a
+    good file look unreadable.
+
+    Raises:
+        StorageError: saying what is not writable and why mqlite needs it; nothing was changed.
+    """
+    if os.path.isfile(path):
+        if not _may(path, os.R_OK):
+            raise StorageError(f"{path!r} cannot be read: permission denied; it was left untouched")
+        if not _may(path, os.W_OK):
+            raise StorageError(
+                f"{path!r} is read-only: mqlite writes to every file it opens (offsets, deliveries, acks), "
+                "so it cannot open it; make it writable, or open a writable copy. It was left untouched"
+            )
+    folder = os.path.dirname(os.path.abspath(path))
+    brokers = brokers_folder(path)
+    made = [path, f"{path}-wal", f"{path}-shm", brokers]
+    to_make = [os.path.basename(name) for name in made if not os.path.exists(name)]
+    if to_make and os.path.isdir(folder) and not _may(folder, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"the folder {folder!r} is not writable, and opening {path!r} creates {', '.join(to_make)} in it "
+            "(SQLite's WAL files beside the file, and mqlite's folder of broker lock files); make the "
+            "folder writable. Nothing was changed"
+        )
+    if os.path.isdir(brokers) and not _may(brokers, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"the folder {brokers!r} is not writable: mqlite keeps a lock file there for each broker "
+            f"that has {path!r} open; make it writable. Nothing was changed"
+        )
+
+
+def _may(path: str, mode: int) -> bool:
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def upgrade(db: sqlite3.Connection, version: int) -> None:

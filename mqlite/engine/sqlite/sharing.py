@@ -26,7 +26,7 @@ from mqlite.errors import MqliteError, StorageError
 if TYPE_CHECKING:
     from mqlite.engine.sqlite.store import SqliteStore
 
-__all__ = ["CHECKPOINT_EVERY", "LIVENESS_EVERY", "WATCH_MAX", "WATCH_MIN", "FileLock"]
+__all__ = ["CHECKPOINT_EVERY", "LIVENESS_EVERY", "WATCH_MAX", "WATCH_MIN", "FileLock", "brokers_folder"]
 
 _log = logging.getLogger("mqlite")
 
@@ -107,6 +107,11 @@ def _batch_needs_the_file(path: str, why: str) -> str:
     )
 
 
+def brokers_folder(path: str) -> str:
+    """The folder beside ``path`` where each broker that has it open keeps its lock file."""
+    return f"{path}-brokers"
+
+
 class _Liveness:
     """Tells live brokers from dead ones through lock files in ``<path>-brokers/``.
 
@@ -115,22 +120,37 @@ class _Liveness:
     temporary name, then renamed, so no one sees it unlocked while its broker lives. On Windows,
     where there is no ``flock``, the file is simply kept open: an open file cannot be deleted, so
     a lock file that can be deleted belongs to a dead broker.
+
+    Raises:
+        StorageError: the lock file cannot be made (the folder is not writable, say); nothing is left behind.
     """
 
     def __init__(self, path: str, instance: str) -> None:
-        self._dir = f"{path}-brokers"
+        self._dir = brokers_folder(path)
         self._path = os.path.join(self._dir, f"{instance}.lock")
         self._handle: Any = None
-        os.makedirs(self._dir, exist_ok=True)
-        if sys.platform == "win32":
-            self._handle = open(self._path, "wb")  # noqa: SIM115  # held for the broker's lifetime
-            return
-        import fcntl
-
         temporary = f"{self._path}.new"
-        handle = open(temporary, "wb")  # noqa: SIM115  # held open for the broker's lifetime
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        os.replace(temporary, self._path)
+        handle = None
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+            if sys.platform == "win32":
+                self._handle = open(self._path, "wb")  # noqa: SIM115  # held for the broker's lifetime
+                return
+            import fcntl
+
+            handle = open(temporary, "wb")  # noqa: SIM115  # held open for the broker's lifetime
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            os.replace(temporary, self._path)
+        except OSError as error:
+            if handle is not None:
+                handle.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            raise StorageError(
+                f"{path!r}: cannot make this broker's lock file in {self._dir!r} ({error.strerror or error}); "
+                "mqlite keeps one there for each broker that has the file open, so that folder must be "
+                "writable; nothing was changed"
+            ) from error
         self._handle = handle
 
     def alive(self, instance: str) -> bool:

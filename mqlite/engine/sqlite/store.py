@@ -27,11 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from mqlite.config import QueueConfig
 from mqlite.engine.codec import JsonSerializer, Serializer, decode_row, encode_row
 from mqlite.engine.memory_log import MemoryLog
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_queues
-from mqlite.engine.sqlite.schema import Synchronous, check_or_create
+from mqlite.engine.sqlite.schema import Synchronous, check_access, check_or_create
 from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness
 from mqlite.engine.sqlite.watcher import Watcher
 from mqlite.engine.sqlite.writer import (
@@ -74,8 +75,9 @@ class SqliteStore:
 
     Raises:
         StorageError: the file is not an mqlite file, is corrupt, was written by a newer mqlite,
-            or with another serializer, or a batched broker has it (or wants it) to itself. The
-            file is left untouched.
+            or with another serializer; it, its folder or its ``-brokers`` folder is not
+            writable; or a batched broker has it (or wants it) to itself. The file is left
+            untouched.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class SqliteStore:
         self._check_liveness_at = 0.0  # when poll_changes next looks for dead brokers
         # Shared mode only: the thread that notices other connections' commits.
         self._watcher = Watcher(self) if self.shared else None
+        check_access(self.path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except sqlite3.Error as error:
@@ -140,15 +143,15 @@ class SqliteStore:
 
     # -- queues ----------------------------------------------------------------------------
 
-    def queues(self) -> list[tuple[str, dict[str, Any]]]:
+    def queues(self) -> list[tuple[str, QueueConfig]]:
         """Every stored queue with its retention settings, by name.
 
         Raises:
-            StorageError: the store is closed.
+            StorageError: the store is closed, or the file is damaged.
         """
         with self._db_lock:
             self._check_open()
-            return read_queues(self._db)
+            return read_queues(self._db, self.path)
 
     def open_log(self, queue: str, config: dict[str, Any]) -> SqliteLog:
         """The log of ``queue``, created with ``config`` if new. Its queue loads it with :meth:`changes`."""
@@ -167,20 +170,20 @@ class SqliteStore:
             start = self._db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
         return SqliteLog(self, queue, MemoryLog(start))
 
-    def changes(self, queue: str, end: int) -> QueueState:
-        """What the file holds for ``queue``: its settings, messages from ``end`` on, cursors, pending rows.
+    def changes(self, cls: type[Message], end: int) -> QueueState:
+        """What the file holds for the queue whose Message class is ``cls``: see :func:`read_changes`.
 
         Called with the queue's lock held, inside :meth:`begin` for a shared file, so what it
         reads is one consistent state.
         """
         with self._db_lock:
-            return read_changes(self._db, self.path, self.serializer, queue, end)
+            return read_changes(self._db, self.path, self.serializer, cls, end)
 
-    def load_messages(self, queue: str, offsets: Sequence[int]) -> list[Message]:
-        """The stored messages of ``queue`` at ``offsets`` (pending ones the memory log already dropped)."""
+    def load_messages(self, cls: type[Message], offsets: Sequence[int]) -> list[Message]:
+        """The stored messages at ``offsets`` of the queue whose class is ``cls`` (pending ones memory dropped)."""
         with self._db_lock:
-            rows = read_message_rows(self._db, queue, offsets)
-        return [decode_row(self.serializer, queue, row, self.path) for row in rows]
+            rows = read_message_rows(self._db, self.path, cls._queue, offsets)
+        return [decode_row(self.serializer, cls, row, self.path) for row in rows]
 
     # -- sharing the file ------------------------------------------------------------------
 
