@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import os
@@ -16,11 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import attrs
 
-from mqlite._delivery.cursor import Cursor
+from mqlite._checks import check_broker_arguments, check_path, check_subscribe, close_deadline
 from mqlite._delivery.entries import DeadLetter
-from mqlite._waiting import capped, loop_waker
+from mqlite._draining import Drain, Progress
+from mqlite._waiting import capped
 from mqlite.clock import Clock, SystemClock
-from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, SubscriptionSettings, check_start
+from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, dead_letter_queue_name
 from mqlite.dispatch import (
     AsyncPushWorker,
     Dispatcher,
@@ -31,7 +31,7 @@ from mqlite.dispatch import (
 )
 from mqlite.engine.base import QueueEngine, StorageEngine
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, WouldDeadlock
-from mqlite.filters import EventFilter, check_event_name, check_name
+from mqlite.filters import check_event_name, check_name
 from mqlite.info import BrokerInfo, SubscriptionInfo
 from mqlite.message import Message, check_header_names
 from mqlite.queue import Queue
@@ -53,11 +53,6 @@ _UNSET: Any = object()
 DEAD_LETTER_CONFIG = QueueConfig(retention="limits", max_messages=10_000)
 """How a dead-letter queue that the broker creates by itself is configured: it keeps the last
 10,000 dead letters whether or not anyone subscribes. Create the queue yourself to choose."""
-
-
-def dead_letter_queue_name(queue: str) -> str:
-    """The default dead-letter queue of ``queue``: ``"<queue>.dead-letter"``."""
-    return f"{queue}.dead-letter"
 
 
 class Broker:
@@ -97,8 +92,8 @@ class Broker:
     ) -> None:
         # Every argument is checked before anything opens: a refused broker leaves no file,
         # thread or claim behind.
-        path = _check_path(path)
-        _check_arguments(clock, dispatcher, synchronous, commit, serializer)
+        path = check_path(path)
+        check_broker_arguments(clock, dispatcher, synchronous, commit, serializer)
         self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
         try:
             self._set_up(clock, dispatcher)
@@ -128,13 +123,9 @@ class Broker:
         self._async_workers: list[AsyncPushWorker] = []  # close() stops them; the dispatcher never sees them
         self._push_workers: list[PushWorker] = []  # what the dispatcher runs; drain() looks at them
         self._ids = itertools.count(1)
-        # _progress guards _progress_count, _drainers, _async_drainers and _stopped;
-        # push workers bump the count after every batch.
-        self._progress = threading.Condition(threading.Lock())
-        self._progress_count = 0
-        self._drainers = 0
-        self._async_drainers: list[Callable[[], None]] = []
-        self._stopped = False
+        # Push workers report every batch here; drains wait for it.
+        self._progress = Progress()
+        self._note_progress = self._progress.note
         self._clock.add_listener(self._on_clock)
         try:
             for name, config in self._engine.queues():
@@ -257,42 +248,9 @@ class Broker:
                 ``async for`` must be used from. Default: the loop running when ``subscribe``
                 is called, if any.
         """
-        check_name("queue", queue)
-        event_filter = EventFilter(events)
-        start = check_start(start)
-        if name is not None:
-            check_name("subscription", name)
-        if callback is not None:
-            _check_callback(callback)
-        if dead_letter is not None:
-            check_name("dead_letter queue", dead_letter)
-            if dead_letter == queue:
-                raise InvalidArgument(
-                    f"dead_letter must name another queue than {queue!r}: its dead letters would come "
-                    "back to it and fail again for ever"
-                )
-        settings = SubscriptionSettings.from_arguments(
-            event_filter,
-            ack=ack,
-            ack_timeout=ack_timeout,
-            max_deliveries=max_deliveries,
-            dead_letter=dead_letter if dead_letter is not None else dead_letter_queue_name(queue),
-            backoff=backoff,
+        start, settings, loop, is_async = check_subscribe(
+            queue, events, name, start, callback, ack, ack_timeout, max_deliveries, dead_letter, backoff, loop
         )
-        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
-            raise InvalidArgument(f"loop must be an asyncio event loop or None, got {loop!r}")
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-        is_async = callback is not None and _is_coroutine_function(callback)
-        if is_async and loop is None:
-            raise InvalidArgument(
-                "a coroutine callback needs an event loop: call subscribe() from a running loop, or pass loop="
-            )
-        if is_async and loop is not None and loop.is_closed():
-            raise InvalidArgument(f"the event loop of coroutine callback {callback!r} is closed: pass an open loop")
         self.queue(queue)
         target = self._engines[queue]
         off_loop = self._run_off_loop if self._engine.capabilities.blocking_io else None
@@ -357,15 +315,6 @@ class Broker:
 
     # -- progress and draining -----------------------------------------------------------
 
-    def _note_progress(self) -> None:
-        with self._progress:
-            self._progress_count += 1
-            if self._drainers:
-                self._progress.notify_all()
-            wakers, self._async_drainers = self._async_drainers, []
-        for wake in wakers:
-            wake()
-
     def _on_clock(self) -> None:
         for engine in list(self._engines.values()):
             engine.wake_all()
@@ -381,17 +330,28 @@ class Broker:
         even with nothing to wake it, it returns True. Every look first runs what a
         :class:`~mqlite.ManualDispatcher` has ready, on the calling thread.
         """
-        drain = _Drain(self, check_timeout(timeout))
+        drain = self._drain(timeout)
         while (done := drain.look()) is None:
-            self._wait_for_progress(drain.seen, drain.deadline)
+            self._progress.wait(drain.seen, drain.deadline)
         return done
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for asyncio code: the same looks, waiting without blocking the event loop."""
-        drain = _Drain(self, check_timeout(timeout))
+        drain = self._drain(timeout)
         while (done := drain.look()) is None:
-            await self._await_progress(drain.seen, drain.deadline)
+            await self._progress.await_(drain.seen, drain.deadline)
         return done
+
+    def _drain(self, timeout: object) -> Drain:
+        """Check drain's arguments and where it is called from, and begin it."""
+        seconds = check_timeout(timeout)
+        label = self._running_own_callback()
+        if label is not None:
+            raise WouldDeadlock(
+                f"drain() called inside a callback of subscription {label} would wait for that callback "
+                "to return: drain from outside the broker's push callbacks"
+            )
+        return Drain(self._dispatcher.run_ready, self._progress, list(self._engines.values()), seconds)
 
     def _running_own_callback(self) -> str | None:
         """The label of the push subscription of this broker whose callback the caller is in, if any."""
@@ -410,33 +370,6 @@ class Broker:
         with self._lock:
             workers = [*self._async_workers, *self._closing_workers]
         return next((w.consumer._label for w in workers if w.task is task), None)
-
-    def _wait_for_progress(self, seen: int, deadline: float | None) -> None:
-        """Block until a push worker reports progress after ``seen``, the broker closes, or ``deadline``."""
-        with self._progress:
-            self._drainers += 1
-            try:
-                while self._progress_count == seen and not self._stopped:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return
-                    self._progress.wait(None if remaining is None else capped(remaining))
-            finally:
-                self._drainers -= 1
-
-    async def _await_progress(self, seen: int, deadline: float | None) -> None:
-        """:meth:`_wait_for_progress` on the running loop, without blocking it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._progress:
-            if self._progress_count != seen or self._stopped:
-                return
-            self._async_drainers.append(loop_waker(loop, future))
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        try:
-            await asyncio.wait_for(future, None if remaining is None else capped(remaining))
-        except TimeoutError:
-            pass  # the deadline: the caller looks once more
 
     # -- introspection -------------------------------------------------------------------
 
@@ -499,7 +432,7 @@ class Broker:
         Raises:
             InvalidArgument: ``timeout`` is not a non-negative number; nothing was closed.
         """
-        deadline = _close_deadline(timeout)
+        deadline = close_deadline(timeout)
         workers = self._begin_close()
         if workers is not None:
             self._finish_close(deadline, workers)
@@ -511,7 +444,7 @@ class Broker:
         ``timeout`` seconds) and does the blocking rest, such as joining push threads and closing
         the file, in a thread. Idempotent.
         """
-        deadline = _close_deadline(timeout)
+        deadline = close_deadline(timeout)
         workers = self._begin_close()
         if workers is None:
             return
@@ -557,12 +490,7 @@ class Broker:
         with self._lock:
             self._close_done = True
             self._closing_workers = []
-        with self._progress:
-            self._stopped = True
-            self._progress.notify_all()
-            wakers, self._async_drainers = self._async_drainers, []
-        for wake in wakers:
-            wake()
+        self._progress.stop()
 
     def __enter__(self) -> Self:
         return self
@@ -607,151 +535,6 @@ class Broker:
         state = "closed" if self.closed else "open"
         where = "" if self._engine.path is None else f" {self._engine.path!r}"
         return f"<mqlite.Broker{where} {state} queues={sorted(self._queues)!r}>"
-
-
-def _check_callback(callback: object) -> None:
-    """Refuse a callback that is not callable, or whose signature shows it cannot take one message.
-
-    A callable whose signature cannot be read (some builtins) is taken on trust. Wrappers are
-    judged by their own signature (``follow_wrapped=False``): a decorator may well change it.
-    """
-    if not callable(callback):
-        raise InvalidArgument(f"callback must be callable or None, got {callback!r}")
-    try:
-        signature = inspect.signature(callback, follow_wrapped=False)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(None)
-    except TypeError:
-        raise InvalidArgument(
-            f"callback {callback!r} must accept one argument (the message), but its signature is {signature}"
-        ) from None
-
-
-def _is_coroutine_function(callback: object) -> bool:
-    """Whether calling ``callback`` returns a coroutine (plain, partial, or an object with async __call__)."""
-    call = type(callback).__call__ if not inspect.isroutine(callback) else None
-    return inspect.iscoroutinefunction(callback) or (call is not None and inspect.iscoroutinefunction(call))
-
-
-def _close_deadline(timeout: object) -> float:
-    """When a close given ``timeout`` must be done, on ``time.monotonic()``; checks ``timeout`` first."""
-    seconds = check_timeout(timeout)
-    if seconds is None:
-        raise InvalidArgument("close timeout must be a non-negative number of seconds, got None")
-    return time.monotonic() + capped(seconds)  # infinity: as long as a wait can last
-
-
-class _Drain:
-    """One call of drain or adrain: what must be handled, and by when. They differ only in how they wait.
-
-    Not thread-safe: it belongs to the call that made it.
-    """
-
-    __slots__ = ("_broker", "_targets", "deadline", "seen")
-
-    def __init__(self, broker: Broker, timeout: float | None) -> None:
-        label = broker._running_own_callback()
-        if label is not None:
-            raise WouldDeadlock(
-                f"drain() called inside a callback of subscription {label} would wait for that callback "
-                "to return: drain from outside the broker's push callbacks"
-            )
-        self._broker = broker
-        # Each queue, its end when the drain began, and its push cursors still unsettled at the
-        # last look (None: not looked at yet), so each settled cursor is checked once.
-        self._targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = [
-            (engine, engine.bounds()[1], None) for engine in list(broker._engines.values())
-        ]
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.seen = 0  # the broker's progress count at the last look
-
-    def look(self) -> bool | None:
-        """Run what a manual dispatcher has ready, then check.
-
-        Returns True once everything is handled, False if the broker is closed or the deadline
-        has passed, None to wait for progress after :attr:`seen` (or the deadline) and look again.
-        """
-        broker = self._broker
-        broker._dispatcher.run_ready()
-        with broker._progress:
-            self.seen = broker._progress_count
-            if broker._stopped:
-                return False  # a closed broker's push subscriptions are gone, finished or not
-        if self._settled():
-            return True
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return False
-        return None
-
-    def _settled(self) -> bool:
-        targets = self._targets
-        for i, (queue, end, cursors) in enumerate(targets):
-            if cursors is not None and not cursors:
-                continue
-            unsettled = queue.push_unsettled(end, cursors)
-            targets[i] = (queue, end, unsettled)
-            if unsettled:
-                return False
-        return True
-
-
-def _check_path(path: object) -> str | None:
-    """``path`` as a str that SQLite can open as a file, or None for memory.
-
-    Raises:
-        InvalidArgument: naming what is wrong with ``path``: its type, empty, a NUL character,
-            text the file system cannot encode, SQLite's ``":memory:"``, or a directory.
-    """
-    if path is None:
-        return None
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgument(f"path must be None (in memory) or a file path, got {path!r}")
-    where = os.fspath(path)
-    if not isinstance(where, str):
-        raise InvalidArgument(f"path must be a str or a path-like object giving a str, got {where!r}")
-    if not where or where == ":memory:":
-        raise InvalidArgument(f"path must name a file, got {where!r}; pass path=None for an in-memory broker")
-    if "\0" in where:
-        raise InvalidArgument(f"path must not contain a NUL character, got {where!r}")
-    try:
-        os.fsencode(where)
-    except UnicodeEncodeError as error:
-        raise InvalidArgument(f"path {where!r} cannot be encoded for the file system: {error.reason}") from None
-    if os.path.isdir(where):
-        raise InvalidArgument(f"path {where!r} is a directory; pass the path of an mqlite file (created if missing)")
-    return where
-
-
-def _check_arguments(
-    clock: object, dispatcher: object, synchronous: object, commit: object, serializer: object
-) -> None:
-    """Check the broker's other arguments, all before anything is opened.
-
-    Raises:
-        InvalidArgument: naming the argument and the value.
-    """
-    for argument, value, protocol, members in (
-        ("clock", clock, "mqlite.Clock", ("time", "monotonic", "add_listener", "remove_listener")),
-        ("dispatcher", dispatcher, "mqlite.Dispatcher", ("start", "run_ready", "close")),
-        ("serializer", serializer, "serializer", ("dumps", "loads")),
-    ):
-        if value is None:
-            continue
-        missing = [member for member in members if not callable(getattr(value, member, None))]
-        if argument == "clock" and not isinstance(getattr(value, "virtual", None), bool):
-            missing.append("virtual (a bool)")
-        if argument == "serializer" and not (isinstance(getattr(value, "name", None), str) and value.name):  # type: ignore[attr-defined]  # just checked
-            missing.append("name (a non-empty str)")
-        if missing:
-            raise InvalidArgument(
-                f"{argument} must be a {protocol} or None, got {value!r}, which has no {', '.join(missing)}"
-            )
-    if synchronous not in ("normal", "full"):
-        raise InvalidArgument(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
-    if commit not in ("each", "batch"):
-        raise InvalidArgument(f"commit must be 'each' or 'batch', got {commit!r}")
 
 
 def _open_engine(

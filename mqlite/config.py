@@ -12,13 +12,27 @@ import attrs
 from mqlite.errors import InvalidArgument
 from mqlite.filters import EventFilter
 
-__all__ = ["Backoff", "Overflow", "QueueConfig", "Retention", "Start", "SubscriptionSettings", "check_start"]
+__all__ = [
+    "Backoff",
+    "Overflow",
+    "QueueConfig",
+    "Retention",
+    "Start",
+    "SubscriptionSettings",
+    "check_start",
+    "dead_letter_queue_name",
+]
 
 Start = Literal["earliest", "latest"] | int | datetime
 """Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
 
 Retention = Literal["interest", "limits"]
 Overflow = Literal["drop_oldest", "reject"]
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """The default dead-letter queue of ``queue``: ``"<queue>.dead-letter"``."""
+    return f"{queue}.dead-letter"
 
 
 def is_finite_number(value: object) -> TypeGuard[int | float]:

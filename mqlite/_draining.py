@@ -1,0 +1,138 @@
+"""Draining: :class:`Progress`, what a broker's push workers report, and :class:`Drain`, one call of drain.
+
+``Broker.drain`` and ``Broker.adrain`` are one loop, which differs only in how it waits: look (run
+what a manual dispatcher has ready, then check whether every push subscription has handled
+everything published before the call), and if not, wait for progress, then look again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+from mqlite._delivery.cursor import Cursor
+from mqlite._waiting import capped, loop_waker
+from mqlite.engine.base import QueueEngine
+
+__all__ = ["Drain", "Progress"]
+
+
+class Progress:
+    """A count that push workers bump after every batch, and the drains waiting for it. Thread-safe.
+
+    ``_cond`` guards ``count``, ``stopped``, ``_drainers`` (threads waiting) and
+    ``_async_drainers`` (how to wake the tasks waiting). Wakers run with no lock held.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.count = 0
+        self.stopped = False  # the broker closed: drains return False
+        self._drainers = 0
+        self._async_drainers: list[Callable[[], None]] = []
+
+    def note(self) -> None:
+        """A push worker finished a batch (or the clock moved): wake every drain."""
+        with self._cond:
+            self.count += 1
+            if self._drainers:
+                self._cond.notify_all()
+            wakers, self._async_drainers = self._async_drainers, []
+        for wake in wakers:
+            wake()
+
+    def stop(self) -> None:
+        """The broker closed: every drain returns False, now and from now on."""
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+            wakers, self._async_drainers = self._async_drainers, []
+        for wake in wakers:
+            wake()
+
+    def look(self) -> tuple[int, bool]:
+        """The count now, and whether the broker stopped."""
+        with self._cond:
+            return self.count, self.stopped
+
+    def wait(self, seen: int, deadline: float | None) -> None:
+        """Block until the count moves past ``seen``, the broker stops, or ``deadline`` (``time.monotonic()``)."""
+        with self._cond:
+            self._drainers += 1
+            try:
+                while self.count == seen and not self.stopped:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    self._cond.wait(None if remaining is None else capped(remaining))
+            finally:
+                self._drainers -= 1
+
+    async def await_(self, seen: int, deadline: float | None) -> None:
+        """:meth:`wait` on the running loop, without blocking it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self.count != seen or self.stopped:
+                return
+            self._async_drainers.append(loop_waker(loop, future))
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            await asyncio.wait_for(future, None if remaining is None else capped(remaining))
+        except TimeoutError:
+            pass  # the deadline: the caller looks once more
+
+
+class Drain:
+    """One call of drain or adrain: what must be handled, and by when.
+
+    Not thread-safe: it belongs to the call that made it.
+    """
+
+    __slots__ = ("_progress", "_run_ready", "_targets", "deadline", "seen")
+
+    def __init__(
+        self,
+        run_ready: Callable[[], object],
+        progress: Progress,
+        engines: list[QueueEngine],
+        timeout: float | None,
+    ) -> None:
+        self._run_ready = run_ready
+        self._progress = progress
+        # Each queue, its end when the drain began, and its push cursors still unsettled at the
+        # last look (None: not looked at yet), so each settled cursor is checked once.
+        self._targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = [
+            (engine, engine.bounds()[1], None) for engine in engines
+        ]
+        self.deadline = None if timeout is None else time.monotonic() + capped(timeout)
+        self.seen = 0  # the progress count at the last look
+
+    def look(self) -> bool | None:
+        """Run what a manual dispatcher has ready, then check.
+
+        Returns True once everything is handled, False if the broker is closed or the deadline
+        has passed, None to wait for progress after :attr:`seen` (or the deadline) and look again.
+        """
+        self._run_ready()
+        self.seen, stopped = self._progress.look()
+        if stopped:
+            return False  # a closed broker's push subscriptions are gone, finished or not
+        if self._settled():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        return None
+
+    def _settled(self) -> bool:
+        targets = self._targets
+        for i, (queue, end, cursors) in enumerate(targets):
+            if cursors is not None and not cursors:
+                continue
+            unsettled = queue.push_unsettled(end, cursors)
+            targets[i] = (queue, end, unsettled)
+            if unsettled:
+                return False
+        return True
