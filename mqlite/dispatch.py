@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from mqlite._waiting import OffLoop, await_, run_off_loop, wait
 from mqlite.engine.base import Attempt, Consumer, QueueEngine
+from mqlite.errors import StorageError
 from mqlite.message import Message
 
 __all__ = [
@@ -36,6 +37,12 @@ _log = logging.getLogger("mqlite")
 # How many messages a worker takes per lock acquisition. Large enough to amortise the lock,
 # small enough that closing a subscription stops its callbacks promptly.
 PUSH_BATCH = 1024
+
+# A push batch whose settling failed on a write error is settled again, after a back-off that
+# doubles from SETTLE_RETRY_FIRST up to SETTLE_RETRY_MAX seconds, for up to SETTLE_RETRY_FOR.
+SETTLE_RETRY_FIRST = 0.01
+SETTLE_RETRY_MAX = 1.0
+SETTLE_RETRY_FOR = 30.0
 
 CANCEL_GRACE = 0.5
 """Seconds closing waits for a cancelled coroutine callback to unwind. It normally takes one turn
@@ -107,7 +114,42 @@ class _BatchRunner:
             # Stopped early: the last message taken from the iterator was in hand, not handled.
             taken = len(batch) - operator.length_hint(self._rest)
             unprocessed = batch[taken - 1 if taken else 0 :]
-        self._queue.push_done(self._consumer, batch, self._failures, unprocessed)
+        consumer = self._consumer
+        try:
+            self._queue.push_done(consumer, batch, self._failures, unprocessed)
+        except StorageError as error:
+            if not self._queue.atomic:
+                raise  # it may have settled part of the batch: making it again could count twice
+            self._settle_again(unprocessed, error)
+
+    def _settle_again(self, unprocessed: list[Message], error: StorageError) -> None:
+        """Settling failed on a write error and changed nothing: try again, for a while.
+
+        The callbacks ran, so giving the batch back is not an option; until it is settled its
+        messages stay held by this broker (a restart delivers them again). Tries for up to
+        SETTLE_RETRY_FOR seconds, backing off, and gives up at once when the subscription
+        closes: then the error goes up and the worker stops.
+        """
+        consumer = self._consumer
+        _log.warning(
+            "could not settle a push batch of subscription %s (%s); retrying for up to %g s",
+            consumer._label,
+            error,
+            SETTLE_RETRY_FOR,
+        )
+        give_up = time.monotonic() + SETTLE_RETRY_FOR
+        pause = SETTLE_RETRY_FIRST
+        while not consumer.closed and time.monotonic() + pause < give_up:
+            time.sleep(pause)  # a back-off between retries, not a synchronisation
+            pause = min(pause * 2, SETTLE_RETRY_MAX)
+            try:
+                self._queue.push_done(consumer, self._batch, self._failures, unprocessed)
+            except StorageError as again:
+                error = again
+            else:
+                _log.warning("settled the push batch of subscription %s after all", consumer._label)
+                return
+        raise error
 
 
 def _log_failure(consumer: Consumer, message: Message, error: BaseException) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import mqlite
+from mqlite import dispatch
 
 WAIT = 5.0
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -553,3 +554,37 @@ def test_a_failed_rollback_is_logged_after_the_queue_lock_is_released(tmp_path: 
         assert message.offset == 0
     finally:
         broker.close()
+
+
+def test_a_push_batch_whose_settling_fails_is_settled_again_and_the_worker_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "SETTLE_RETRY_FIRST", 0.001)
+    path = tmp_path / "push.mqlite"
+    seen: list[int] = []
+    in_callback = threading.Event()
+    go_on = threading.Event()
+
+    def callback(message: mqlite.Message) -> None:
+        seen.append(message.offset)
+        if message.offset == 0:
+            in_callback.set()
+            assert go_on.wait(WAIT)
+
+    broker = mqlite.Broker(path)
+    try:
+        broker.subscribe("q", name="w", callback=callback)
+        broker.publish("q", "e", 0)
+        assert in_callback.wait(WAIT)
+        with faulty(broker, commit=1) as connection:
+            go_on.set()  # the callback returns; settling its batch fails once, then is made again
+            assert broker.drain(timeout=WAIT)
+        assert connection.commits >= 2
+        broker.publish("q", "e", 1)  # the worker is still alive
+        assert broker.drain(timeout=WAIT)
+        assert seen == [0, 1]
+    finally:
+        go_on.set()
+        broker.close()
+    with mqlite.Broker(path) as again:  # both settled in the file: nothing comes back
+        assert again.subscribe("q", name="w", ack="manual").get(timeout=0) is None

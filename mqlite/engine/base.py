@@ -201,6 +201,10 @@ class QueueEngine(Protocol):
     """This queue's own Message subclass, unique to this engine instance. Every message it hands
     out is one, also those read back from storage. ``ack``/``nack`` refuse a Message of any other
     class with ``NotPending``: it came from another queue or another broker, or was built by hand."""
+    atomic: bool
+    """Whether every step that raises changed nothing, so that it can simply be made again. True
+    for memory and a ``commit="each"`` file; a ``commit="batch"`` file returns before its writes
+    commit, and once its writer failed a step may raise after changing memory."""
 
     def publish(
         self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None

@@ -60,6 +60,8 @@ class QueueCore:
 
     durable = False
     """Whether this engine journals cursors and pending entries (the ``_journal_*`` hooks)."""
+    atomic = True
+    """Whether a step that raises changed nothing (see :class:`~mqlite.engine.base.QueueEngine`)."""
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ class SqliteQueue(DeliveryCore):
         # Shared files only: what the file cannot restore when an operation fails (see FileLock).
         self._undo = UndoLog()
         self._file_lock: FileLock | None = None
+        self.atomic = store.shared  # batched: writes fail after the step that made them returned
         if store.shared:
             self._released = []
             self._file_lock = FileLock(
