@@ -30,7 +30,7 @@ from mqlite.dispatch import (
     stop_async_workers,
 )
 from mqlite.engine.base import QueueEngine, StorageEngine
-from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, WouldDeadlock
+from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, WouldDeadlock
 from mqlite.filters import check_event_name, check_name
 from mqlite.info import BrokerInfo, SubscriptionInfo
 from mqlite.message import Message, check_header_names
@@ -472,7 +472,12 @@ class Broker:
             self._closing_workers = workers
         members = [member for engine in engines for member in engine.close()]
         for member in members:
-            member.close()
+            try:
+                member.close()
+            except StorageError as error:
+                # The file could not take the detach (damaged, say): closing goes on, and closing
+                # the file hands back whatever this broker held.
+                _log.warning("closing subscription %s could not write to the file: %s", member._label, error)
         return workers
 
     def _finish_close(self, deadline: float, workers: list[AsyncPushWorker]) -> None:

@@ -370,10 +370,26 @@ def test_damage_written_by_another_connection_is_reported_by_the_next_operation(
             broker.publish("orders", "created", {})
         assert str(copy) in str(caught.value)
         assert expected in str(caught.value)
-        # Repaired, the file works again: the refused publish wrote nothing. (Repaired before the
-        # brokers close, too: closing a queue reloads it first, so it would raise the same error.)
+        # Repaired, the file works again: the refused publish wrote nothing.
         _repair(copy, good_file)
         assert broker.publish("orders", "created", {}).offset == 200
+
+
+def test_a_broker_whose_file_was_damaged_while_open_still_closes_at_once(copy: Path) -> None:
+    broker = mqlite.Broker(copy)
+    other = mqlite.Broker(copy)  # shared: every operation reloads what changed
+    try:
+        broker.subscribe("orders", name="billing")  # the queue is open in this broker
+        _damage(copy, "UPDATE cursors SET settings = '{'")
+        with pytest.raises(mqlite.StorageError):
+            broker.publish("orders", "created", {})
+        broker.close()  # closing writes nothing, so it needs no reload of the damaged rows
+        assert broker.closed
+        assert broker._engine.store.closed  # type: ignore[attr-defined]  # the file is let go, too
+    finally:
+        other.close()
+    with pytest.raises(mqlite.StorageError):
+        mqlite.Broker(copy)  # and the damage is still reported at the next open
 
 
 def _repair(path: Path, good_file: Path) -> None:

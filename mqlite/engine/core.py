@@ -421,10 +421,13 @@ class QueueCore:
     def close(self) -> list[Consumer]:
         """Refuse further publishes, close every consumer and wake every waiter; returns the consumers."""
         with self._lock:
-            self._closed = True
-            self._check_at = -1  # every publish now takes the slow path, which refuses it
-            members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
-            for member in members:
-                member._mark_closed("the broker was closed")
-            self._waiters.wake_all()
+            return self._close_locked()
+
+    def _close_locked(self) -> list[Consumer]:
+        self._closed = True
+        self._check_at = -1  # every publish now takes the slow path, which refuses it
+        members = [member for cursor in self._all_cursors_locked() for member in cursor.members]
+        for member in members:
+            member._mark_closed("the broker was closed")
+        self._waiters.wake_all()
         return members

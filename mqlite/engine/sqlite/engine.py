@@ -19,7 +19,7 @@ from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig
-from mqlite.engine.base import Capabilities, DeadLetterSink
+from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.engine.index import EventIndex
@@ -181,6 +181,17 @@ class SqliteQueue(DeliveryCore):
         return self._time() + (until if until > 0.0 else 0.0)
 
     # -- sharing the file ----------------------------------------------------------------------
+
+    def close(self) -> list[Consumer]:
+        """As :meth:`QueueCore.close`; on a shared file under the plain lock, with no transaction.
+
+        Closing writes nothing, so it needs no reload either: a file that another connection
+        damaged cannot stop the broker from closing.
+        """
+        if self._file_lock is None:
+            return super().close()
+        with self._file_lock.plain:
+            return self._close_locked()
 
     def remove_waiter(self, waiter: Waiter | None) -> None:
         """Forget a waiter; the waiters need only the plain lock, not a transaction."""
