@@ -145,3 +145,13 @@ def refused_broker_leaves_nothing(path: str, case: str, results: Any) -> None:
     except mqlite.MqliteError as error:
         opened = f"{type(error).__name__}: {error}"
     results.put((*raised, threads, exists, claims, opened))
+
+
+def open_fresh(path: str, ready: Any, errors: Any) -> None:
+    """Wait at ``ready`` with the other openers, then open ``path`` and publish once; report any error."""
+    ready.wait(DEADLINE)
+    try:
+        with mqlite.Broker(path) as broker:
+            broker.publish("q", "opened", os.getpid())
+    except BaseException as error:  # noqa: BLE001  # reported to the parent, which fails the test
+        errors.put(repr(error))

@@ -530,3 +530,19 @@ class SharedFileMachine(RuleBasedStateMachine):
 
 SharedFileMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 test_two_brokers_on_one_file_match_the_model = SharedFileMachine.TestCase
+
+
+def test_processes_opening_a_new_file_at_the_same_moment_all_open_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "new.mqlite")
+    openers = 4
+    ready = spawn.Barrier(openers)
+    errors = spawn.Queue()
+    children = [spawn.Process(target=processes.open_fresh, args=(path, ready, errors)) for _ in range(openers)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(WAIT * 6)
+    assert [child.exitcode for child in children] == [0] * openers
+    assert errors.empty(), errors.get(timeout=WAIT)
+    with mqlite.Broker(path) as broker:
+        assert broker.info().queue("q").end_offset == openers

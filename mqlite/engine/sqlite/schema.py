@@ -115,14 +115,20 @@ def check_or_create(
             raise StorageError(f"cannot upgrade {path!r} from schema version {version}: {error}") from error
     if not columns:
         with _transaction(db):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(
-                "INSERT INTO mqlite_schema (version, serializer) VALUES (?, ?)",
-                (SCHEMA_VERSION, serializer),
-            )
-            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            # Another broker may have laid the file out between the look above and this lock
+            # (two processes opening a new file at once): then check what it wrote instead.
+            laid_out = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+            if not laid_out:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO mqlite_schema (version, serializer) VALUES (?, ?)",
+                    (SCHEMA_VERSION, serializer),
+                )
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        if laid_out:
+            check_or_create(db, path, serializer, synchronous, shared=shared)
 
 
 def _check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: dict[str, tuple[str, ...]]) -> int:
