@@ -86,11 +86,33 @@ def _publish_push10(count: int) -> None:
     broker.close()
 
 
+def _drain_push10(count: int) -> None:
+    """A test that drains after every publish: one message, ten push subscriptions, one drain."""
+    import mqlite
+
+    broker = mqlite.Broker(dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for _ in range(10):
+        broker.subscribe("q", callback=callback)
+    publish = broker.publish
+    drain = broker.drain
+    for i in range(count):
+        publish("q", "e", i)
+        drain(timeout=0)
+    assert seen[0] == 10 * count, seen[0]
+    broker.close()
+
+
 SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish": _publish,
     "get": _get,
     "get+ack": _get_ack,
     "publish+10 push": _publish_push10,
+    "drain 10 push, 1 msg": _drain_push10,
 }
 
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
@@ -135,7 +157,7 @@ def main(argv: list[str]) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     for name in argv or list(SCENARIOS):
-        print(f"{name:<18} {per_operation(name):>10,.0f} instructions per operation", flush=True)
+        print(f"{name:<22} {per_operation(name):>10,.0f} instructions per operation", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._waiting import capped, loop_waker
+from mqlite._waiting import LONGEST_WAIT, capped, jumping_clock, loop_waker
 from mqlite.engine.base import QueueEngine
 
 __all__ = ["Drain", "Progress"]
@@ -22,24 +22,42 @@ __all__ = ["Drain", "Progress"]
 class Progress:
     """A count that push workers bump after every batch, and the drains waiting for it. Thread-safe.
 
-    ``_cond`` guards ``count``, ``stopped``, ``_drainers`` (threads waiting) and
-    ``_async_drainers`` (how to wake the tasks waiting). Wakers run with no lock held.
+    ``_cond`` (over ``_lock``) guards ``count``, ``stopped``, ``_drainers`` (threads waiting) and
+    ``_async_drainers`` (how to wake the tasks waiting, and the threads waiting on an
+    autojumping clock). Wakers run with no lock held.
+
+    Deadlines are ``now()``: ``time.monotonic()``, or the clock's time when the clock jumps by
+    itself (``mqlite.testing.VirtualClock(autojump=True)``), so that drain's timeout is clock seconds.
     """
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+    def __init__(self, clock: object = None) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.count = 0
         self.stopped = False  # the broker closed: drains return False
         self._drainers = 0
         self._async_drainers: list[Callable[[], None]] = []
+        self._jumping = jumping_clock(clock)
+        self.now: Callable[[], float] = time.monotonic if self._jumping is None else self._virtual_now
+
+    def _virtual_now(self) -> float:
+        return self._jumping._now  # type: ignore[no-any-return]  # read without counting as activity
 
     def note(self) -> None:
         """A push worker finished a batch (or the clock moved): wake every drain."""
-        with self._cond:
+        # The condition's lock taken directly, and no new list when nobody waits: this runs after
+        # every push batch (a drain with 10 push subscriptions calls it 10 times).
+        lock = self._lock
+        lock.acquire()
+        try:
             self.count += 1
             if self._drainers:
                 self._cond.notify_all()
-            wakers, self._async_drainers = self._async_drainers, []
+            wakers = self._async_drainers
+            if wakers:
+                self._async_drainers = []
+        finally:
+            lock.release()
         for wake in wakers:
             wake()
 
@@ -58,7 +76,10 @@ class Progress:
             return self.count, self.stopped
 
     def wait(self, seen: int, deadline: float | None) -> None:
-        """Block until the count moves past ``seen``, the broker stops, or ``deadline`` (``time.monotonic()``)."""
+        """Block until the count moves past ``seen``, the broker stops, or ``deadline`` (:attr:`now`)."""
+        if self._jumping is not None:
+            self._wait_virtual(seen, deadline)
+            return
         with self._cond:
             self._drainers += 1
             try:
@@ -70,10 +91,44 @@ class Progress:
             finally:
                 self._drainers -= 1
 
+    def _wait_virtual(self, seen: int, deadline: float | None) -> None:
+        """:meth:`wait` on an autojumping clock, blocked until woken or the clock reaches ``deadline``."""
+        waiting = self._jumping._participant()
+        try:
+            signal = threading.Lock()
+            signal.acquire()
+            wake = waiting.arm(signal.release)
+            with self._cond:
+                if self.count != seen or self.stopped:
+                    return
+                self._async_drainers.append(wake)
+            if deadline is not None and waiting.now() >= deadline:
+                return
+            if waiting.block(deadline):
+                while not signal.acquire(True, LONGEST_WAIT):
+                    pass  # the clock's deadline bounds this wait, not real time
+            waiting.resume()
+        finally:
+            waiting.close()
+
     async def await_(self, seen: int, deadline: float | None) -> None:
         """:meth:`wait` on the running loop, without blocking it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if self._jumping is not None:
+            waiting = self._jumping._participant()
+            try:
+                wake = waiting.arm(loop_waker(loop, future))
+                with self._cond:
+                    if self.count != seen or self.stopped:
+                        return
+                    self._async_drainers.append(wake)
+                if (deadline is None or waiting.now() < deadline) and waiting.block(deadline):
+                    await future
+                waiting.resume()
+            finally:
+                waiting.close()
+            return
         with self._cond:
             if self.count != seen or self.stopped:
                 return
@@ -107,7 +162,7 @@ class Drain:
         self._targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = [
             (engine, engine.bounds()[1], None) for engine in engines
         ]
-        self.deadline = None if timeout is None else time.monotonic() + capped(timeout)
+        self.deadline = None if timeout is None else progress.now() + capped(timeout)
         self.seen = 0  # the progress count at the last look
 
     def look(self) -> bool | None:
@@ -122,7 +177,7 @@ class Drain:
             return False  # a closed broker's push subscriptions are gone, finished or not
         if self._settled():
             return True
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and self._progress.now() >= self.deadline:
             return False
         return None
 

@@ -14,12 +14,12 @@ import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mqlite._delivery.waiters import Waiter
 from mqlite.engine.base import Attempt
 
-__all__ = ["LONGEST_WAIT", "OffLoop", "await_", "capped", "loop_waker", "run_off_loop", "wait"]
+__all__ = ["LONGEST_WAIT", "OffLoop", "await_", "capped", "jumping_clock", "loop_waker", "run_off_loop", "wait"]
 
 _T = TypeVar("_T")
 
@@ -46,12 +46,27 @@ def _bounded(wait_at_most: float | None, remaining: float | None) -> float | Non
     return remaining if wait_at_most is None or remaining < wait_at_most else wait_at_most
 
 
+def jumping_clock(owner: object) -> Any:
+    """The autojumping clock (``mqlite.testing.VirtualClock(autojump=True)``) ``owner`` waits on, or None.
+
+    ``owner`` is an engine, or a bound method of one (``engine.remove_waiter``): its ``_clock``.
+    Under such a clock a wait counts its timeout in clock seconds and tells the clock when it
+    blocks and wakes, so that the clock can jump once every wait is blocked. Looked up only on
+    the blocking path, never when a step gets what it wanted.
+    """
+    clock = getattr(getattr(owner, "__self__", owner), "_clock", owner)
+    return clock if getattr(clock, "autojump", False) is True else None
+
+
 def wait(attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: float | None) -> Attempt[_T]:
     """Try until ``attempt`` is done or ``timeout`` seconds pass; the last attempt is returned.
 
     Holds no lock while it waits, so a step that raises (a file that stayed locked) raises here
-    with nothing half-done.
+    with nothing half-done. Under an autojumping virtual clock the timeout is clock seconds.
     """
+    clock = jumping_clock(remove)
+    if clock is not None:
+        return _wait_virtual(clock, attempt, remove, timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         signal = threading.Lock()
@@ -68,6 +83,33 @@ def wait(attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: flo
         bound = _bounded(result.wait_at_most, remaining)
         if not signal.acquire(True, -1 if bound is None else capped(bound)):
             remove(result.waiter)  # whoever wakes a waiter removes it; only a timed-out wait removes its own
+
+
+def _wait_virtual(
+    clock: Any, attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: float | None
+) -> Attempt[_T]:
+    """:func:`wait` on an autojumping clock: blocked until woken, or until the clock reaches the deadline."""
+    waiting = clock._participant()
+    try:
+        deadline = None if timeout is None else waiting.now() + timeout
+        while True:
+            signal = threading.Lock()
+            signal.acquire()
+            result = attempt(waiting.arm(signal.release))
+            if result.done:
+                return result
+            if deadline is not None and waiting.now() >= deadline:
+                remove(result.waiter)
+                return result
+            try:
+                if waiting.block(deadline):
+                    while not signal.acquire(True, LONGEST_WAIT):
+                        pass  # the clock's deadline bounds this wait, not real time
+                waiting.resume()
+            finally:
+                remove(result.waiter)  # the clock may have woken it, not the engine
+    finally:
+        waiting.close()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -110,6 +152,9 @@ async def await_(
     inline, since they never block. Cancelling the awaiting task while it waits takes nothing:
     a step either completes, with no await inside it, or takes nothing at all.
     """
+    clock = jumping_clock(remove)
+    if clock is not None:
+        return await _await_virtual(clock, attempt, remove, timeout, run)
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     while True:
@@ -135,6 +180,33 @@ async def await_(
             if timer is not None:
                 timer.cancel()
             remove(result.waiter)
+
+
+async def _await_virtual(
+    clock: Any, attempt: Try[_T], remove: Callable[[Waiter | None], None], timeout: float | None, run: Run[_T] | None
+) -> Attempt[_T]:
+    """:func:`await_` on an autojumping clock: no loop timer, the clock wakes the future at the deadline."""
+    loop = asyncio.get_running_loop()
+    waiting = clock._participant()
+    try:
+        deadline = None if timeout is None else waiting.now() + timeout
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            wake = waiting.arm(loop_waker(loop, future))
+            result = attempt(wake) if run is None else await run(functools.partial(attempt, wake))
+            if result.done:
+                return result
+            if deadline is not None and waiting.now() >= deadline:
+                remove(result.waiter)
+                return result
+            try:
+                if waiting.block(deadline):
+                    await future
+                waiting.resume()
+            finally:
+                remove(result.waiter)
+    finally:
+        waiting.close()
 
 
 OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]

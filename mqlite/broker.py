@@ -124,7 +124,7 @@ class Broker:
         self._push_workers: list[PushWorker] = []  # what the dispatcher runs; drain() looks at them
         self._ids = itertools.count(1)
         # Push workers report every batch here; drains wait for it.
-        self._progress = Progress()
+        self._progress = Progress(self._clock)
         self._note_progress = self._progress.note
         self._clock.add_listener(self._on_clock)
         try:
@@ -319,6 +319,24 @@ class Broker:
         for engine in list(self._engines.values()):
             engine.wake_all()
         self._note_progress()
+
+    def _idle_report(self, push_only: bool = False) -> tuple[bool, float | None]:
+        """Whether a push batch is in flight, and this broker's earliest timer (clock seconds).
+
+        Pulled by an autojumping ``mqlite.testing.VirtualClock`` (which finds it through the
+        listener this broker registered) and by ``run_until_idle``; never on a hot path.
+        """
+        inflight = False
+        due: float | None = None
+        for engine in list(self._engines.values()):
+            report = getattr(engine, "next_due", None)  # engines outside engine/core.py may have none
+            if report is None:
+                continue
+            busy, when = report(push_only=push_only)
+            inflight = inflight or busy
+            if when is not None and (due is None or when < due):
+                due = when
+        return inflight, due
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every push subscription has handled everything published before the call.

@@ -374,6 +374,32 @@ class QueueCore:
                 return until_due if until_due > 0.0 else 0.0
         return None
 
+    def next_due(self, *, push_only: bool = False) -> tuple[bool, float | None]:
+        """Whether a push batch is in flight, and the earliest timer of this queue (clock seconds).
+
+        The timers are the cursors' redelivery schedules (ack timeouts, nack delays, retry
+        backoff) and, with ``max_age``, when the oldest message ages out; ``push_only`` looks
+        only at push cursors' schedules. Pulled by an autojumping virtual clock when everything
+        waits (and by ``run_until_idle``); nothing on the hot paths feeds it. Reads no clock.
+        """
+        inflight = False
+        due: float | None = None
+        with self._lock:
+            for cursor in self._all_cursors_locked():
+                if cursor.inflight:
+                    inflight = True
+                if not cursor.pending or (push_only and not any(m._is_push for m in cursor.members)):
+                    continue
+                when = cursor.schedule.next_due()
+                if when is not None and (due is None or when < due):
+                    due = when
+            max_age = self._config.max_age
+            if max_age is not None and not push_only and self._start < self._end:
+                when = self._log.get(self._start)[3] + max_age
+                if due is None or when < due:
+                    due = when
+        return inflight, due
+
     def remove_waiter(self, waiter: Waiter | None) -> None:
         """Forget a waiter that was not woken; a woken one is already gone."""
         if waiter is None:

@@ -367,11 +367,17 @@ class DeliveryCore(CursorCore):
             if consumer.closed:
                 raise SubscriptionClosed(consumer._closed_reason())
             cursor = consumer._cursor
+            before = cursor.position
             cursor.position = self._resolve_locked(target)
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, (), moved=True)
+            self._moved_locked(consumer, cursor, before)
             self._waiters.wake_all()
             return cursor.position
+
+    def _moved_locked(self, consumer: Consumer, cursor: Cursor, before: int) -> None:
+        """``consumer`` moved ``cursor`` from ``before`` with a seek. A no-op; the recorder of
+        :mod:`mqlite.testing.recording` overrides it, so that its op keeps its place among deliveries."""
 
     def set_filter(self, consumer: Consumer, change: Callable[[EventFilter], EventFilter]) -> EventFilter:
         """Replace the cursor's event filter with ``change(current)``."""
@@ -382,8 +388,13 @@ class DeliveryCore(CursorCore):
             self._index.apply_filter(cursor, change(cursor.filter))
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)
+            self._refiltered_locked(consumer, cursor)
             self._waiters.wake_all()
             return cursor.filter
+
+    def _refiltered_locked(self, consumer: Consumer, cursor: Cursor) -> None:
+        """``consumer`` changed the filter of ``cursor`` (join/leave). A no-op, overridden as
+        :meth:`_moved_locked` is."""
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -5,29 +5,61 @@
 - :class:`ReferenceModel`: the expected behaviour of one queue, written from the documented
   semantics, to check a broker against (for example from a hypothesis state machine).
 - :func:`wait_until_blocked`: wait until readers are blocked on a queue, without sleeping.
+- :class:`VirtualClock`: virtual time, moved by hand or jumping by itself once every wait is
+  blocked; :func:`run_until_idle` runs push callbacks and their timers until nothing is left.
 - :class:`History` of :class:`Op`: what was published, delivered and settled, in order; and
-  :mod:`checkers`, which read one and name what went wrong, as Jepsen names its anomalies.
+  :mod:`checkers`, which read one and name what went wrong, as Jepsen names its anomalies;
+  :func:`record` gives the history of a real broker.
+- :mod:`strategies` (hypothesis strategies for mqlite's inputs) and :class:`BrokerMachine` (a
+  ready hypothesis state machine, in :mod:`stateful`): loaded on first use, as they import
+  hypothesis.
 
 Importing this package needs only mqlite's own dependencies: no pytest, no hypothesis.
 """
 
+from typing import Any
+
 from mqlite.testing import checkers
+from mqlite.testing.clock import VirtualClock, VirtualEventLoop, VirtualTimeExceeded
 from mqlite.testing.conformance import WAIT, BrokerFactory, Check, check_engine
 from mqlite.testing.history import History, Op
+from mqlite.testing.idle import CallbackErrors, IdleReport, run_until_idle
 from mqlite.testing.model import Entry, ModelCursor, ModelSub, ReferenceModel
+from mqlite.testing.recording import record
 from mqlite.testing.waiting import wait_until_blocked
 
 __all__ = [
     "WAIT",
     "BrokerFactory",
+    "CallbackErrors",
     "Check",
     "Entry",
     "History",
+    "IdleReport",
     "ModelCursor",
     "ModelSub",
     "Op",
     "ReferenceModel",
+    "VirtualClock",
+    "VirtualEventLoop",
+    "VirtualTimeExceeded",
     "check_engine",
     "checkers",
+    "record",
+    "run_until_idle",
     "wait_until_blocked",
 ]
+
+
+# What needs hypothesis loads when first used, so that importing the package does not need it.
+_LAZY = {"strategies": "mqlite.testing.strategies", "stateful": "mqlite.testing.stateful"}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name == "BrokerMachine":
+        return importlib.import_module("mqlite.testing.stateful").BrokerMachine
+    raise AttributeError(f"module 'mqlite.testing' has no attribute {name!r}")

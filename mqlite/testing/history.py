@@ -24,7 +24,8 @@ Op types, and the fields each one sets beyond ``index``, ``time``, ``type`` and 
 - ``ack``: a pending message was acknowledged. ``offset``.
 - ``done``: a push callback with ``ack="auto"`` returned, which settles its message. ``offset``.
 - ``nack``: a delivery failed and the message goes back. ``offset``, ``reason`` (``"nack"``,
-  ``"ack timeout"``, ``"subscription closed"`` or ``"callback raised"``), ``error``.
+  ``"ack timeout"``, ``"subscription closed"`` or ``"callback raised"``), ``error``, and
+  ``delay`` (the seconds of broker clock it waits before its redelivery, when known).
 - ``dead-letter``: the message used up its deliveries and went to ``dead_letter_queue``.
   ``offset`` (in ``queue``), ``attempt`` (the deliveries made), ``reason``, ``error``.
 
@@ -120,6 +121,8 @@ class Op:
     error: str | None = None
     """The exception of a failed publish or of a callback that raised, as ``repr()``."""
     dead_letter_queue: str | None = None
+    delay: float | None = None
+    """On a ``nack``: the seconds of broker clock before the message is due again, when known."""
 
     @property
     def cursor(self) -> CursorId:
@@ -154,7 +157,7 @@ class Op:
             parts.append(f"position={self.position}")
         if self.type in ("subscribe", "refilter"):
             parts.append(f"events={'*' if self.events is None else ','.join(self.events)}")
-        for name in ("attempt", "max_deliveries", "reason", "error", "dead_letter_queue"):
+        for name in ("attempt", "max_deliveries", "reason", "error", "dead_letter_queue", "delay"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
@@ -401,9 +404,10 @@ class History:
         consumer: str | None = None,
         reason: Reason = "nack",
         error: str | None = None,
+        delay: float | None = None,
         time: float | None = None,
     ) -> Op:
-        """A delivery of the message at ``offset`` failed for ``reason``."""
+        """A delivery of the message at ``offset`` failed for ``reason``; it is due again after ``delay``."""
         return self.append(
             "nack",
             time=time,
@@ -413,6 +417,7 @@ class History:
             offset=offset,
             reason=reason,
             error=error,
+            delay=delay,
         )
 
     def dead_letter(
@@ -441,6 +446,13 @@ class History:
             error=error,
             dead_letter_queue=dead_letter_queue,
         )
+
+    def _withdraw(self, ops: Collection[Op]) -> None:
+        """Take back ops recorded too early: the recorder's deliveries of a push batch that were
+        given back before their callback ran. Their indexes stay unused."""
+        withdrawn = {id(op) for op in ops}
+        with self._lock:
+            self._ops = [op for op in self._ops if id(op) not in withdrawn]
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -1,0 +1,455 @@
+"""VirtualClock: manual moves, autojump with threads, asyncio and both, limits; run_until_idle (issue 14).
+
+Every assertion is on virtual time, never on real elapsed time. Each blocking call runs under a
+real safety net: in a thread joined with a timeout (``within``), or under ``asyncio.wait_for``
+on a loop with real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import mqlite
+from mqlite.testing import (
+    CallbackErrors,
+    VirtualClock,
+    VirtualTimeExceeded,
+    run_until_idle,
+    wait_until_blocked,
+)
+
+SAFETY = 10.0  # real seconds any test body may take before it counts as hung
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+
+def within(body: Callable[[], Any], seconds: float = SAFETY) -> Any:
+    """Run ``body`` in a thread, joined with a real timeout: its result, or its exception raised here."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = body()
+        except BaseException as error:  # noqa: BLE001  # handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the body was still blocked after {seconds} real seconds"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def joined(*threads: threading.Thread) -> None:
+    for thread in threads:
+        thread.join(SAFETY)
+    assert not any(t.is_alive() for t in threads), "a thread was still blocked"
+
+
+# -- autojump: call timeouts in clock seconds ------------------------------------------------
+
+
+def test_get_timeout_counts_clock_seconds(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    sub = make_broker(clock=clock).subscribe("jobs", name="w")
+    assert within(lambda: sub.get(timeout=30)) is None
+    assert clock.elapsed == 30
+
+
+def test_poll_timeout_counts_clock_seconds(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    sub = make_broker(clock=clock).subscribe("jobs", name="w")
+    assert within(lambda: sub.poll(timeout=2.5)) == []
+    assert clock.elapsed == 2.5
+
+
+def test_ack_timeout_of_24_hours_redelivers_at_once(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w", ack="manual", ack_timeout=DAY)
+    broker.publish("jobs", "run", "job-1")
+    first = sub.get(timeout=0)
+    again = within(lambda: sub.get(timeout=2 * DAY))
+    assert again is not None
+    assert again.offset == first.offset
+    assert clock.elapsed == DAY
+
+
+def test_a_publish_wakes_a_wait_without_moving_time(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w")
+    got: list[mqlite.Message | None] = []
+    reader = threading.Thread(target=lambda: got.append(sub.get(timeout=HOUR)))
+    reader.start()
+    try:
+        wait_until_blocked(broker.queue("jobs"))
+        broker.publish("jobs", "run", "job-1")
+    finally:
+        joined(reader)
+    assert got[0] is not None
+    assert got[0].payload == "job-1"
+    assert clock.elapsed < HOUR
+
+
+# -- autojump with threads ---------------------------------------------------------------------
+
+
+def test_threads_nack_delay_and_waiting_consumers(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    subs = [broker.subscribe("jobs", name="workers", ack="manual") for _ in range(2)]
+    broker.publish("jobs", "run", "job-1")
+    first = subs[0].get(timeout=0)
+    subs[0].nack(first, delay=HOUR)
+    got: list[tuple[int, float]] = []
+
+    def consume(i: int) -> None:
+        message = subs[i].get(timeout=2 * HOUR)
+        if message is not None:
+            got.append((i, clock.elapsed))
+            subs[i].ack(message)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    joined(*threads)
+    # One of them gets the redelivery at +1 h; the other times out at +2 h.
+    assert [when for _, when in got] == [HOUR]
+    assert clock.elapsed == 2 * HOUR
+
+
+def test_threads_push_retries_with_backoff(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    calls: list[float] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(clock.elapsed)
+        if len(calls) < 3:
+            raise RuntimeError("try again")
+
+    broker.subscribe("jobs", callback=flaky, backoff=mqlite.Backoff(initial=60, factor=2, maximum=HOUR))
+    broker.publish("jobs", "run", "job-1")
+    assert within(lambda: broker.drain(timeout=DAY)) is True
+    assert calls == [0, 60, 180]
+
+
+def test_threads_drain_timeout_counts_clock_seconds(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+
+    def always_fails(message: mqlite.Message) -> None:
+        raise RuntimeError("never")
+
+    broker.subscribe("jobs", callback=always_fails, backoff=mqlite.Backoff(initial=HOUR, maximum=HOUR))
+    broker.publish("jobs", "run", "job-1")
+    assert within(lambda: broker.drain(timeout=30)) is False
+    assert clock.elapsed == 30
+
+
+# -- autojump with asyncio -----------------------------------------------------------------
+
+
+def test_asyncio_aget_timeout_and_redelivery(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+
+    async def scenario() -> None:
+        sub = broker.subscribe("jobs", name="w", ack="manual")
+        assert await sub.aget(timeout=30) is None
+        assert clock.elapsed == 30
+        broker.publish("jobs", "run", "job-1")
+        message = await sub.aget(timeout=0)
+        assert message is not None
+        sub.nack(message, delay=HOUR)
+        again = await sub.aget(timeout=DAY)
+        assert again is not None
+        assert again.offset == message.offset
+        assert clock.elapsed == 30 + HOUR
+        assert await sub.apoll(timeout=5) == []
+        assert clock.elapsed == 35 + HOUR
+
+    asyncio.run(asyncio.wait_for(scenario(), SAFETY))
+
+
+def test_asyncio_push_and_adrain(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    calls: list[float] = []
+
+    async def scenario() -> None:
+        async def flaky(message: mqlite.Message) -> None:
+            calls.append(clock.elapsed)
+            if len(calls) < 2:
+                raise RuntimeError("try again")
+
+        broker.subscribe("jobs", callback=flaky, backoff=mqlite.Backoff(initial=90, maximum=90))
+        broker.publish("jobs", "run", "job-1")
+        assert await broker.adrain(timeout=HOUR)
+        assert await broker.adrain(timeout=0)
+
+    asyncio.run(asyncio.wait_for(scenario(), SAFETY))
+    assert calls == [0, 90]
+
+
+def test_loop_factory_sleep_and_timers_follow_the_clock() -> None:
+    clock = VirtualClock(autojump=True)
+    fired: list[float] = []
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(50, lambda: fired.append(clock.elapsed))
+        await asyncio.sleep(HOUR)
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), timeout=10)
+        except TimeoutError:
+            pass
+        return clock.elapsed
+
+    assert within(lambda: clock.run(scenario())) == HOUR + 10
+    assert fired == [50]
+
+
+def test_loop_factory_with_a_broker(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+
+    async def scenario() -> float:
+        sub = broker.subscribe("jobs", name="w")
+
+        async def later() -> None:
+            await asyncio.sleep(120)
+            broker.publish("jobs", "run", "job-1")
+
+        task = asyncio.create_task(later())
+        message = await sub.aget(timeout=DAY)
+        await task
+        assert message is not None
+        return clock.elapsed
+
+    assert within(lambda: clock.run(scenario())) == 120
+
+
+# -- threads and asyncio at once -----------------------------------------------------------
+
+
+def test_threads_and_asyncio_at_once(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    thread_sub = broker.subscribe("ticks", name="thread")
+    seen: list[tuple[str, float]] = []
+
+    def thread_side() -> None:
+        # Waits 100 s of clock for nothing, then publishes what the task waits for.
+        assert thread_sub.get(timeout=100) is None
+        seen.append(("thread timed out", clock.elapsed))
+        broker.publish("jobs", "run", "from-thread")
+
+    async def scenario() -> None:
+        sub = broker.subscribe("jobs", name="task")
+        thread = threading.Thread(target=thread_side)
+        thread.start()
+        try:
+            message = await sub.aget(timeout=DAY)
+            assert message is not None
+            assert message.payload == "from-thread"
+            seen.append(("task got it", clock.elapsed))
+        finally:
+            await asyncio.to_thread(joined, thread)
+
+    asyncio.run(asyncio.wait_for(scenario(), SAFETY))
+    assert seen == [("thread timed out", 100), ("task got it", 100)]
+
+
+# -- limit ---------------------------------------------------------------------------------
+
+
+def test_limit_raises_from_a_wait_that_would_cross_it(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True, limit=60)
+    sub = make_broker(clock=clock).subscribe("jobs", name="w")
+    assert within(lambda: sub.get(timeout=60)) is None  # up to the limit is allowed
+    with pytest.raises(VirtualTimeExceeded, match="limit of 60"):
+        within(lambda: sub.get(timeout=1))
+    assert clock.elapsed == 60
+
+
+def test_limit_turns_a_deadlock_into_an_error(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True, limit=DAY)
+    sub = make_broker(clock=clock).subscribe("jobs", name="w")
+    with pytest.raises(VirtualTimeExceeded):
+        within(lambda: sub.get())  # nothing will ever come
+
+
+def test_limit_raises_in_asyncio(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True, limit=10)
+    broker = make_broker(clock=clock)
+
+    async def scenario() -> None:
+        sub = broker.subscribe("jobs", name="w")
+        with pytest.raises(VirtualTimeExceeded):
+            await sub.aget(timeout=11)
+
+    asyncio.run(asyncio.wait_for(scenario(), SAFETY))
+
+
+# -- busy ----------------------------------------------------------------------------------
+
+
+def test_busy_keeps_the_clock_still(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True, autojump_threshold=0.001)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w")
+    got: list[mqlite.Message | None] = []
+    reader = threading.Thread(target=lambda: got.append(sub.get(timeout=30)))
+    try:
+        with clock.busy():
+            reader.start()
+            wait_until_blocked(broker.queue("jobs"))
+            # A negative check: 100 thresholds pass, and time must not jump under busy().
+            threading.Event().wait(0.1)
+            assert clock.elapsed == 0
+            broker.publish("jobs", "run", "job-1")
+    finally:
+        joined(reader)
+    assert got[0] is not None
+    assert clock.elapsed == 0
+
+
+# -- without autojump ------------------------------------------------------------------------
+
+
+def test_without_autojump_time_moves_only_on_advance(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(start=1000.0)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w", ack="manual")
+    broker.publish("jobs", "run", "job-1")
+    message = sub.get(timeout=0)
+    sub.nack(message, delay=10)
+    assert sub.get(timeout=0.01) is None  # real seconds: the clock did not move
+    assert clock.monotonic() == 1000.0
+    assert clock.next_deadline() == 1010.0
+    assert clock.jump_to_next() == 1010.0
+    assert sub.get(timeout=0) == message
+    clock.advance_to(1500.0)
+    clock.advance_to(1200.0)  # the past: nothing changes
+    assert clock.time() == 1500.0
+    assert clock.elapsed == 500.0
+
+
+def test_without_autojump_advance_wakes_a_blocked_reader(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w", ack="manual")
+    broker.publish("jobs", "run", "job-1")
+    sub.nack(sub.get(timeout=0), delay=60)
+    got: list[mqlite.Message | None] = []
+    reader = threading.Thread(target=lambda: got.append(sub.get(timeout=SAFETY)))
+    reader.start()
+    try:
+        wait_until_blocked(broker.queue("jobs"))
+        clock.advance(60)
+    finally:
+        joined(reader)
+    assert got[0] is not None
+    assert got[0].payload == "job-1"
+
+
+def test_manual_clock_is_unchanged(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = mqlite.ManualClock()
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w", ack="manual", ack_timeout=30)
+    broker.publish("jobs", "run", "job-1")
+    first = sub.get(timeout=1)
+    assert sub.get(timeout=0.01) is None  # real seconds: no autojump
+    assert clock.monotonic() == 1_700_000_000.0
+    clock.advance(30)
+    assert sub.get(timeout=0) == first
+
+
+def test_arguments_are_checked() -> None:
+    for kwargs in ({"start": float("nan")}, {"autojump": 1}, {"autojump_threshold": -1}, {"limit": float("inf")}):
+        with pytest.raises(mqlite.InvalidArgument):
+            VirtualClock(**kwargs)
+    with pytest.raises(mqlite.InvalidArgument):
+        VirtualClock().advance(-1)
+
+
+# -- run_until_idle ----------------------------------------------------------------------------
+
+
+def test_run_until_idle_runs_callbacks_and_timers(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    calls: list[float] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(clock.elapsed)
+        if len(calls) < 3:
+            raise RuntimeError(f"failure {len(calls)}")
+
+    broker.subscribe("jobs", callback=flaky, backoff=mqlite.Backoff(initial=1, factor=2))
+    broker.publish("jobs", "run", "job-1")
+    report = within(lambda: run_until_idle(broker))
+    assert report.idle
+    assert calls == [0, 1, 3]
+    assert (report.callbacks, report.timers, report.advanced) == (3, 2, 3)
+    assert [str(error) for _, error in report.errors] == ["failure 1", "failure 2"]
+    assert "3 callbacks (2 raised), 2 timers fired, 3 virtual seconds" in str(report)
+
+
+def test_run_until_idle_raises_callback_errors(make_broker: Callable[..., mqlite.Broker]) -> None:
+    broker = make_broker(clock=mqlite.ManualClock(), dispatcher=mqlite.ManualDispatcher())
+
+    def always_fails(message: mqlite.Message) -> None:
+        raise ValueError("bad job")
+
+    broker.subscribe("jobs", name="runner", callback=always_fails, max_deliveries=2)
+    broker.publish("jobs", "run", "job-1")
+    with pytest.raises(CallbackErrors, match="2 push callback") as caught:
+        within(lambda: run_until_idle(broker, raise_errors=True))
+    assert [repr(error) for _, error in caught.value.errors] == ["ValueError('bad job')"] * 2
+    assert caught.value.report.idle  # dead-lettered: nothing left
+
+
+def test_run_until_idle_stops_at_max_virtual(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+
+    def always_fails(message: mqlite.Message) -> None:
+        raise ValueError("bad job")
+
+    broker.subscribe("jobs", callback=always_fails, backoff=mqlite.Backoff(initial=10, factor=1))
+    broker.publish("jobs", "run", "job-1")
+    report = within(lambda: run_until_idle(broker, max_virtual=35))
+    assert not report.idle
+    assert (report.timers, report.advanced, report.callbacks) == (3, 30, 4)
+    assert within(lambda: run_until_idle(broker, max_steps=2)).timers == 2
+
+
+def test_run_until_idle_needs_a_virtual_clock(make_broker: Callable[..., mqlite.Broker]) -> None:
+    with pytest.raises(mqlite.InvalidArgument, match="virtual clock"):
+        run_until_idle(make_broker())
+
+
+def test_autojump_drain_with_a_manual_dispatcher(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    calls: list[float] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(clock.elapsed)
+        if len(calls) < 3:
+            raise RuntimeError("try again")
+
+    broker.subscribe("jobs", callback=flaky, backoff=mqlite.Backoff(initial=1, factor=2))
+    broker.publish("jobs", "run", "job-1")
+    assert within(lambda: broker.drain()) is True  # no timeout: the clock jumps to each retry
+    assert calls == [0, 1, 3]
