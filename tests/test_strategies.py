@@ -106,7 +106,8 @@ def test_a_filter_receives_its_names_on_a_file(pair: tuple[Any, list[str]]) -> N
 def test_event_filters_draw_patterns_and_lists() -> None:
     seen: set[str] = set()
 
-    @settings(max_examples=200, database=None)
+    # derandomize: the same 300 draws every run, so the test cannot pass or fail by luck.
+    @settings(max_examples=300, database=None, derandomize=True)
     @given(pair=strategies.event_filters())
     def collect(pair: tuple[Any, list[str]]) -> None:
         events, _ = pair

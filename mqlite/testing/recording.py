@@ -302,23 +302,32 @@ class _RecordingQueue(DeliveryCore):
         failures: list[tuple[Message, BaseException]],
         unprocessed: list[Message],
     ) -> None:
-        super().push_done(consumer, batch, failures, unprocessed)
-        pushed = self._pushed.get(consumer.id, {})
-        ops = [pushed.pop(message[2], ()) for message in batch]
+        # The "done" ops go in before the batch settles, so that whoever sees it settled (drain)
+        # finds them in the history; they are taken back if settling raises.
         handled = len(batch) - len(unprocessed)
-        self._recorder.withdraw([op for given_back in ops[handled:] for op in given_back])
         cursor = consumer._cursor
+        done: list[Op] = []
         if not cursor.manual_ack:
             failed = {message[2] for message, _ in failures}
             for message in batch[:handled]:
                 if message[2] not in failed:
-                    self._recorder.emit(
-                        "done",
-                        queue=self.name,
-                        subscription=cursor.name,
-                        consumer=_label(consumer),
-                        offset=message[2],
+                    done.extend(
+                        self._recorder.emit(
+                            "done",
+                            queue=self.name,
+                            subscription=cursor.name,
+                            consumer=_label(consumer),
+                            offset=message[2],
+                        )
                     )
+        try:
+            super().push_done(consumer, batch, failures, unprocessed)
+        except BaseException:
+            self._recorder.withdraw(done)
+            raise
+        pushed = self._pushed.get(consumer.id, {})
+        ops = [pushed.pop(message[2], ()) for message in batch]
+        self._recorder.withdraw([op for given_back in ops[handled:] for op in given_back])
 
     def ack(self, consumer: Consumer, messages: tuple[Message | int, ...]) -> None:
         super().ack(consumer, messages)
