@@ -93,14 +93,20 @@ def check_or_create(
     """
     version = SCHEMA_VERSION
     # Read-only probes first: nothing is written until the file is known to be ours.
+    # One read transaction, so both probes see the same state even while another broker lays
+    # out a new file: else the tables could appear between them, without the application id.
     try:
-        application_id = db.execute("PRAGMA application_id").fetchone()[0]
-        columns: dict[str, tuple[str, ...]] = {}
-        for table, column in db.execute(
-            "SELECT m.name, c.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS c "
-            "WHERE m.type = 'table' ORDER BY m.name, c.cid"
-        ):
-            columns[table] = (*columns.get(table, ()), column)
+        db.execute("BEGIN")
+        try:
+            application_id = db.execute("PRAGMA application_id").fetchone()[0]
+            columns: dict[str, tuple[str, ...]] = {}
+            for table, column in db.execute(
+                "SELECT m.name, c.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS c "
+                "WHERE m.type = 'table' ORDER BY m.name, c.cid"
+            ):
+                columns[table] = (*columns.get(table, ()), column)
+        finally:
+            db.execute("COMMIT")  # it wrote nothing
     except sqlite3.DatabaseError as error:
         raise StorageError(_unreadable(path, error)) from error
     if columns or application_id:
