@@ -1,0 +1,77 @@
+"""mqlite's pytest plugin, run with pytester: its fixtures, its marker, its option and its failure report."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def test_the_fixtures_give_a_broker_on_an_autojumping_clock(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import mqlite
+        from mqlite.testing import VirtualClock
+
+        def test_it(mqlite_broker, mqlite_clock, mqlite_history):
+            assert isinstance(mqlite_clock, VirtualClock)
+            sub = mqlite_broker.subscribe("q", name="w", ack="manual", ack_timeout=3600)
+            mqlite_broker.publish("q", "e", 1)
+            assert sub.get(timeout=1).offset == 0
+            before = mqlite_clock.time()
+            again = sub.get(timeout=7200)  # an hour of virtual time, at once
+            assert again is not None and again.offset == 0
+            assert mqlite_clock.time() - before >= 3600
+            assert [op.type for op in mqlite_history][:3] == ["subscribe", "publish", "deliver"]
+            assert mqlite_broker.path is None
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_marker_asks_for_a_file(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.mqlite(backend="file")
+        def test_it(mqlite_broker):
+            assert mqlite_broker.path is not None and mqlite_broker.path.endswith(".mqlite")
+
+        @pytest.mark.mqlite(backend="redis-someday")
+        def test_bad(mqlite_broker):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*backend must be 'memory' or 'file'*"])
+
+
+def test_a_failure_report_shows_the_seed_the_rerun_command_and_the_history(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_it(mqlite_broker, mqlite_history, mqlite_seed):
+            mqlite_broker.publish("orders", "created", {"id": 1})
+            assert False, "the consumer lost it"
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=1234")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*mqlite*", "seed: 1234", "rerun: pytest *--mqlite-seed=1234", "*publish*orders*"])
+
+
+def test_the_seed_is_the_option_or_drawn_once_per_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        seen = []
+
+        def test_one(mqlite_seed):
+            seen.append(mqlite_seed)
+
+        def test_two(mqlite_seed):
+            assert seen == [mqlite_seed]
+            assert mqlite_seed == 99
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=99").assert_outcomes(passed=2)
