@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -75,3 +78,12 @@ def test_the_seed_is_the_option_or_drawn_once_per_run(pytester: pytest.Pytester)
         """
     )
     pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=99").assert_outcomes(passed=2)
+
+
+def test_the_example_in_testing_md_passes(pytester: pytest.Pytester) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    section = page.split("### The plugin", 1)[1].split("### ", 1)[0]
+    example = re.search(r"^```py\n(.*?)^```", section, re.S | re.M)
+    assert example is not None
+    pytester.makepyfile(example.group(1))
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
