@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from mqlite.engine.codec import Serializer
     from mqlite.engine.sqlite.store import Commit, Synchronous
+    from mqlite.testing.faults import Faults
 
 _T = TypeVar("_T")
 
@@ -78,6 +79,8 @@ class Broker:
             :class:`~mqlite.ManualClock` in tests to control timeouts and retries.
         dispatcher: What runs push callbacks (default: one thread per push subscription). Pass a
             :class:`~mqlite.ManualDispatcher` in tests to run them when you choose.
+        faults: For tests: a :class:`mqlite.testing.Faults` that injects seeded faults
+            (duplicates, delays, lost acks, consumer crashes, restarts) into this broker.
     """
 
     def __init__(
@@ -89,13 +92,18 @@ class Broker:
         synchronous: Synchronous = "normal",
         commit: Commit = "each",
         serializer: Serializer | None = None,
+        faults: Faults | None = None,
     ) -> None:
         # Every argument is checked before anything opens: a refused broker leaves no file,
         # thread or claim behind.
         path = check_path(path)
         check_broker_arguments(clock, dispatcher, synchronous, commit, serializer)
+        if faults is not None:
+            _check_faults(faults)
         self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
         try:
+            if faults is not None:
+                faults._attach(self)  # before any queue opens: every engine gets the fault sites
             self._set_up(clock, dispatcher)
         except BaseException:
             # All or nothing: a broker that fails to open leaves no thread, file or claim behind.
@@ -558,6 +566,14 @@ class Broker:
         state = "closed" if self.closed else "open"
         where = "" if self._engine.path is None else f" {self._engine.path!r}"
         return f"<mqlite.Broker{where} {state} queues={sorted(self._queues)!r}>"
+
+
+def _check_faults(faults: object) -> None:
+    """Refuse a ``faults=`` that is not a :class:`mqlite.testing.Faults`."""
+    from mqlite.testing.faults import Faults  # only a broker with faults loads the testing package
+
+    if not isinstance(faults, Faults):
+        raise InvalidArgument(f"faults must be a mqlite.testing.Faults or None, got {faults!r}")
 
 
 def _open_engine(

@@ -121,6 +121,7 @@ def a_history_of_every_op_type() -> History:
     history.ack(**BILLING, offset=1)
     history.done(**BILLING, offset=1)
     history.seek(**BILLING, position=2, offset=0)
+    history.fault(**BILLING, offset=1, fault="duplicate")
     history.close(**BILLING, position=2)
     return history
 

@@ -80,6 +80,55 @@ def test_the_seed_is_the_option_or_drawn_once_per_run(pytester: pytest.Pytester)
     pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=99").assert_outcomes(passed=2)
 
 
+def test_faults_come_from_the_marker_or_the_option_seeded_by_the_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mqlite.testing import Faults
+
+        def test_none_by_default(mqlite_broker, mqlite_faults):
+            assert mqlite_faults is None
+
+        @pytest.mark.mqlite(faults={"duplicate": 1.0})
+        def test_marker(mqlite_broker, mqlite_faults, mqlite_seed):
+            assert isinstance(mqlite_faults, Faults) and mqlite_faults.seed == mqlite_seed
+            sub = mqlite_broker.subscribe("q")
+            mqlite_broker.publish("q", "e", 1)
+            assert [m.payload for m in sub.poll(10)] == [1]
+            assert [m.payload for m in sub.poll(10)] == [1]  # duplicated
+            assert [f.kind for f in mqlite_faults.log] == ["duplicate"]
+
+        @pytest.mark.mqlite(faults={"sometimes": 0.5})
+        def test_bad_kind(mqlite_broker):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=5")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*faults= is a dict of rates by kind*"])
+
+
+def test_the_option_gives_faults_to_every_test_and_the_report_lists_them(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_it(mqlite_broker, mqlite_faults):
+            assert mqlite_faults.rates["crash"] == 0.25 and mqlite_faults.rates["duplicate"] == 1.0
+            sub = mqlite_broker.subscribe("q")
+            mqlite_broker.publish("q", "e", 1)
+            sub.poll(10)
+            assert False, "look at the faults"
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--mqlite-faults=duplicate=1,crash=0.25", "--mqlite-seed=5")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*faults: Faults(seed=5, duplicate=1.0, crash=0.25), 1 injected:*", "*fault #0 duplicate q@0*"]
+    )
+    bad = pytester.runpytest("-p", "no:cacheprovider", "--mqlite-faults=crash=often")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["*--mqlite-faults: crash= needs a rate in [[]0, 1[]], got 'often'*"])
+
+
 def test_the_example_in_testing_md_passes(pytester: pytest.Pytester) -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
     section = page.split("### The plugin", 1)[1].split("### ", 1)[0]

@@ -90,34 +90,42 @@ class CursorCore(QueueCore):
     def detach(self, consumer: Consumer) -> None:
         """Detach a closing consumer: what it read ahead goes back unread, what it held is retried."""
         with self._lock:
-            cursor = consumer._cursor
-            unread = self._drain_buffer(consumer)
-            try:
-                self._give_back_locked(cursor, unread, pulled=True)
-                if unread and self.durable and cursor.name is not None:
-                    self._journal_sync_locked(cursor, [m[2] for m in unread])
-            except BaseException:
-                consumer._buffer.extendleft(reversed(unread))  # the engine restores the rest; this is ours
-                raise
-            if consumer in cursor.members:
-                cursor.members.remove(consumer)
-            closing_broker = self._closed
-            for entry in list(cursor.pending.values()):
-                if entry.owner is consumer and entry.state == OUT:
-                    if closing_broker:
-                        # Not a failed delivery: the consumer did not give up on it. It waits,
-                        # with its attempt count unchanged, for the next consumer of the name.
-                        cursor.schedule.make_ready(entry)
-                    else:
-                        self._fail_locked(cursor, entry, "subscription closed", 0.0, None)
-            if not cursor.members and not cursor.durable and cursor in self._ephemeral:
-                self._ephemeral.remove(cursor)
-                self._index.forget(cursor)
-            # Closed only once nothing else can fail: a close that raised can be called again.
-            consumer._mark_closed("the subscription was closed")
-            self._waiters.wake_all()
+            self._detach_locked(consumer, "subscription closed", "the subscription was closed")
             dead = self._take_outbox_locked()
         self._send_dead_letters(dead)
+
+    def _detach_locked(self, consumer: Consumer, failure: str | None, why: str) -> None:
+        """:meth:`detach` under the lock; the consumer is marked closed because ``why``.
+
+        What it held fails with reason ``failure``. With ``failure`` None, or when the broker is
+        closing, that is no failed delivery: it waits, its attempt count unchanged, for the next
+        consumer.
+        """
+        cursor = consumer._cursor
+        unread = self._drain_buffer(consumer)
+        try:
+            self._give_back_locked(cursor, unread, pulled=True)
+            if unread and self.durable and cursor.name is not None:
+                self._journal_sync_locked(cursor, [m[2] for m in unread])
+        except BaseException:
+            consumer._buffer.extendleft(reversed(unread))  # the engine restores the rest; this is ours
+            raise
+        if consumer in cursor.members:
+            cursor.members.remove(consumer)
+        if self._closed:
+            failure = None  # the consumer did not give up on what it held
+        for entry in list(cursor.pending.values()):
+            if entry.owner is consumer and entry.state == OUT:
+                if failure is None:
+                    cursor.schedule.make_ready(entry)
+                else:
+                    self._fail_locked(cursor, entry, failure, 0.0, None)
+        if not cursor.members and not cursor.durable and cursor in self._ephemeral:
+            self._ephemeral.remove(cursor)
+            self._index.forget(cursor)
+        # Closed only once nothing else can fail: a close that raised can be called again.
+        consumer._mark_closed(why)
+        self._waiters.wake_all()
 
     @staticmethod
     def _drain_buffer(consumer: Consumer) -> list[Message]:

@@ -7,6 +7,8 @@
 - :func:`wait_until_blocked`: wait until readers are blocked on a queue, without sleeping.
 - :class:`VirtualClock`: virtual time, moved by hand or jumping by itself once every wait is
   blocked; :func:`run_until_idle` runs push callbacks and their timers until nothing is left.
+- :class:`Faults`: seeded faults (duplicates, delays, lost acks, consumer crashes, restarts)
+  that ``Broker(faults=...)`` injects within the delivery contract, with a log of each.
 - :class:`History` of :class:`Op`: what was published, delivered and settled, in order; and
   :mod:`checkers`, which read one and name what went wrong, as Jepsen names its anomalies;
   :func:`record` gives the history of a real broker.
@@ -22,6 +24,7 @@ from typing import Any
 from mqlite.testing import checkers
 from mqlite.testing.clock import VirtualClock, VirtualEventLoop, VirtualTimeExceeded
 from mqlite.testing.conformance import WAIT, BrokerFactory, Check, check_engine
+from mqlite.testing.faults import Faults, InjectedFault, SimulatedCrash
 from mqlite.testing.history import History, Op
 from mqlite.testing.idle import CallbackErrors, IdleReport, run_until_idle
 from mqlite.testing.model import Entry, ModelCursor, ModelSub, ReferenceModel
@@ -34,12 +37,15 @@ __all__ = [
     "CallbackErrors",
     "Check",
     "Entry",
+    "Faults",
     "History",
     "IdleReport",
+    "InjectedFault",
     "ModelCursor",
     "ModelSub",
     "Op",
     "ReferenceModel",
+    "SimulatedCrash",
     "VirtualClock",
     "VirtualEventLoop",
     "VirtualTimeExceeded",

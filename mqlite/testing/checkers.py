@@ -127,7 +127,8 @@ def compose(*results: CheckResult) -> CheckResult:
 
 
 def _cursor_ops(ops: Iterable[Op]) -> Iterable[Op]:
-    return (op for op in ops if op.type not in _PUBLISHES)
+    """The ops of cursors: no publishes, and no fault that struck no consumer (a restart)."""
+    return (op for op in ops if op.type not in _PUBLISHES and not (op.type == "fault" and op.consumer is None))
 
 
 def _select(ops: tuple[Op, ...], subscription: str | None, consumer: str | None, queue: str | None) -> CursorId:
@@ -384,7 +385,8 @@ def order(
     when the attempt is not recorded): a redelivery after a nack is not a reorder. The
     deliveries of every consumer of the cursor count together, since consumers of a shared name
     split it by design. A seek begins afresh at its target. With ``per="key"`` each key's
-    messages are checked on their own.
+    messages are checked on their own. Messages that an injected ``delay`` or ``duplicate``
+    fault struck (a ``fault`` op) are left out: that fault decided their order.
 
     - ``nonmonotonic``: a first delivery at or below an offset already first-delivered in the
       pass (or below where the pass began).
@@ -412,6 +414,9 @@ def order(
     firsts = 0
     nonmonotonic: list[Witness] = []
     skipped: list[Witness] = []
+    excused = {
+        op.offset for op in ops if op.type == "fault" and op.cursor == cursor and op.fault in ("delay", "duplicate")
+    }
     for op in ops:
         passes.feed(op)
         if passes.current is not current:
@@ -419,6 +424,8 @@ def order(
         if op.type != "deliver" or op.cursor != cursor or op.offset is None or current is None:
             continue
         offset = op.offset
+        if offset in excused:
+            continue
         if not (op.attempt == 1 if op.attempt is not None else offset not in seen):
             continue
         source = published.get(offset)
@@ -438,7 +445,7 @@ def order(
             low = bisect.bisect_right(candidates, floor)
             high = bisect.bisect_left(candidates, offset)
             for passed in candidates[low:high]:
-                if passed not in seen and current.wants(passed, published[passed].event):
+                if passed not in seen and passed not in excused and current.wants(passed, published[passed].event):
                     note = f"passed over: {offset} was first delivered right after {floor}"
                     before = (previous[1],) if previous is not None else ()
                     skipped.append(Witness(offset=passed, note=note, ops=(published[passed], *before, op)))
@@ -484,7 +491,8 @@ def redelivery(
 
     ``max_deliveries`` defaults to what the cursor's latest ``subscribe`` op says.
 
-    - ``acked-redelivered``: delivered again after it was settled (a seek back to it excepted).
+    - ``acked-redelivered``: delivered again after it was settled (a seek back to it, or an
+      injected ``duplicate`` fault, excepted).
     - ``max-deliveries-exceeded``: a delivery beyond ``max_deliveries``, or after the message
       was dead-lettered.
     - ``dead-letter-missing``: a failure with the deliveries used up, and then no dead letter
@@ -505,6 +513,7 @@ def redelivery(
         "dead-letter-missing": [],
         "dead-letter-unexpected": [],
     }
+    replays: set[int] = set()
     for op in _cursor_ops(ops):
         if op.cursor != cursor:
             continue
@@ -514,11 +523,16 @@ def redelivery(
             target = op.offset
             for offset in [o for o, life in lives.items() if o >= target and life.status in ("settled", "dead")]:
                 del lives[offset]  # read again from the log: a new life
+        elif op.type == "fault" and op.fault == "duplicate" and op.offset is not None:
+            replays.add(op.offset)  # delivered once more after its dequeue: that delivery begins a new life
         if op.offset is None or op.type not in ("deliver", "ack", "done", "nack", "dead-letter"):
             continue
         offset = op.offset
         life = lives.get(offset)
         if op.type == "deliver":
+            if life is not None and life.status == "settled" and offset in replays:
+                replays.discard(offset)
+                life = None
             if life is None:
                 life = lives[offset] = _Life()
             elif life.status == "settled":

@@ -24,10 +24,13 @@ Op types, and the fields each one sets beyond ``index``, ``time``, ``type`` and 
 - ``ack``: a pending message was acknowledged. ``offset``.
 - ``done``: a push callback with ``ack="auto"`` returned, which settles its message. ``offset``.
 - ``nack``: a delivery failed and the message goes back. ``offset``, ``reason`` (``"nack"``,
-  ``"ack timeout"``, ``"subscription closed"`` or ``"callback raised"``), ``error``, and
+  ``"ack timeout"``, ``"subscription closed"``, ``"callback raised"``, or, under injected
+  faults, ``"consumer crashed"`` and ``"ack lost"``), ``error``, and
   ``delay`` (the seconds of broker clock it waits before its redelivery, when known).
 - ``dead-letter``: the message used up its deliveries and went to ``dead_letter_queue``.
   ``offset`` (in ``queue``), ``attempt`` (the deliveries made), ``reason``, ``error``.
+- ``fault``: :class:`~mqlite.testing.Faults` injected a fault. ``fault`` (its kind), and the
+  ``subscription``, ``consumer`` and ``offset`` it struck, where it struck one.
 
 A subscription *dequeues* a message when a delivery of it is settled: an ``ack``, a ``done``,
 or a ``deliver`` with ``settled=True``.
@@ -63,10 +66,11 @@ OpType = Literal[
     "done",
     "nack",
     "dead-letter",
+    "fault",
 ]
 OP_TYPES: frozenset[str] = frozenset(get_args(OpType))
 
-Reason = Literal["nack", "ack timeout", "subscription closed", "callback raised"]
+Reason = Literal["nack", "ack timeout", "subscription closed", "callback raised", "consumer crashed", "ack lost"]
 """Why a delivery failed: the values of the ``dead_letter.reason`` header."""
 REASONS: frozenset[str] = frozenset(get_args(Reason))
 
@@ -123,6 +127,8 @@ class Op:
     dead_letter_queue: str | None = None
     delay: float | None = None
     """On a ``nack``: the seconds of broker clock before the message is due again, when known."""
+    fault: str | None = None
+    """On a ``fault``: which fault was injected (see :class:`~mqlite.testing.Faults`)."""
 
     @property
     def cursor(self) -> CursorId:
@@ -157,7 +163,7 @@ class Op:
             parts.append(f"position={self.position}")
         if self.type in ("subscribe", "refilter"):
             parts.append(f"events={'*' if self.events is None else ','.join(self.events)}")
-        for name in ("attempt", "max_deliveries", "reason", "error", "dead_letter_queue", "delay"):
+        for name in ("attempt", "max_deliveries", "reason", "error", "dead_letter_queue", "delay", "fault"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
@@ -445,6 +451,21 @@ class History:
             reason=reason,
             error=error,
             dead_letter_queue=dead_letter_queue,
+        )
+
+    def fault(
+        self,
+        *,
+        queue: str,
+        fault: str,
+        subscription: str | None = None,
+        consumer: str | None = None,
+        offset: int | None = None,
+        time: float | None = None,
+    ) -> Op:
+        """An injected fault of kind ``fault`` struck (the message at ``offset`` of a cursor, if any)."""
+        return self.append(
+            "fault", time=time, queue=queue, subscription=subscription, consumer=consumer, offset=offset, fault=fault
         )
 
     def _withdraw(self, ops: Collection[Op]) -> None:

@@ -54,6 +54,7 @@ from mqlite.engine.base import Consumer, DeadLetterSink, QueueEngine
 from mqlite.engine.cursors import CursorCore
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.message import Message
+from mqlite.testing.faults import lost_acks
 from mqlite.testing.history import History, Op, OpType
 
 if TYPE_CHECKING:
@@ -325,15 +326,21 @@ class _RecordingQueue(DeliveryCore):
         except BaseException:
             self._recorder.withdraw(done)
             raise
+        lost = lost_acks()
+        if lost:  # injected faults lost these settles: the broker never took them
+            self._recorder.withdraw([op for op in done if op.offset in lost])
         pushed = self._pushed.get(consumer.id, {})
         ops = [pushed.pop(message[2], ()) for message in batch]
         self._recorder.withdraw([op for given_back in ops[handled:] for op in given_back])
 
     def ack(self, consumer: Consumer, messages: tuple[Message | int, ...]) -> None:
         super().ack(consumer, messages)
+        lost = lost_acks()
         cursor = consumer._cursor
         for message in messages:
             offset = message if isinstance(message, int) else message[2]
+            if offset in lost:
+                continue  # an injected fault lost this ack: the broker never took it
             self._recorder.emit(
                 "ack", queue=self.name, subscription=cursor.name, consumer=_label(consumer), offset=offset
             )
