@@ -3,6 +3,10 @@
 ``make_broker`` is parametrized over the backends: ``memory`` (``Broker()``) and ``file``
 (``Broker(path)`` on SQLite), so every test that uses it runs against both. A test that only
 makes sense in memory marks itself ``@pytest.mark.memory_only``.
+
+Virtual time comes from mqlite's own pytest plugin (``mqlite.testing``): ``jumping_broker`` is a
+``make_broker`` broker on the plugin's ``mqlite_clock``, an autojumping ``VirtualClock``, so it
+too runs on both backends. The plugin's ``mqlite_broker`` is in memory only unless marked.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import pytest
 
 import mqlite
+from mqlite.testing import VirtualClock
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -69,3 +74,14 @@ def manual_broker(
 ) -> mqlite.Broker:
     """A fully deterministic broker: manual clock and manual dispatcher."""
     return make_broker(clock=clock, dispatcher=dispatcher)
+
+
+@pytest.fixture
+def jumping_broker(make_broker: Callable[..., mqlite.Broker], mqlite_clock: VirtualClock) -> mqlite.Broker:
+    """A broker on the plugin's autojumping clock (``mqlite_clock``), with push threads.
+
+    Call timeouts, nack delays, ack timeouts and backoff count in virtual seconds and take no
+    real time: ``sub.get(timeout=3600)`` returns once the clock reaches what is due, or after
+    exactly 3600 virtual seconds.
+    """
+    return make_broker(clock=mqlite_clock)

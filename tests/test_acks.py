@@ -10,6 +10,7 @@ import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all, wait_until_blocked
 
 import mqlite
+from mqlite.testing import VirtualClock, checkers, record, run_until_idle
 
 # -- automatic acks ------------------------------------------------------------------------
 
@@ -168,18 +169,17 @@ def test_a_redelivery_comes_before_newer_messages(manual_broker: mqlite.Broker) 
 
 
 def test_nack_with_delay_redelivers_only_after_the_delay(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:
-    sub = manual_broker.subscribe("q", name="n", ack="manual")
-    manual_broker.publish("q", "e", "x")
+    sub = jumping_broker.subscribe("q", name="n", ack="manual")
+    jumping_broker.publish("q", "e", "x")
     sub.nack(sub.get(timeout=0), delay=5.0)
     assert sub.get(timeout=0) is None
-    clock.advance(4.9)
-    assert sub.get(timeout=0) is None
-    clock.advance(0.1)
-    again = sub.get(timeout=0)
+    nacked_at = mqlite_clock.monotonic()
+    again = sub.get(timeout=60)
     assert again is not None
     assert again.payload == "x"
+    assert mqlite_clock.monotonic() - nacked_at == 5.0, "redelivered before the delay, or long after it"
 
 
 def test_a_nacked_message_stays_pending_while_it_waits(manual_broker: mqlite.Broker) -> None:
@@ -209,14 +209,15 @@ def test_nack_of_a_message_already_waiting_for_redelivery_raises(
         sub.nack(message)
 
 
-def test_a_waiting_message_can_still_be_acked(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
-    sub = manual_broker.subscribe("q", name="n", ack="manual")
-    manual_broker.publish("q", "e", "x")
+def test_a_waiting_message_can_still_be_acked(jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock) -> None:
+    sub = jumping_broker.subscribe("q", name="n", ack="manual")
+    jumping_broker.publish("q", "e", "x")
     message = sub.get(timeout=0)
     sub.nack(message, delay=5.0)
     sub.ack(message)
-    clock.advance(10)
-    assert sub.get(timeout=0) is None
+    began = mqlite_clock.monotonic()
+    assert sub.get(timeout=10) is None, "an acked message came back when its nack delay passed"
+    assert mqlite_clock.monotonic() - began == 10.0
     assert sub.pending == 0
 
 
@@ -237,50 +238,62 @@ def test_a_blocked_get_wakes_when_a_nack_delay_passes(broker: mqlite.Broker) -> 
 # -- ack timeout ---------------------------------------------------------------------------
 
 
-def test_an_unacked_message_is_redelivered_after_ack_timeout(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+DAY = 24 * 3600.0
+
+
+def test_an_unacked_message_is_redelivered_after_a_24_hour_ack_timeout(
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:
-    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=30)
-    manual_broker.publish("q", "e", "x")
+    history = record(jumping_broker)
+    sub = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=DAY)
+    jumping_broker.publish("q", "e", "x")
     first = sub.get(timeout=0)
-    clock.advance(29)
-    assert sub.get(timeout=0) is None
-    clock.advance(1)
-    assert sub.get(timeout=0) == first
-    assert manual_broker.info().subscription("q", "n").redelivered == 1
+    taken_at = mqlite_clock.monotonic()
+    again = sub.get(timeout=2 * DAY)  # virtual seconds: the test takes no real time
+    assert again == first
+    assert mqlite_clock.monotonic() - taken_at == DAY, "redelivered before the ack timeout, or long after it"
+    sub.ack(again)
+    assert jumping_broker.info().subscription("q", "n").redelivered == 1
+    [_, redelivered] = history.filter(type="deliver")
+    assert redelivered.attempt == 2
+    checkers.compose(
+        checkers.total_queue(history, "n", exactly_once=True), checkers.redelivery(history, "n")
+    ).assert_valid()
 
 
 def test_an_acked_message_is_not_redelivered_after_ack_timeout(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:
-    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=30)
-    manual_broker.publish("q", "e", "x")
+    sub = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=30)
+    jumping_broker.publish("q", "e", "x")
     sub.ack(sub.get(timeout=0))
-    clock.advance(60)
-    assert sub.get(timeout=0) is None
+    began = mqlite_clock.monotonic()
+    assert sub.get(timeout=60) is None
+    assert mqlite_clock.monotonic() - began == 60.0
 
 
-def test_ack_timeout_restarts_at_each_redelivery(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
-    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=10)
-    manual_broker.publish("q", "e", "x")
+def test_ack_timeout_restarts_at_each_redelivery(jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock) -> None:
+    sub = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=10)
+    jumping_broker.publish("q", "e", "x")
+    began = mqlite_clock.monotonic()
     sub.get(timeout=0)
-    clock.advance(10)
-    assert sub.get(timeout=0) is not None
-    clock.advance(9)
-    assert sub.get(timeout=0) is None
-    clock.advance(1)
-    assert sub.get(timeout=0) is not None
+    delivered_at = []
+    for _ in range(2):
+        assert sub.get(timeout=60) is not None
+        delivered_at.append(mqlite_clock.monotonic() - began)
+    assert delivered_at == [10.0, 20.0]
 
 
 def test_a_timed_out_message_may_go_to_another_consumer_of_the_name(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:
-    slow = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
-    fast = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
-    manual_broker.publish("q", "e", "x")
+    slow = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
+    fast = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=5)
+    jumping_broker.publish("q", "e", "x")
     message = slow.get(timeout=0)
-    clock.advance(5)
-    assert fast.get(timeout=0) == message
+    began = mqlite_clock.monotonic()
+    assert fast.get(timeout=60) == message
+    assert mqlite_clock.monotonic() - began == 5.0
     assert slow.get(timeout=0) is None
 
 
@@ -423,18 +436,20 @@ def test_a_dead_lettered_message_can_no_longer_be_acked(broker: mqlite.Broker) -
         sub.ack(message)
 
 
-def test_ack_timeouts_count_towards_max_deliveries(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
-    dead = manual_broker.subscribe("q.dead-letter", name="inspector")
-    sub = manual_broker.subscribe("q", name="n", ack="manual", ack_timeout=1, max_deliveries=2)
-    manual_broker.publish("q", "e", "x")
+def test_ack_timeouts_count_towards_max_deliveries(jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock) -> None:
+    history = record(jumping_broker)
+    dead = jumping_broker.subscribe("q.dead-letter", name="inspector")
+    sub = jumping_broker.subscribe("q", name="n", ack="manual", ack_timeout=1, max_deliveries=2)
+    jumping_broker.publish("q", "e", "x")
     assert sub.get(timeout=0) is not None
-    clock.advance(1)
-    assert sub.get(timeout=0) is not None
-    clock.advance(1)
-    assert sub.get(timeout=0) is None
+    assert sub.get(timeout=60) is not None
+    assert sub.get(timeout=60) is None
     [letter] = pull_all(dead)
     assert letter.headers["dead_letter.reason"] == "ack timeout"
     assert sub.pending == 0
+    [dead_letter] = history.filter(type="dead-letter")
+    assert dead_letter.time - history.filter(type="publish", queue="q")[0].time == 2.0
+    checkers.redelivery(history, "n").assert_valid()
 
 
 def test_closing_without_ack_counts_towards_max_deliveries(broker: mqlite.Broker) -> None:
@@ -451,33 +466,27 @@ def test_closing_without_ack_counts_towards_max_deliveries(broker: mqlite.Broker
 # -- push callbacks that raise -------------------------------------------------------------
 
 
-def test_a_raising_callback_is_retried_after_backoff(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
-) -> None:
-    calls: list[int] = []
+def test_a_raising_callback_is_retried_after_backoff(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
+    calls: list[float] = []
 
     def flaky(message: mqlite.Message) -> None:
-        calls.append(message.offset)
+        calls.append(clock.monotonic())
         if len(calls) == 1:
             raise RuntimeError("first try fails")
 
     manual_broker.subscribe("q", name="n", callback=flaky, backoff=mqlite.Backoff(initial=2.0))
     manual_broker.publish("q", "e", "x")
-    dispatcher.run_ready()
-    assert calls == [0]
-    clock.advance(1.9)
-    dispatcher.run_ready()
-    assert calls == [0]
-    clock.advance(0.1)
-    dispatcher.run_ready()
-    assert calls == [0, 0]
+    published_at = clock.monotonic()
+    report = run_until_idle(manual_broker)
+    assert [when - published_at for when in calls] == [0.0, 2.0]
+    assert (report.idle, report.callbacks, report.timers, report.advanced) == (True, 2, 1, 2.0)
+    [(_, error)] = report.errors
+    assert str(error) == "first try fails"
     info = manual_broker.info().subscription("q", "n")
     assert (info.pending, info.redelivered, info.acked) == (0, 1, 1)
 
 
-def test_backoff_grows_between_failed_tries(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
-) -> None:
+def test_backoff_grows_between_failed_tries(manual_broker: mqlite.Broker, clock: mqlite.ManualClock) -> None:
     calls: list[float] = []
 
     def always_fails(message: mqlite.Message) -> None:
@@ -488,17 +497,16 @@ def test_backoff_grows_between_failed_tries(
         "q", name="n", callback=always_fails, backoff=mqlite.Backoff(initial=1.0, factor=2.0, maximum=3.0)
     )
     manual_broker.publish("q", "e", "x")
-    dispatcher.run_ready()
-    for _ in range(20):  # half-second steps (exact in binary) through 10 s of virtual time
-        clock.advance(0.5)
-        dispatcher.run_ready()
+    report = run_until_idle(manual_broker, max_virtual=10)  # it never succeeds: stop after 10 s
+    assert not report.idle
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert gaps == [1.0, 2.0, 3.0, 3.0]
 
 
 def test_a_callback_that_always_raises_ends_in_the_dead_letter_queue(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
+    manual_broker: mqlite.Broker, clock: mqlite.ManualClock
 ) -> None:
+    history = record(manual_broker)
     dead = manual_broker.subscribe("q.dead-letter", name="inspector")
     calls: list[int] = []
 
@@ -510,11 +518,8 @@ def test_a_callback_that_always_raises_ends_in_the_dead_letter_queue(
         "q", name="n", callback=always_fails, max_deliveries=3, backoff=mqlite.Backoff(initial=1.0, factor=1.0)
     )
     manual_broker.publish("q", "e", "x")
-    dispatcher.run_ready()
-    clock.advance(1)
-    dispatcher.run_ready()
-    clock.advance(1)
-    dispatcher.run_ready()
+    report = run_until_idle(manual_broker)
+    assert (report.idle, report.timers, report.advanced, len(report.errors)) == (True, 2, 2.0, 3)
     assert calls == [0, 0, 0]
     [letter] = pull_all(dead)
     assert letter.payload == "x"
@@ -523,8 +528,9 @@ def test_a_callback_that_always_raises_ends_in_the_dead_letter_queue(
     assert letter.headers["dead_letter.deliveries"] == 3
     info = manual_broker.info().subscription("q", "n")
     assert (info.pending, info.dead_lettered) == (0, 1)
+    checkers.redelivery(history, "n").assert_valid()
     clock.advance(100)
-    dispatcher.run_ready()
+    assert run_until_idle(manual_broker).callbacks == 0, "a dead-lettered message was pushed again"
     assert calls == [0, 0, 0]
 
 
@@ -565,9 +571,7 @@ def test_the_push_thread_survives_a_raising_callback(broker: mqlite.Broker) -> N
     assert broker.info().subscription("q", "n").dead_lettered == 1
 
 
-def test_a_manual_push_callback_that_raises_is_retried_and_can_then_ack(
-    manual_broker: mqlite.Broker, clock: mqlite.ManualClock, dispatcher: mqlite.ManualDispatcher
-) -> None:
+def test_a_manual_push_callback_that_raises_is_retried_and_can_then_ack(manual_broker: mqlite.Broker) -> None:
     calls: list[int] = []
     holder: list[mqlite.Subscription] = []
 
@@ -583,9 +587,8 @@ def test_a_manual_push_callback_that_raises_is_retried_and_can_then_ack(
         )
     )
     manual_broker.publish("q", "e")
-    dispatcher.run_ready()
-    clock.advance(1)
-    dispatcher.run_ready()
+    report = run_until_idle(manual_broker)
+    assert (report.idle, report.timers, report.advanced) == (True, 1, 1.0)
     assert calls == [0, 0]
     info = manual_broker.info().subscription("q", "n")
     assert (info.pending, info.acked, info.redelivered) == (0, 1, 1)
@@ -607,6 +610,7 @@ def test_an_unacked_push_message_is_pushed_again_after_ack_timeout(
 
 
 def test_drain_waits_through_retries_until_the_message_is_dead_lettered(broker: mqlite.Broker) -> None:
+    # Real clock and push threads: drain itself must wait out each backoff.
     calls: list[int] = []
 
     def always_fails(message: mqlite.Message) -> None:
@@ -618,3 +622,28 @@ def test_drain_waits_through_retries_until_the_message_is_dead_lettered(broker: 
     assert broker.drain(timeout=WAIT)
     assert calls == [0, 0, 0]
     assert broker.info().subscription("q", "n").dead_lettered == 1
+
+
+def test_drain_on_a_jumping_clock_waits_out_an_hour_of_backoff_on_push_threads(
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
+) -> None:
+    history = record(jumping_broker)
+    calls: list[float] = []
+
+    def always_fails(message: mqlite.Message) -> None:
+        calls.append(mqlite_clock.monotonic())
+        raise RuntimeError("broken handler")
+
+    jumping_broker.subscribe(
+        "q",
+        name="n",
+        callback=always_fails,
+        max_deliveries=3,
+        backoff=mqlite.Backoff(initial=600, factor=3, maximum=3600),
+    )
+    jumping_broker.publish("q", "e")
+    began = mqlite_clock.monotonic()
+    assert jumping_broker.drain(timeout=2 * 3600)
+    assert [when - began for when in calls] == [0.0, 600.0, 2400.0]
+    assert jumping_broker.info().subscription("q", "n").dead_lettered == 1
+    checkers.redelivery(history, "n").assert_valid()

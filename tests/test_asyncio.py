@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mqlite
+from mqlite.testing import VirtualClock, checkers, record
 
 T = TypeVar("T")
 TIMEOUT = 10.0
@@ -45,12 +46,18 @@ def test_aget_returns_published_message() -> None:
     run(body)
 
 
-def test_aget_returns_none_when_timeout_passes() -> None:
+def test_aget_and_apoll_return_nothing_when_the_timeout_passes() -> None:
+    clock = VirtualClock(autojump=True)  # timeouts in virtual seconds, under a plain asyncio.run
+
     async def body() -> None:
-        with mqlite.Broker() as broker:
+        with mqlite.Broker(clock=clock) as broker:
             sub = broker.subscribe("orders")
-            assert await sub.aget(timeout=0.01) is None
             assert await sub.aget(timeout=0) is None
+            began = clock.monotonic()
+            assert await sub.aget(timeout=30) is None
+            assert clock.monotonic() - began == 30.0, "aget returned before its timeout, or after it"
+            assert await sub.apoll(max_messages=5, timeout=45) == []
+            assert clock.monotonic() - began == 75.0
 
     run(body)
 
@@ -291,13 +298,15 @@ def test_coroutine_callback_runs_on_the_loop_in_order_one_at_a_time() -> None:
 
 
 def test_coroutine_callback_that_raises_is_retried_then_dead_lettered() -> None:
+    clock = VirtualClock(autojump=True)  # the backoff passes in virtual time
+
     async def body() -> None:
-        with mqlite.Broker() as broker:
-            calls = 0
+        with mqlite.Broker(clock=clock) as broker:
+            history = record(broker)
+            calls: list[float] = []
 
             async def flaky(message: mqlite.Message) -> None:
-                nonlocal calls
-                calls += 1
+                calls.append(clock.monotonic())
                 raise RuntimeError("driver unreachable")
 
             broker.subscribe(
@@ -305,17 +314,19 @@ def test_coroutine_callback_that_raises_is_retried_then_dead_lettered() -> None:
                 name="drivers",
                 callback=flaky,
                 max_deliveries=2,
-                backoff=mqlite.Backoff(initial=0.001, maximum=0.002),
+                backoff=mqlite.Backoff(initial=60, maximum=120),
             )
             dead = broker.subscribe("orders.dead-letter")
             broker.publish("orders", "pickup", "parcel-1")
-            letter = await dead.aget(timeout=5)
+            began = clock.monotonic()
+            letter = await dead.aget(timeout=3600)
             assert letter is not None
             assert letter.payload == "parcel-1"
             assert letter.headers["dead_letter.deliveries"] == 2
-            assert calls == 2
+            assert [when - began for when in calls] == [0.0, 60.0]
             info = broker.info().subscription("orders", "drivers")
             assert (info.dead_lettered, info.pending) == (1, 0)
+            checkers.redelivery(history, "drivers").assert_valid()
 
     run(body)
 

@@ -3,11 +3,10 @@ consumers (subscriptions sharing a name split the messages, each exactly once)."
 
 from __future__ import annotations
 
-from collections import Counter
-
 from helpers import WAIT, payloads, pull_all
 
 import mqlite
+from mqlite.testing import checkers, record
 
 
 def test_every_distinct_name_receives_every_message(broker: mqlite.Broker) -> None:
@@ -57,20 +56,22 @@ def test_consumers_sharing_a_name_split_the_messages(broker: mqlite.Broker) -> N
 
 
 def test_consumers_sharing_a_name_get_each_message_exactly_once(broker: mqlite.Broker) -> None:
+    history = record(broker)
     consumers = [broker.subscribe("q", name="drivers") for _ in range(3)]
     for i in range(99):
         broker.publish("q", "pickup", i)
     received: list[int] = []
-    while True:
-        got = [m.payload for sub in consumers for m in sub.poll(max_messages=7)]
-        if not got:
-            break
+    while got := [m.payload for sub in consumers for m in sub.poll(max_messages=7)]:
         received.extend(got)
-    assert sorted(received) == list(range(99))
-    assert Counter(received).most_common(1)[0][1] == 1
+    assert sorted(received) == list(range(99)), "what the consumers were handed"
+    group = checkers.total_queue(history, "drivers", exactly_once=True)
+    group.assert_valid()
+    assert group.figures == {"expected": 99, "dequeued": 99}
+    checkers.order(history, "drivers").assert_valid()  # the three split the log in take order
 
 
 def test_a_competing_group_and_a_distinct_name_each_get_everything(broker: mqlite.Broker) -> None:
+    history = record(broker)
     group = [broker.subscribe("q", name="drivers") for _ in range(2)]
     audit = broker.subscribe("q", name="audit")
     for i in range(10):
@@ -78,6 +79,11 @@ def test_a_competing_group_and_a_distinct_name_each_get_everything(broker: mqlit
     split = [m.payload for sub in group for m in pull_all(sub)]
     assert sorted(split) == list(range(10))
     assert payloads(pull_all(audit)) == list(range(10))
+    checkers.compose(
+        checkers.total_queue(history, "drivers", exactly_once=True),
+        checkers.total_queue(history, "audit", exactly_once=True),
+        checkers.order(history, "audit"),
+    ).assert_valid()
 
 
 def test_pull_and_push_consumers_may_share_a_name(manual_broker: mqlite.Broker) -> None:
@@ -95,6 +101,7 @@ def test_pull_and_push_consumers_may_share_a_name(manual_broker: mqlite.Broker) 
 
 
 def test_pull_and_push_consumers_sharing_a_name_split_everything_exactly_once(broker: mqlite.Broker) -> None:
+    history = record(broker)
     pushed: list[int] = []
     broker.subscribe("q", name="workers", callback=lambda m: pushed.append(m.payload))
     puller = broker.subscribe("q", name="workers")
@@ -106,6 +113,10 @@ def test_pull_and_push_consumers_sharing_a_name_split_everything_exactly_once(br
     assert broker.drain(timeout=WAIT)
     pulled.extend(payloads(pull_all(puller)))
     assert sorted(pushed + pulled) == list(range(500))
+    both = checkers.total_queue(history, "workers", exactly_once=True)
+    both.assert_valid()
+    assert both.figures == {"expected": 500, "dequeued": 500}
+    checkers.redelivery(history, "workers").assert_valid()
 
 
 def test_a_consumer_that_joins_a_name_continues_from_its_shared_position(broker: mqlite.Broker) -> None:

@@ -9,6 +9,7 @@ import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all, wait_until_blocked
 
 import mqlite
+from mqlite.testing import VirtualClock
 
 # -- ephemeral (real-time) subscriptions ---------------------------------------------------
 
@@ -70,10 +71,16 @@ def test_close_is_idempotent(broker: mqlite.Broker) -> None:
     assert broker.info().subscription("q", "n").consumers == 0
 
 
-def test_get_returns_none_when_the_timeout_passes(broker: mqlite.Broker) -> None:
-    sub = broker.subscribe("q")
+def test_get_and_poll_return_nothing_when_the_timeout_passes(
+    jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
+) -> None:
+    sub = jumping_broker.subscribe("q")
     assert sub.get(timeout=0) is None
-    assert sub.get(timeout=0.01) is None
+    began = mqlite_clock.monotonic()
+    assert sub.get(timeout=30) is None
+    assert mqlite_clock.monotonic() - began == 30.0, "get returned before its timeout, or after it"
+    assert sub.poll(max_messages=5, timeout=45) == []
+    assert mqlite_clock.monotonic() - began == 75.0
 
 
 def test_a_get_that_times_out_or_is_woken_leaves_no_waiter_behind(broker: mqlite.Broker) -> None:
