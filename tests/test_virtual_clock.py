@@ -434,6 +434,26 @@ def test_run_until_idle_stops_at_max_virtual(make_broker: Callable[..., mqlite.B
     assert within(lambda: run_until_idle(broker, max_steps=2)).timers == 2
 
 
+def test_run_until_idle_runs_on_to_the_ack_timeout_of_an_unacked_push(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    calls: list[float] = []
+    broker.subscribe(
+        "jobs", name="w", ack="manual", ack_timeout=60, max_deliveries=3, callback=lambda m: calls.append(clock.elapsed)
+    )
+    dead = broker.subscribe("jobs.dead-letter")
+    broker.publish("jobs", "run", "never acked")
+    report = within(lambda: run_until_idle(broker))
+    assert report.idle
+    assert calls == [0, 60, 120]
+    assert (report.timers, report.advanced) == (3, 180)
+    letter = dead.get(timeout=0)
+    assert letter is not None
+    assert letter.headers["dead_letter.reason"] == "ack timeout"
+
+
 def test_run_until_idle_needs_a_virtual_clock(make_broker: Callable[..., mqlite.Broker]) -> None:
     with pytest.raises(mqlite.InvalidArgument, match="virtual clock"):
         run_until_idle(make_broker())

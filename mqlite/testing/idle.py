@@ -67,8 +67,9 @@ def run_until_idle(
     """Run push callbacks and advance the clock to each due push timer, until nothing is left.
 
     Each round drains (with a :class:`~mqlite.ManualDispatcher` the callbacks run here, on the
-    calling thread). When every push subscription has handled everything, it returns. Otherwise
-    it advances the broker's virtual clock (a :class:`~mqlite.ManualClock` or a
+    calling thread). When every push subscription has handled everything, and holds nothing that
+    a timer delivers again (an unacked message of ``ack="manual"`` waiting for its ack timeout),
+    it returns. Otherwise it advances the broker's virtual clock (a :class:`~mqlite.ManualClock` or a
     :class:`~mqlite.testing.VirtualClock`) to the next timer of a push subscription (a retry
     backoff, a nack delay, an ack timeout) and goes on. Timers of pull subscriptions do not move
     it: nobody is there to read what they make due.
@@ -99,11 +100,20 @@ def run_until_idle(
     idle = False
     with _collect_errors(broker) as errors:
         while time.monotonic() < give_up:
-            if broker.drain(timeout=0):
-                idle = True
-                break
+            drained = broker.drain(timeout=0)
             inflight, due = broker._idle_report(push_only=True)
             now = clock.monotonic()
+            if drained:
+                if due is None or due <= now:
+                    idle = True
+                    break
+                # Every callback returned, but a push subscription still holds messages that a
+                # timer delivers again (an ack timeout): run on to it.
+                if timers >= max_steps or (max_virtual is not None and due - started > max_virtual):
+                    break
+                clock.advance(due - now)
+                timers += 1
+                continue
             if inflight or due is None or due <= now:
                 if manual and not inflight:
                     break  # nothing runs and no timer will: what is left cannot be delivered
