@@ -144,6 +144,21 @@ def test_a_nack_is_recorded_before_the_redelivery_and_its_attempt(make_broker: M
     all_valid(history, "s")
 
 
+def test_a_redelivery_and_a_reread_of_one_offset_in_one_take_get_their_own_attempts(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    history = record(broker)
+    queue = broker.queue("q", retention="limits", max_messages=100)  # keeps what was read, for the seek back
+    sub = broker.subscribe("q", name="n", ack="manual", start="earliest")
+    queue.publish_many([("e", i) for i in range(3)])
+    assert [m.offset for m in sub.poll(3)] == [0, 1, 2]
+    assert sub.seek(2) == 2
+    sub.nack(2)
+    assert [m.offset for m in sub.poll(2)] == [2, 2]  # redelivered, then read again after the seek back
+    delivered = [(op.offset, op.attempt) for op in history if op.type == "deliver"]
+    assert delivered == [(0, 1), (1, 1), (2, 1), (2, 2), (2, 1)]
+    checkers.order(history, "n").assert_valid()
+
+
 def test_an_ack_timeout_is_a_nack_before_the_redelivery(make_broker: MakeBroker) -> None:
     clock = mqlite.ManualClock()
     broker = make_broker(clock=clock)

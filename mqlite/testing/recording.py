@@ -115,10 +115,37 @@ def _label(consumer: object) -> str | None:
     return None if ident is None else f"#{ident}"
 
 
-def _attempt(pending: Mapping[int, Pending], message: Message) -> int:
-    """Which delivery of ``message`` a take just made, from its pending entry (none: the first)."""
-    entry = pending.get(message[2])
-    return entry.attempts if entry is not None and entry.attempts > 0 else 1
+def _before_take(cursor: Cursor) -> dict[int, tuple[Pending, int]] | None:
+    """What a take may redeliver: each pending entry with its attempts now (None: it can only read anew).
+
+    Only entries that are ready, or that a timer makes ready, can be redelivered; without any, a
+    take reads every message from the log.
+    """
+    schedule = cursor.schedule
+    if not cursor.pending or not (schedule.ready or schedule.has_timers()):
+        return None
+    return {offset: (entry, entry.attempts) for offset, entry in cursor.pending.items()}
+
+
+def _attempts(before: dict[int, tuple[Pending, int]] | None, taken: Sequence[Message]) -> list[int]:
+    """Which delivery each message of a take is: a redelivery's new attempt, or 1 for a read from the log.
+
+    A take counts up the attempts of the entries it redelivers; the same offset can come twice
+    in one take (redelivered, then read again after a seek back), the second time anew.
+    """
+    if before is None:
+        return [1] * len(taken)
+    attempts = []
+    seen: set[int] = set()
+    for message in taken:
+        offset = message[2]
+        known = before.get(offset)
+        if offset not in seen and known is not None and known[0].attempts != known[1]:
+            attempts.append(known[0].attempts)
+        else:
+            attempts.append(1)
+        seen.add(offset)
+    return attempts
 
 
 class _RecordingBuffer(deque[Message]):
@@ -271,27 +298,26 @@ class _RecordingQueue(DeliveryCore):
             return super()._pull_locked(consumer, max_messages, read_ahead)
         cursor = consumer._cursor
         settles = cursor.pull_settles
-        # A pull with automatic acks settles what it takes, removing the entries that knew the attempts.
-        before = dict(cursor.pending) if settles and cursor.pending else None
+        before = _before_take(cursor)
         messages = super()._pull_locked(consumer, max_messages, read_ahead)
         if messages:
-            pending = cursor.pending if before is None else before
-            for message in messages:
-                self._record_delivery(consumer, cursor, message, _attempt(pending, message), settled=settles)
-            if buffer and isinstance(buffer, _RecordingBuffer):
-                buffer.attempts.update((message[2], _attempt(pending, message)) for message in buffer)
+            read_ahead_now = list(buffer)
+            attempts = _attempts(before, messages + read_ahead_now)
+            for message, attempt in zip(messages, attempts[: len(messages)], strict=True):
+                self._record_delivery(consumer, cursor, message, attempt, settled=settles)
+            if read_ahead_now and isinstance(buffer, _RecordingBuffer):
+                ahead = zip(read_ahead_now, attempts[len(messages) :], strict=True)
+                buffer.attempts.update((message[2], attempt) for message, attempt in ahead)
         return messages
 
     def _push_batch_locked(self, consumer: Consumer, max_messages: int) -> list[Message]:
+        cursor = consumer._cursor
+        before = _before_take(cursor)
         batch = super()._push_batch_locked(consumer, max_messages)
         if batch:
-            cursor = consumer._cursor
-            pending = cursor.pending
             ops = self._pushed.setdefault(consumer.id, {})
-            for message in batch:
-                ops[message[2]] = self._record_delivery(
-                    consumer, cursor, message, _attempt(pending, message), settled=False
-                )
+            for message, attempt in zip(batch, _attempts(before, batch), strict=True):
+                ops[message[2]] = self._record_delivery(consumer, cursor, message, attempt, settled=False)
         return batch
 
     # -- settling -----------------------------------------------------------------------------
