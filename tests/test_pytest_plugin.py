@@ -80,6 +80,30 @@ def test_the_seed_is_the_option_or_drawn_once_per_run(pytester: pytest.Pytester)
     pytester.runpytest("-p", "no:cacheprovider", "--mqlite-seed=99").assert_outcomes(passed=2)
 
 
+def test_a_wait_without_a_timeout_fails_at_the_default_limit_instead_of_hanging(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from mqlite.testing import VirtualTimeExceeded
+
+        def test_default(mqlite_broker, mqlite_clock):
+            assert mqlite_clock.limit == 365 * 24 * 3600  # checked first: without a limit the get would hang
+            sub = mqlite_broker.subscribe("q")
+            with pytest.raises(VirtualTimeExceeded):
+                sub.get()  # no timeout, nothing coming
+
+        @pytest.mark.mqlite(limit=60)
+        def test_marker(mqlite_clock):
+            assert mqlite_clock.limit == 60
+
+        @pytest.mark.mqlite(limit=None)
+        def test_none(mqlite_clock):
+            assert mqlite_clock.limit is None
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
+
+
 def test_faults_come_from_the_marker_or_the_option_seeded_by_the_run(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

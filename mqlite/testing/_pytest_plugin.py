@@ -12,10 +12,11 @@ Fixtures:
 - ``mqlite_seed``: the run's seed (``--mqlite-seed``, or drawn and shown when a test fails), for
   tests that draw their own randomness.
 
-The marker ``@pytest.mark.mqlite(backend="memory" | "file", autojump=True, limit=None,
-faults=None)`` sets up those fixtures; ``faults`` is a dict of rates such as
-``{"duplicate": 0.1, "crash": 0.05}``. The option ``--mqlite-faults=duplicate=0.1,crash=0.05``
-gives those rates to every test whose marker sets no ``faults``. When a test that used the
+The marker ``@pytest.mark.mqlite(backend="memory" | "file", autojump=True, limit=DEFAULT_LIMIT,
+faults=None)`` sets up those fixtures (``limit``: virtual seconds after the start that no wait may
+cross, a year by default so that a forgotten timeout fails instead of hanging; None for none);
+``faults`` is a dict of rates such as ``{"duplicate": 0.1, "crash": 0.05}``. The option
+``--mqlite-faults=duplicate=0.1,crash=0.05`` gives those rates to every test whose marker sets no ``faults``. When a test that used the
 fixtures fails, its report gets an "mqlite" section: the seed, the command that reruns it with
 that seed, the faults injected and the last 30 ops of the history.
 """
@@ -40,6 +41,8 @@ _HISTORY = pytest.StashKey[History]()
 _FAULTS = pytest.StashKey[Faults]()
 _OPTION_FAULTS = pytest.StashKey[dict[str, float]]()
 _BACKENDS = ("memory", "file")
+DEFAULT_LIMIT = 365 * 24 * 3600.0
+"""How far ``mqlite_clock`` may go, in virtual seconds, unless the marker says otherwise."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -75,7 +78,7 @@ def _parse_faults(spec: str) -> dict[str, float]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "mqlite(backend='memory', autojump=True, limit=None, faults=None): how the mqlite_broker, mqlite_clock "
+        "mqlite(backend='memory', autojump=True, limit=365 days, faults=None): how the mqlite_broker, mqlite_clock "
         "and mqlite_faults fixtures are made",
     )
     seed = config.getoption("--mqlite-seed")
@@ -86,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _marker(request: pytest.FixtureRequest) -> dict[str, Any]:
     marker = request.node.get_closest_marker("mqlite")
-    options: dict[str, Any] = {"backend": "memory", "autojump": True, "limit": None, "faults": None}
+    options: dict[str, Any] = {"backend": "memory", "autojump": True, "limit": DEFAULT_LIMIT, "faults": None}
     if marker is not None:
         unknown = set(marker.kwargs) - set(options)
         if marker.args or unknown:
