@@ -16,9 +16,10 @@ The marker ``@pytest.mark.mqlite(backend="memory" | "file", autojump=True, limit
 faults=None)`` sets up those fixtures (``limit``: virtual seconds after the start that no wait may
 cross, a year by default so that a forgotten timeout fails instead of hanging; None for none);
 ``faults`` is a dict of rates such as ``{"duplicate": 0.1, "crash": 0.05}``. The option
-``--mqlite-faults=duplicate=0.1,crash=0.05`` gives those rates to every test whose marker sets no ``faults``. When a test that used the
-fixtures fails, its report gets an "mqlite" section: the seed, the command that reruns it with
-that seed, the faults injected and the last 30 ops of the history.
+``--mqlite-faults=duplicate=0.1,crash=0.05`` gives those rates to every test whose marker sets no
+``faults``. When a test that used the fixtures fails, its report gets an "mqlite" section: the
+seed, the command that reruns it with that seed, the faults injected and the last 30 ops of the
+history.
 """
 
 from __future__ import annotations
