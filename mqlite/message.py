@@ -9,7 +9,16 @@ from typing import Any, NamedTuple
 
 from mqlite.errors import InvalidArgument
 
-__all__ = ["EMPTY_HEADERS", "Message", "MessageMeta", "check_header_names", "make_meta", "message_class"]
+__all__ = [
+    "EMPTY_HEADERS",
+    "Message",
+    "MessageMeta",
+    "check_header_names",
+    "make_meta",
+    "message_class",
+    "original",
+    "redelivery",
+]
 
 EMPTY_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
@@ -25,13 +34,15 @@ class MessageMeta(NamedTuple):
 _tuple_new = tuple.__new__
 
 
-class Message(tuple):  # type: ignore[type-arg]  # a 4- or 5-tuple laid out as documented below
+class Message(tuple):  # type: ignore[type-arg]  # a 4-, 5- or 6-tuple laid out as documented below
     """One message of a queue: immutable, compared by value, hashed by queue and offset. Thread-safe.
 
     A message is a tuple subclass, like ``os.stat_result``, because that is the fastest immutable
     record CPython can build and the smallest one it can keep (see ``docs/benchmarks.md``). Read
     it by attribute. Each queue stamps its messages with its own subclass that knows the queue's
-    name, so a message with no key and no headers stores only four fields.
+    name, so a message with no key and no headers stores only four fields. The fifth holds the
+    :class:`MessageMeta` (queue, key, headers) when needed; a redelivery's copy (see
+    :func:`redelivery`) adds the attempt as a sixth, so retained messages never pay for it.
 
     Attributes:
         queue: The name of the queue it was published to.
@@ -41,6 +52,10 @@ class Message(tuple):  # type: ignore[type-arg]  # a 4- or 5-tuple laid out as d
         timestamp: When it was appended, in seconds since the epoch, from the broker's clock.
         key: An optional user key (not interpreted by the in-memory broker).
         headers: A read-only mapping of header names to values; empty when none were given.
+        attempt: Which delivery of the message this is, to the subscription that received it: 1
+            the first time, 2 for the first redelivery, and so on (counted across restarts and
+            processes on a file). A message that was not delivered (returned by ``publish``)
+            says 1. A redelivery hands out a new object, equal to the first one.
     """
 
     __slots__ = ()
@@ -64,6 +79,11 @@ class Message(tuple):  # type: ignore[type-arg]  # a 4- or 5-tuple laid out as d
         headers: Mapping[str, Any] | None = None,
     ) -> Message:
         return _tuple_new(cls, (event, payload, offset, timestamp, make_meta(queue, key, headers)))
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery of the message this is: 1 the first time (see the class docstring)."""
+        return self[5] if len(self) > 5 else 1
 
     @property
     def queue(self) -> str:
@@ -103,6 +123,8 @@ class Message(tuple):  # type: ignore[type-arg]  # a 4- or 5-tuple laid out as d
             extra += f", key={self.key!r}"
         if self.headers:
             extra += f", headers={dict(self.headers)!r}"
+        if len(self) > 5:
+            extra += f", attempt={self[5]}"
         return (
             f"Message(queue={self.queue!r}, event={self.event!r}, offset={self.offset}, "
             f"payload={self.payload!r}, timestamp={self.timestamp!r}{extra})"
@@ -147,3 +169,18 @@ def new_message(
     """Build a message of the queue whose class is ``cls``, with an explicit meta part (loading one from storage)."""
     message: Message = _tuple_new(cls, (event, payload, offset, timestamp, meta))
     return message
+
+
+def redelivery(message: Message, attempt: int) -> Message:
+    """``message`` as handed out for its ``attempt``-th delivery: a new object of its class, equal to it."""
+    meta = message[4] if len(message) > 4 else MessageMeta(message._queue, None, EMPTY_HEADERS)
+    copy: Message = _tuple_new(type(message), (message[0], message[1], message[2], message[3], meta, attempt))
+    return copy
+
+
+def original(message: Message) -> Message:
+    """The message as retained, without the attempt a redelivery's copy carries."""
+    if len(message) < 6:
+        return message
+    plain: Message = _tuple_new(type(message), tuple(message)[:5])
+    return plain

@@ -16,7 +16,7 @@ from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, Qu
 from mqlite.engine.cursors import CursorCore
 from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
-from mqlite.message import Message
+from mqlite.message import Message, redelivery
 
 __all__ = ["DeliveryCore"]
 
@@ -212,8 +212,10 @@ class DeliveryCore(CursorCore):
                 if entry is None:
                     break
                 entry.attempts += 1
+                message = entry.message
                 if entry.attempts > 1:
                     cursor.redelivered += 1
+                    message = redelivery(message, entry.attempts)  # says which attempt; the entry keeps the original
                 if settles:
                     del cursor.pending[entry.message[2]]
                     entry.state = SETTLED
@@ -221,7 +223,7 @@ class DeliveryCore(CursorCore):
                     entry.state = OUT
                     entry.owner = consumer
                     entries.append(entry)
-                out.append(entry.message)
+                out.append(message)
             if manual and entries and cursor.ack_timeout is not None:
                 schedule.track_timeout(self._monotonic() + cursor.ack_timeout, entries)
         redelivered = len(out)

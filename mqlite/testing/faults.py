@@ -59,7 +59,7 @@ from mqlite.config import QueueConfig
 from mqlite.engine.base import Attempt, Consumer, DeadLetterSink, QueueEngine
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.errors import InvalidArgument, SubscriptionClosed
-from mqlite.message import Message
+from mqlite.message import Message, original
 
 if TYPE_CHECKING:
     from mqlite.broker import Broker
@@ -364,7 +364,7 @@ class _FaultyQueue(DeliveryCore):
         if self._faults.strikes("duplicate", self.name, key, message[2]) is None:
             return
         self._replayed.add((key, message[2]))
-        entry = Pending(message, 0, None, READY)
+        entry = Pending(original(message), 0, None, READY)
         cursor.pending[message[2]] = entry
         cursor.schedule.make_ready(entry)
         self._inject_locked("duplicate", cursor, consumer, message[2], "delivered once more")

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._delivery.entries import READY, SETTLED, WAITING, Pending
+from mqlite._delivery.entries import OUT, READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig
@@ -363,10 +363,13 @@ class SqliteQueue(DeliveryCore):
                 del stored[offset]
             pending = cursor.pending
             for offset, entry in list(pending.items()):
-                if stored.pop(offset, None) is None:
+                row = stored.pop(offset, None)
+                if row is None:
                     del pending[offset]  # settled, or taken, by another broker
                     entry.state = SETTLED
                     changed = True
+                elif entry.state != OUT and row[0] > entry.attempts:
+                    entry.attempts = row[0]  # another broker delivered it meanwhile: the file counts
             in_transit = cursor.pushing | cursor.dead_in_transit
             adopt = [(o, attempts, due) for o, (attempts, _, due) in stored.items() if o not in in_transit]
             if not adopt:
