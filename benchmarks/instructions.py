@@ -107,12 +107,33 @@ def _drain_push10(count: int) -> None:
     broker.close()
 
 
+def _drain_push10_idle(count: int) -> None:
+    """A drain with nothing to do: ten push subscriptions that have handled everything."""
+    import mqlite
+
+    broker = mqlite.Broker(dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for _ in range(10):
+        broker.subscribe("q", callback=callback)
+    broker.publish("q", "e", 0)
+    drain = broker.drain
+    for _ in range(count):
+        drain(timeout=0)
+    assert seen[0] == 10, seen[0]
+    broker.close()
+
+
 SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish": _publish,
     "get": _get,
     "get+ack": _get_ack,
     "publish+10 push": _publish_push10,
     "drain 10 push, 1 msg": _drain_push10,
+    "drain 10 push, idle": _drain_push10_idle,
 }
 
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")

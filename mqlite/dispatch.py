@@ -8,6 +8,7 @@ in how they call the callback (a plain call or an ``await``) and how they wait f
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import operator
@@ -16,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
+from mqlite._delivery.waiters import Waiter
 from mqlite._waiting import OffLoop, await_, run_off_loop, wait
 from mqlite.engine.base import Attempt, Consumer, QueueEngine
 from mqlite.errors import StorageError
@@ -192,6 +194,11 @@ class PushWorker:
         self.consumer = consumer
         self.callback = callback
         self._on_progress = on_progress
+        # An engine that can register its waiter with a take saves a ManualDispatcher a step
+        # that finds nothing after every batch; any engine can register one with an empty take.
+        self._take_and_watch: Callable[[Consumer, int, Callable[[], object]], Attempt[list[Message] | None]] = (
+            getattr(queue, "push_and_watch", None) or queue.push_or_wait
+        )
         self.running_on: int | None = None
         """The thread running this worker's callbacks now, if any: ``Broker.drain`` refuses to run
         inside them. Only that thread writes its own ident here, so a thread that reads its own
@@ -208,8 +215,30 @@ class PushWorker:
             batch = wait(lambda wake: queue.push_or_wait(consumer, PUSH_BATCH, wake), queue.remove_waiter, None).value
         if batch is None:
             return None
+        self._deliver(batch)
+        return True
+
+    def step_or_watch(self, wake: Callable[[], object]) -> Attempt[list[Message] | None]:
+        """Deliver one batch, and register ``wake`` for when there may be more.
+
+        Returns the engine's attempt. Its value is the batch delivered (maybe empty), or None
+        once closed. Its ``waiter``, if any, was registered with the take, so it wakes for
+        whatever arrived since; ``wait_at_most`` is how many real seconds until a timer of the
+        subscription falls due (None: no timer, or a virtual clock, which wakes every waiter
+        when it moves). No waiter means step again: there may be more. :class:`ManualDispatcher`
+        steps a worker only then, so that a run visits only the workers with work.
+        """
+        attempt = self._take_and_watch(self.consumer, PUSH_BATCH, wake)
+        batch = attempt.value
+        if batch:
+            self._deliver(batch)
+        return attempt
+
+    def _deliver(self, batch: list[Message]) -> None:
+        """Hand ``batch`` to the callback, one message at a time, and settle it."""
+        consumer = self.consumer
         callback = self.callback
-        runner = _BatchRunner(queue, consumer, batch)
+        runner = _BatchRunner(self.queue, consumer, batch)
         rest = iter(runner)
         message = None
         self.running_on = _get_ident()  # once per batch
@@ -232,7 +261,6 @@ class PushWorker:
             self.running_on = None
             runner.settle()
             self._on_progress()
-        return True
 
     def run(self) -> None:
         """Deliver until the subscription closes (the body of a dispatcher thread)."""
@@ -457,6 +485,48 @@ class ThreadDispatcher:
         return not any(t.is_alive() for t in threads if t is not current)
 
 
+class _Slot:
+    """One worker of a :class:`ManualDispatcher`, with its claim and what says it may have work.
+
+    ``claim`` is held by the run stepping the worker. ``queued`` (in the dispatcher's ready
+    line), ``waiter`` (registered with the worker's queue and not yet woken), ``due`` (when a
+    timer of the subscription falls due, ``time.monotonic()`` seconds) and ``live`` are guarded
+    by the dispatcher's ``_ready_lock``.
+    """
+
+    __slots__ = ("_dispatcher", "claim", "due", "live", "queued", "waiter", "worker")
+
+    def __init__(self, dispatcher: ManualDispatcher, worker: PushWorker) -> None:
+        self._dispatcher = dispatcher
+        self.worker = worker
+        self.claim = threading.Lock()
+        self.queued = False
+        self.waiter: Waiter | None = None
+        self.due: float | None = None
+        self.live = True
+
+    def wake(self) -> None:
+        """The queue says the worker may have work: a run steps it.
+
+        The engine calls it from any thread, under the queue's lock: it takes only the
+        dispatcher's innermost lock, and calls nothing while it holds it.
+        """
+        dispatcher = self._dispatcher
+        lock = dispatcher._ready_lock
+        lock.acquire()
+        try:
+            # Whoever wakes a waiter removes it: the slot's one waiter is gone. (A stale waiter
+            # woken as it was being replaced leaves the new one untracked: that one wakes the
+            # worker once more, for nothing, and is gone too.)
+            self.waiter = None
+            self.due = None
+            if self.live and not self.queued:
+                self.queued = True
+                dispatcher._ready.append(self)
+        finally:
+            lock.release()
+
+
 class ManualDispatcher:
     """Runs no threads: callbacks run when the test calls :meth:`run_ready` (or ``Broker.drain``).
 
@@ -464,21 +534,37 @@ class ManualDispatcher:
     that calls :meth:`run_ready`. Each subscription's callbacks still run one at a time and in
     order: a subscription whose callback is running, on another thread or further up this one
     (a callback that calls ``run_ready``), is skipped until it returns.
+
+    A run steps only the workers that may have work. A worker that took all there was leaves a
+    waiter with its queue, registered with the take, and the queue wakes it when something
+    arrives or becomes ready for it (a publish, a failed callback, a nack, a seek, the clock
+    moving). A timer that falls due on a real clock wakes nobody, so a run also steps the
+    workers whose timer is due. A run with nothing to do costs one lock section, however many
+    subscriptions there are.
     """
 
     def __init__(self) -> None:
-        # _lock guards writes of _workers: each worker in start order with its claim. It is
-        # copy-on-write (replaced, never mutated), so run_ready reads it without the lock.
+        # _lock guards writes of _slots: each worker's slot, in start order. It is copy-on-write
+        # (replaced, never mutated), so a run reads it without the lock.
         self._lock = threading.Lock()
-        self._workers: tuple[tuple[PushWorker, threading.Lock], ...] = ()
+        self._slots: tuple[_Slot, ...] = ()
+        # _ready_lock guards _ready (the slots to step, in the order they became ready),
+        # _next_due (no slot's timer falls due before it; None: no slot has one) and each slot's
+        # queued, waiter, due and live. It is the innermost lock: a queue calls _Slot.wake with
+        # its own lock held, so nothing is called while _ready_lock is held.
+        self._ready_lock = threading.Lock()
+        self._ready: collections.deque[_Slot] = collections.deque()
+        self._next_due: float | None = None
 
     def start(self, worker: PushWorker) -> None:
         """Remember ``worker``; it delivers only inside :meth:`run_ready`."""
+        slot = _Slot(self, worker)
         with self._lock:
-            self._workers = (*self._workers, (worker, threading.Lock()))
+            self._slots = (*self._slots, slot)
+        slot.wake()  # a new subscription may start with messages to deliver
 
     def run_ready(self) -> bool:
-        """Deliver everything that is ready, round-robin, until no worker has anything left.
+        """Deliver everything that is ready, until no worker has anything left.
 
         Skips the workers that another call is running. Returns whether this call delivered anything.
         """
@@ -486,31 +572,120 @@ class ManualDispatcher:
         # section of the dispatcher's lock per step cost "publish+10 push" about 7% (callgrind).
         # It never waits, so a callback that waits for another subscription's callback on
         # another thread cannot deadlock: that one is skipped here, and runs where it is.
+        # Slots are taken from the line one at a time, so that a run inside a callback (a
+        # drain of another broker that shares this dispatcher) steps those this one has not.
         did_any = False
+        busy: list[_Slot] = []
+        slot: _Slot | None = None
+        attempt: Attempt[list[Message] | None] | None = None
+        first = True
+        lock = self._ready_lock
         while True:
-            progressed = False
-            for worker, claim in self._workers:
-                if not claim.acquire(False):
-                    continue  # running in another call, or further up this thread
-                try:
-                    result = worker.step(block=False)
-                finally:
-                    claim.release()
-                if result:
-                    progressed = True
-                elif result is None:
-                    self._forget(worker)
-            if not progressed:
-                return did_any
-            did_any = True
+            stale = None
+            lock.acquire()
+            try:
+                if slot is not None and attempt is not None and slot.live:
+                    self._record_locked(slot, attempt)
+                if first and self._next_due is not None:
+                    # Only the first look of a run: a timer that leaves nothing to deliver
+                    # cannot keep a run going.
+                    self._queue_due_locked()
+                first = False
+                ready = self._ready
+                if not ready:
+                    break
+                slot = ready.popleft()
+                slot.queued = False
+                stale = slot.waiter  # queued by its timer, or by a run that found it busy
+                if stale is not None:
+                    slot.waiter = None
+                slot.due = None
+            finally:
+                lock.release()
+            if stale is not None:
+                slot.worker.queue.remove_waiter(stale)  # a no-op if it was woken meanwhile
+            claim = slot.claim
+            if not claim.acquire(False):
+                busy.append(slot)  # running in another call, or further up this thread
+                slot = attempt = None
+                continue
+            try:
+                attempt = slot.worker.step_or_watch(slot.wake)
+            finally:
+                claim.release()
+            if attempt.value is None:
+                self._forget(slot)
+                slot = attempt = None
+            elif attempt.value:
+                did_any = True
+        if busy:
+            # Whoever runs them now steps them again if they have more; the next run steps
+            # them too, in case they were claimed by a run that will not look again.
+            with lock:
+                for slot in busy:
+                    if slot.live and not slot.queued:
+                        slot.queued = True
+                        self._ready.append(slot)
+        return did_any
 
-    def _forget(self, worker: PushWorker) -> None:
+    def _record_locked(self, slot: _Slot, attempt: Attempt[list[Message] | None]) -> None:
+        """What a step of ``slot`` left: a waiter to keep (and maybe a timer), or a step to take again."""
+        waiter = attempt.waiter
+        if waiter is None:  # a full batch: there may be more
+            if not slot.queued:
+                slot.queued = True
+                self._ready.append(slot)
+            return
+        slot.waiter = waiter  # kept even if it was woken meanwhile: removing a woken waiter is a no-op
+        bound = attempt.wait_at_most
+        if bound is not None:
+            due = time.monotonic() + bound
+            slot.due = due
+            if self._next_due is None or due < self._next_due:
+                self._next_due = due
+
+    def _queue_due_locked(self) -> None:
+        """Queue the slots whose timer is due: a real clock's timers wake nobody."""
+        now = time.monotonic()
+        next_due = self._next_due
+        if next_due is None or now < next_due:
+            return
+        next_due = None
+        for slot in self._slots:
+            due = slot.due
+            if due is None or not slot.live:
+                continue
+            if due <= now:
+                slot.due = None
+                if not slot.queued:
+                    slot.queued = True
+                    self._ready.append(slot)
+            elif next_due is None or due < next_due:
+                next_due = due
+        self._next_due = next_due
+
+    def _forget(self, slot: _Slot) -> None:
         """Its subscription closed: stop stepping it."""
         with self._lock:
-            self._workers = tuple(pair for pair in self._workers if pair[0] is not worker)
+            self._slots = tuple(s for s in self._slots if s is not slot)
+        with self._ready_lock:
+            slot.live = False
+            slot.waiter = None
+            slot.due = None
+            if slot.queued:
+                slot.queued = False
+                self._ready.remove(slot)
 
     def close(self, timeout: float) -> bool:
         """Forget every worker; there are no threads to stop."""
         with self._lock:
-            self._workers = ()
+            slots, self._slots = self._slots, ()
+        with self._ready_lock:
+            for slot in slots:
+                slot.live = False
+                slot.queued = False
+                slot.waiter = None
+                slot.due = None
+            self._ready.clear()
+            self._next_due = None
         return True

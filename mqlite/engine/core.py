@@ -336,6 +336,14 @@ class QueueCore:
             self._housekeep_locked()
             return self._start, self._end
 
+    def end_offset(self) -> int:
+        """The next offset to assign: ``bounds()[1]``, without the retention pass ``bounds`` makes.
+
+        What a drain needs when it begins (on a shared file the queue's scope reloads it).
+        """
+        with self._lock:
+            return self._end
+
     def _resolve_locked(self, target: Start) -> int:
         """The offset ``target`` names: ``"earliest"``, ``"latest"``, an offset or a datetime."""
         if target == "latest":
