@@ -20,7 +20,7 @@ from mqlite.errors import (
     WouldDeadlock,
     WrongEventLoop,
 )
-from mqlite.info import BrokerInfo, QueueInfo, SubscriptionInfo
+from mqlite.info import BrokerInfo, PendingMessage, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription
@@ -43,6 +43,7 @@ __all__ = [
     "Message",
     "MqliteError",
     "NotPending",
+    "PendingMessage",
     "PickleSerializer",
     "Queue",
     "QueueConfig",

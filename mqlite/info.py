@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-__all__ = ["BrokerInfo", "QueueInfo", "SubscriptionInfo"]
+if TYPE_CHECKING:
+    from mqlite.message import Message
+
+__all__ = ["BrokerInfo", "PendingMessage", "QueueInfo", "SubscriptionInfo"]
+
+
+@attrs.frozen
+class PendingMessage:
+    """One pending message of a subscription, as :meth:`Subscription.pending_messages` lists it."""
+
+    message: Message
+    """The message as retained (its ``attempt`` says 1; see :attr:`attempts`)."""
+    attempts: int
+    """Deliveries made so far: 1 while its first delivery is out, 0 if it was given back unread."""
+    state: Literal["out", "waiting", "ready"]
+    """``out``: a consumer holds it; ``waiting``: its nack delay or backoff has not ended;
+    ``ready``: due for the next consumer that reads."""
+    holder: str | None
+    """Who holds it while ``out``: a subscription of this broker (``"queue/name#id"``), or
+    ``"broker <instance>"`` for another broker on the same file. None otherwise."""
+    held_since: float | None
+    """When the holder took it, in the broker clock's wall time (None when not out, or unknown)."""
+    due: float | None
+    """When a ``waiting`` message is due again, in the broker clock's wall time."""
+
+    @property
+    def offset(self) -> int:
+        """The message's offset."""
+        return self.message.offset
 
 
 @attrs.frozen

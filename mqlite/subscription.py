@@ -16,6 +16,7 @@ from mqlite.config import Start, check_start, is_finite_number
 from mqlite.engine.base import Attempt, QueueEngine
 from mqlite.errors import InvalidArgument, SubscriptionClosed, WrongEventLoop
 from mqlite.filters import event_names
+from mqlite.info import PendingMessage
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -369,6 +370,12 @@ class Subscription:
     def missed(self) -> int:
         """How many matching messages retention dropped before this cursor read them."""
         return self._engine.cursor_stats(self)[3]
+
+    def pending_messages(self) -> list[PendingMessage]:
+        """Each pending message of this subscription's cursor, by offset: who holds it, since when,
+        and how many deliveries it had (like Redis's ``XPENDING``). On a shared file this includes
+        the messages other brokers hold. See :class:`~mqlite.PendingMessage`."""
+        return self._engine.pending_messages(self)
 
     # -- closing -------------------------------------------------------------------------
 

@@ -310,7 +310,9 @@ def test_a_missing_table_is_named(copy: Path, table: str) -> None:
 
 def test_a_missing_column_is_named(copy: Path) -> None:
     _damage(copy, "ALTER TABLE pending DROP COLUMN due")
-    _assert_refused(copy, "its pending table has the columns ('queue', 'name', 'offset', 'attempts', 'owner'), not")
+    _assert_refused(
+        copy, "its pending table has the columns ('queue', 'name', 'offset', 'attempts', 'owner', 'since'), not"
+    )
 
 
 @pytest.mark.parametrize(
@@ -337,7 +339,12 @@ def test_sqlites_own_tables_beside_mqlites_are_fine(copy: Path) -> None:
 
 
 def test_an_older_layout_is_checked_against_its_own_version(copy: Path) -> None:
-    _damage(copy, "ALTER TABLE pending DROP COLUMN due", "UPDATE mqlite_schema SET version = 2")
+    _damage(
+        copy,
+        "ALTER TABLE pending DROP COLUMN since",
+        "ALTER TABLE pending DROP COLUMN due",
+        "UPDATE mqlite_schema SET version = 2",
+    )
     with mqlite.Broker(copy) as broker:  # upgraded on open, as before
         assert broker.info().queue("orders").end_offset == 200
 

@@ -899,14 +899,16 @@ def test_many_rows_go_in_multi_row_statements_within_the_connections_variable_li
     messages = [("q", offset, f"e{offset % 3}", b"1", None, b"{}", 0.5) for offset in range(345)]
     writer._INSERT_ROWS.run(db, messages)
     assert db.execute('SELECT * FROM messages ORDER BY "offset"').fetchall() == messages
-    pending = [(name, offset, 1, "me", None) for name in ("a", "b") for offset in range(345)]
+    pending = [(name, offset, 1, "me", None, 7.0) for name in ("a", "b") for offset in range(345)]
     writer._UPSERT_ROWS.run(db, [("q", *row) for row in pending])
     # An upsert of rows already there updates them.
-    writer._UPSERT_ROWS.run(db, [("q", "a", offset, 2, None, 9.5) for offset in range(100, 300)])
+    writer._UPSERT_ROWS.run(db, [("q", "a", offset, 2, None, 9.5, None) for offset in range(100, 300)])
     writer._delete_pending(db, [("q", name, offset) for name in ("a", "b") for offset in range(0, 345, 2)])
     updated = {("a", offset) for offset in range(100, 300)}
     expected = [
-        ("q", name, offset, 2, None, 9.5) if (name, offset) in updated else ("q", name, offset, 1, "me", None)
+        ("q", name, offset, 2, None, 9.5, None)
+        if (name, offset) in updated
+        else ("q", name, offset, 1, "me", None, 7.0)
         for name in ("a", "b")
         for offset in range(1, 345, 2)  # the odd ones: the even ones were deleted
     ]

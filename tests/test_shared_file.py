@@ -323,7 +323,9 @@ def test_a_batched_broker_needs_the_file_to_itself(path: str) -> None:
     mqlite.Broker(path, commit="batch").close()  # free again once the others closed
 
 
-@pytest.mark.parametrize(("version", "added_since"), [(1, ["owner", "due"]), (2, ["due"])])
+@pytest.mark.parametrize(
+    ("version", "added_since"), [(1, ["owner", "due", "since"]), (2, ["due", "since"]), (3, ["since"])]
+)
 def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
     path: str, version: int, added_since: list[str]
 ) -> None:
@@ -344,7 +346,7 @@ def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT version FROM mqlite_schema").fetchone() == (SCHEMA_VERSION,)
         columns = [row[1] for row in db.execute("PRAGMA table_info(pending)")]
-        assert columns[-2:] == ["owner", "due"]
+        assert columns[-3:] == ["owner", "due", "since"]
     db.close()
 
 

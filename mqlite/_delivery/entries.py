@@ -49,17 +49,21 @@ class Pending:
     """One delivered, unsettled message. Not thread-safe: guarded by its engine's queue scope.
 
     ``deadline`` is the monotonic time its ack timeout fires (state OUT) or its delay ends
-    (state WAITING); ``owner`` is the consumer holding it while OUT.
+    (state WAITING); ``owner`` is the consumer holding it while OUT, since ``since`` (the clock's
+    wall time of the take; 0.0 when unknown).
     """
 
-    __slots__ = ("attempts", "deadline", "message", "owner", "state")
+    __slots__ = ("attempts", "deadline", "message", "owner", "since", "state")
 
-    def __init__(self, message: Message, attempts: int, owner: object | None, state: EntryState) -> None:
+    def __init__(
+        self, message: Message, attempts: int, owner: object | None, state: EntryState, since: float = 0.0
+    ) -> None:
         self.message = message
         self.attempts = attempts
         self.owner = owner
         self.state = state
         self.deadline = 0.0
+        self.since = since
 
     @property
     def offset(self) -> int:

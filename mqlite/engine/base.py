@@ -25,7 +25,7 @@ from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
 from mqlite.filters import EventFilter
-from mqlite.info import QueueInfo, SubscriptionInfo
+from mqlite.info import PendingMessage, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -264,6 +264,10 @@ class QueueEngine(Protocol):
     def wake_all(self) -> None: ...
 
     def cursor_stats(self, consumer: Consumer) -> CursorStats: ...
+
+    def pending_messages(self, consumer: Consumer) -> list[PendingMessage]:
+        """The consumer's cursor's pending messages by offset, held here or by other brokers."""
+        ...
 
     def snapshot(self) -> QueueSnapshot: ...
 

@@ -16,6 +16,7 @@ from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, Qu
 from mqlite.engine.cursors import CursorCore
 from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
+from mqlite.info import PendingMessage
 from mqlite.message import Message, redelivery
 
 __all__ = ["DeliveryCore"]
@@ -138,6 +139,35 @@ class DeliveryCore(CursorCore):
         attempt: Attempt[list[Message] | None] = _tuple_new(Attempt, (done, batch, waiter, bound))
         return attempt
 
+    def push_and_watch(
+        self, consumer: Consumer, max_messages: int, wake: Callable[[], object]
+    ) -> Attempt[list[Message] | None]:
+        """:meth:`push_or_wait` for a dispatcher that steps a worker only once it may have work.
+
+        Registers ``wake`` whenever the batch holds all there is to take now, empty or not, in
+        the same lock section as the take: whatever arrives or becomes ready while the batch's
+        callbacks run wakes it. A full batch registers nothing (``waiter`` None): there may be
+        more. The value is None once the consumer is closed.
+        """
+        waiter = None
+        bound = None
+        batch: list[Message] | None = None
+        lock = self._lock
+        lock.acquire()
+        try:
+            if not consumer.closed:
+                batch = self._push_batch_locked(consumer, max_messages)  # what recorders and faults hook
+                cursor = consumer._cursor
+                if len(batch) < policy.push_batch_size(max_messages, len(cursor.members)):
+                    waiter, bound = self._register_waiter_locked(cursor, wake)
+            dead = self._take_outbox_locked()
+        finally:
+            lock.release()
+        if dead:
+            self._send_dead_letters(dead)
+        attempt: Attempt[list[Message] | None] = _tuple_new(Attempt, (waiter is None, batch, waiter, bound))
+        return attempt
+
     def _push_batch_locked(self, consumer: Consumer, max_messages: int) -> list[Message]:
         cursor = consumer._cursor
         size = policy.push_batch_size(max_messages, len(cursor.members))
@@ -207,10 +237,13 @@ class DeliveryCore(CursorCore):
                 for expired in schedule.expire(self._monotonic()):
                     self._fail_locked(cursor, expired, "ack timeout", 0.0, None)
             entries: list[Pending] = []
+            now = 0.0
             while len(out) < max_messages:
                 entry = schedule.pop_ready()
                 if entry is None:
                     break
+                if not now:
+                    now = self._time()
                 entry.attempts += 1
                 message = entry.message
                 if entry.attempts > 1:
@@ -222,6 +255,7 @@ class DeliveryCore(CursorCore):
                 else:
                     entry.state = OUT
                     entry.owner = consumer
+                    entry.since = now
                     entries.append(entry)
                 out.append(message)
             if manual and entries and cursor.ack_timeout is not None:
@@ -263,8 +297,9 @@ class DeliveryCore(CursorCore):
     def _track_locked(self, consumer: Consumer, cursor: Cursor, messages: list[Message]) -> None:
         pending = cursor.pending
         entries = []
+        now = self._time()
         for message in messages:
-            entry = Pending(message, 1, consumer, OUT)
+            entry = Pending(message, 1, consumer, OUT, now)
             pending[message[2]] = entry
             entries.append(entry)
         if cursor.ack_timeout is not None:
@@ -411,6 +446,35 @@ class DeliveryCore(CursorCore):
             position = position if position > start else start
             return CursorStats(position, count(cursor, position, self._end), cursor.pending_count, missed)
 
+    def pending_messages(self, consumer: Consumer) -> list[PendingMessage]:
+        """The pending messages of a consumer's cursor, by offset, with who holds each (see
+        :class:`~mqlite.PendingMessage`), read atomically."""
+        with self._lock:
+            cursor = consumer._cursor
+            now = self._time()
+            monotonic = self._monotonic()
+            listed = []
+            for offset in sorted(cursor.pending):
+                entry = cursor.pending[offset]
+                state = entry.state
+                if state == OUT:
+                    holder: str | None = getattr(entry.owner, "_label", None)
+                    listed.append(
+                        PendingMessage(entry.message, entry.attempts, "out", holder, entry.since or None, None)
+                    )
+                elif state == WAITING:
+                    due = now + (entry.deadline - monotonic)
+                    listed.append(PendingMessage(entry.message, entry.attempts, "waiting", None, None, due))
+                else:
+                    listed.append(PendingMessage(entry.message, entry.attempts, "ready", None, None, None))
+            listed.extend(self._pending_elsewhere_locked(cursor))
+        listed.sort(key=lambda pending: pending.message[2])
+        return listed
+
+    def _pending_elsewhere_locked(self, cursor: Cursor) -> list[PendingMessage]:
+        """The cursor's pending messages that other brokers hold (none, but on a shared file)."""
+        return []
+
     def snapshot(self) -> QueueSnapshot:
         """The queue's figures and each cursor's, taken atomically (for ``Broker.info``)."""
         with self._lock:
@@ -442,13 +506,24 @@ class DeliveryCore(CursorCore):
         still busy, returning it and the unchecked rest: a drain that calls again with the result
         looks at each settled cursor once, not once per wake-up.
         """
+        # Every drain calls it once per queue, for every cursor: plain loops, no generators, and
+        # the count limits looked at only when set (as a take does).
         with self._lock:
             candidates = self._all_cursors_locked() if cursors is None else cursors
-            start = self._limit_floor_locked()
+            config = self._config
+            start = self._limit_floor_locked() if config.max_messages or config.max_age else self._start
+            count = self._index.count
             for index, cursor in enumerate(candidates):
-                if not any(member._is_push for member in cursor.members):
-                    continue
+                for member in cursor.members:
+                    if member._is_push:
+                        break
+                else:
+                    continue  # no push member: drain does not wait for it
+                if cursor.inflight:
+                    return candidates[index:]
+                if cursor.pending and cursor.unsettled_before(offset):
+                    return candidates[index:]
                 position = cursor.position if cursor.position > start else start
-                if cursor.unsettled_before(offset) or self._index.count(cursor, position, offset):
+                if position < offset and count(cursor, position, offset):
                     return candidates[index:]
             return []

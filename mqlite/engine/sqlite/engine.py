@@ -27,6 +27,7 @@ from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.sharing import FileLock
 from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
 from mqlite.engine.sqlite.undo import UndoLog
+from mqlite.info import PendingMessage
 from mqlite.message import EMPTY_HEADERS, Message, MessageMeta
 
 __all__ = ["SqliteEngine", "SqliteQueue"]
@@ -152,7 +153,7 @@ class SqliteQueue(DeliveryCore):
         if cursor.name is None:
             return
         pending = cursor.pending
-        upserts: list[tuple[int, int, bool, float | None]] = []
+        upserts: list[tuple[int, int, bool, float | None, float | None]] = []
         deletes: list[int] = []
         in_transit = cursor.dead_in_transit
         for offset in offsets:
@@ -163,17 +164,38 @@ class SqliteQueue(DeliveryCore):
             elif entry.state == WAITING:
                 # Waiting out a delay: held by nobody, so any broker sharing the file may take it
                 # once the delay ends, and the wall-clock time it waits for survives a restart.
-                upserts.append((offset, entry.attempts, False, self._wall_due_locked(entry)))
+                upserts.append((offset, entry.attempts, False, self._wall_due_locked(entry), None))
             else:
                 # Held by this broker unless it is due for redelivery to whoever reads next.
-                upserts.append((offset, entry.attempts, entry.state != READY, None))
-        upserts.extend((offset, 1, True, None) for offset in inflight)
+                upserts.append((offset, entry.attempts, entry.state != READY, None, entry.since or None))
+        if inflight:
+            now = self._time()
+            upserts.extend((offset, 1, True, None, now) for offset in inflight)
         self._file.sync_cursor(cursor.name, cursor.position if moved else None, upserts, deletes)
         pushing = cursor.pushing
         if pushing and offsets:
             pushing.difference_update(offsets)
         if inflight:
             pushing.update(inflight)
+
+    def _pending_elsewhere_locked(self, cursor: Cursor) -> list[PendingMessage]:
+        """The rows of ``cursor`` that another live broker on the file holds (memory has none of them)."""
+        if cursor.name is None or not cursor.held_elsewhere:
+            return []
+        store = self._file.store
+        held = [
+            (offset, attempts, owner, since)
+            for offset, attempts, owner, _, since in store.pending_rows(self.name, cursor.name)
+            if owner is not None and owner != store.instance and offset not in cursor.pending and store.alive(owner)
+        ]
+        if not held:
+            return []
+        messages = {m[2]: m for m in store.load_messages(self._message_class, [offset for offset, *_ in held])}
+        return [
+            PendingMessage(messages[offset], attempts, "out", f"broker {owner}", since, None)
+            for offset, attempts, owner, since in held
+            if offset in messages
+        ]
 
     def _wall_due_locked(self, entry: Pending) -> float:
         """When a WAITING entry's delay ends, in the clock's wall time (what a file can keep)."""

@@ -153,12 +153,13 @@ class SqliteLog:
         self,
         name: str,
         position: int | None,
-        upserts: Sequence[tuple[int, int, bool, float | None]],
+        upserts: Sequence[tuple[int, int, bool, float | None, float | None]],
         deletes: Sequence[int],
     ) -> None:
-        """In one transaction: set the position (unless None), record ``(offset, attempts, held, due)``
-        pending (held: by this broker; otherwise due for whoever reads next; due: the wall-clock
-        time a nacked message waits for, or None), forget ``deletes``."""
+        """In one transaction: set the position (unless None), record ``(offset, attempts, held, due,
+        since)`` pending (held: by this broker; otherwise due for whoever reads next; due: the
+        wall-clock time a nacked message waits for, or None; since: the wall-clock time the
+        holder took it, or None), forget ``deletes``."""
         queue = self.queue
         ops: list[_Op] = []
         if position is not None:
@@ -166,7 +167,8 @@ class SqliteLog:
         if upserts:
             me = self.store.instance
             rows = [
-                (queue, name, offset, attempts, me if held else None, due) for offset, attempts, held, due in upserts
+                (queue, name, offset, attempts, me if held else None, due, since if held else None)
+                for offset, attempts, held, due, since in upserts
             ]
             ops.append((_UPSERT_PENDING, rows, True))
         if deletes:

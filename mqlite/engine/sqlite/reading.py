@@ -102,6 +102,32 @@ def read_changes(db: sqlite3.Connection, path: str, serializer: Serializer, cls:
     return QueueState(start, config, messages, cursors, pending)
 
 
+def read_pending_rows(
+    db: sqlite3.Connection, path: str, queue: str, name: str
+) -> list[tuple[int, int, str | None, float | None, float | None]]:
+    """``(offset, attempts, owner, due, since)`` of each pending row of cursor ``name`` of ``queue``.
+
+    Raises:
+        StorageError: a row is not what mqlite writes, or SQLite cannot read it.
+    """
+    try:
+        rows = db.execute(
+            'SELECT name, "offset", attempts, owner, due, since FROM pending WHERE queue = ? AND name = ? '
+            'ORDER BY "offset"',
+            (queue, name),
+        ).fetchall()
+    except sqlite3.DatabaseError as error:
+        raise _read_failed(path, f"the pending messages of {name!r} of queue {queue!r}", error) from error
+    out = []
+    for row in rows:
+        problem = _wrong_column(row, _PENDING_COLUMNS) or _wrong_column(row[5:], (("since", (float, type(None))),))
+        if problem is not None:
+            where = f"offset {row[1]!r} of subscription {row[0]!r} of queue {queue!r}"
+            raise StorageError(_corrupt_row(path, "pending", where, problem))
+        out.append((row[1], row[2], row[3], row[4], row[5]))
+    return out
+
+
 def read_message_rows(db: sqlite3.Connection, path: str, queue: str, offsets: Sequence[int]) -> list[Sequence[Any]]:
     """The stored rows of ``queue`` at ``offsets``, for :func:`decode_row`; offsets no longer stored are left out.
 

@@ -35,7 +35,7 @@ __all__ = [
     "upgrade",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The layout this version of mqlite writes; files with a higher version are refused."""
 
 # "mqlt": marks the file as mqlite's for tools such as `file` and for a quick check on open.
@@ -54,7 +54,7 @@ CREATE TABLE cursors (
 ) WITHOUT ROWID;
 CREATE TABLE pending (
     queue TEXT NOT NULL, name TEXT NOT NULL, "offset" INTEGER NOT NULL, attempts INTEGER NOT NULL,
-    owner TEXT, due REAL, PRIMARY KEY (queue, name, "offset")
+    owner TEXT, due REAL, since REAL, PRIMARY KEY (queue, name, "offset")
 ) WITHOUT ROWID;
 """
 
@@ -65,9 +65,9 @@ _COLUMNS = {
     "queues": ("name", "start_offset", "config"),
     "messages": ("queue", "offset", "event", "payload", "key", "headers", "timestamp"),
     "cursors": ("queue", "name", "position", "settings"),
-    "pending": ("queue", "name", "offset", "attempts", "owner", "due"),
+    "pending": ("queue", "name", "offset", "attempts", "owner", "due", "since"),
 }
-_ADDED_IN = {("pending", "owner"): 2, ("pending", "due"): 3}
+_ADDED_IN = {("pending", "owner"): 2, ("pending", "due"): 3, ("pending", "since"): 4}
 
 # The first 16 bytes of every SQLite database.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -249,6 +249,8 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
             db.execute("ALTER TABLE pending ADD COLUMN owner TEXT")
         if version < 3:
             db.execute("ALTER TABLE pending ADD COLUMN due REAL")
+        if version < 4:
+            db.execute("ALTER TABLE pending ADD COLUMN since REAL")
         db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
 
 

@@ -31,7 +31,7 @@ from mqlite.config import QueueConfig
 from mqlite.engine.codec import JsonSerializer, Serializer, decode_row, encode_row
 from mqlite.engine.memory_log import MemoryLog
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
-from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_queues
+from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_pending_rows, read_queues
 from mqlite.engine.sqlite.schema import Synchronous, check_access, check_or_create
 from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness
 from mqlite.engine.sqlite.watcher import Watcher
@@ -178,6 +178,11 @@ class SqliteStore:
         """
         with self._db_lock:
             return read_changes(self._db, self.path, self.serializer, cls, end)
+
+    def pending_rows(self, queue: str, name: str) -> list[tuple[int, int, str | None, float | None, float | None]]:
+        """``(offset, attempts, owner, due, since)`` of each pending row of cursor ``name`` of ``queue``."""
+        with self._db_lock:
+            return read_pending_rows(self._db, self.path, queue, name)
 
     def load_messages(self, cls: type[Message], offsets: Sequence[int]) -> list[Message]:
         """The stored messages at ``offsets`` of the queue whose class is ``cls`` (pending ones memory dropped)."""

@@ -33,9 +33,9 @@ StorageError (a disk that stopped answering): the wait holds the caller's queue 
 
 _Op = tuple[str, Any, bool]  # (sql, parameters, executemany?)
 _UPSERT_PENDING = (
-    'INSERT INTO pending (queue, name, "offset", attempts, owner, due) VALUES (?, ?, ?, ?, ?, ?) '
+    'INSERT INTO pending (queue, name, "offset", attempts, owner, due, since) VALUES (?, ?, ?, ?, ?, ?, ?) '
     'ON CONFLICT (queue, name, "offset") DO UPDATE SET '
-    "attempts = excluded.attempts, owner = excluded.owner, due = excluded.due"
+    "attempts = excluded.attempts, owner = excluded.owner, due = excluded.due, since = excluded.since"
 )
 _DELETE_PENDING = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
 _SET_POSITION = "UPDATE cursors SET position = ? WHERE queue = ? AND name = ?"
@@ -88,9 +88,9 @@ def _values(row: str, size: int) -> str:
 
 
 _MESSAGE_ROW = "(?, ?, ?, ?, ?, ?, ?)"
-_PENDING_ROW = "(?, ?, ?, ?, ?, ?)"
+_PENDING_ROW = "(?, ?, ?, ?, ?, ?, ?)"
 _INSERT_ROWS = _Chunked(_INSERT, lambda n: _INSERT.replace(_MESSAGE_ROW, _values(_MESSAGE_ROW, n)), 7)
-_UPSERT_ROWS = _Chunked(_UPSERT_PENDING, lambda n: _UPSERT_PENDING.replace(_PENDING_ROW, _values(_PENDING_ROW, n)), 6)
+_UPSERT_ROWS = _Chunked(_UPSERT_PENDING, lambda n: _UPSERT_PENDING.replace(_PENDING_ROW, _values(_PENDING_ROW, n)), 7)
 _DELETE_ROWS = _Chunked(
     _DELETE_PENDING,
     lambda n: f'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" IN ({_values("?", n)})',
@@ -118,8 +118,8 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
     """
     out: list[_Op] = []
     positions: dict[tuple[str, str], int] = {}
-    # (attempts, owner, due), or None to delete
-    pending: dict[tuple[str, str, int], tuple[int, str | None, float | None] | None] = {}
+    # (attempts, owner, due, since), or None to delete
+    pending: dict[tuple[str, str, int], tuple[int, str | None, float | None, float | None] | None] = {}
 
     def end_run() -> None:
         if positions:
@@ -139,8 +139,8 @@ def _coalesce(ops: list[_Op]) -> list[_Op]:
         if sql is _SET_POSITION:
             positions[(params[1], params[2])] = params[0]
         elif sql is _UPSERT_PENDING:
-            for queue, name, offset, attempts, owner, due in params:
-                pending[(queue, name, offset)] = (attempts, owner, due)
+            for queue, name, offset, attempts, owner, due, since in params:
+                pending[(queue, name, offset)] = (attempts, owner, due, since)
         elif sql is _DELETE_PENDING:
             for queue, name, offset in params:
                 pending[(queue, name, offset)] = None
