@@ -30,8 +30,10 @@ __all__ = [
     "WAL_AUTOCHECKPOINT",
     "Synchronous",
     "check_access",
+    "check_layout",
     "check_or_create",
     "configure",
+    "unreadable",
     "upgrade",
 ]
 
@@ -108,11 +110,11 @@ def check_or_create(
         finally:
             db.execute("COMMIT")  # it wrote nothing
     except sqlite3.DatabaseError as error:
-        raise StorageError(_unreadable(path, error)) from error
+        raise StorageError(unreadable(path, error)) from error
     if columns or application_id:
         if application_id != APPLICATION_ID:
             raise StorageError(f"{path!r} is an SQLite database but not an mqlite file; it was left untouched")
-        version = _check_layout(db, path, serializer, columns)
+        version = check_layout(db, path, serializer, columns)
     configure(db, path, synchronous, shared=shared)
     if columns and version < SCHEMA_VERSION:
         try:
@@ -137,7 +139,7 @@ def check_or_create(
             check_or_create(db, path, serializer, synchronous, shared=shared)
 
 
-def _check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: dict[str, tuple[str, ...]]) -> int:
+def check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: dict[str, tuple[str, ...]]) -> int:
     """The schema version of the file mqlite's ``application_id`` marks, once its layout is checked.
 
     ``columns`` are those of each table of the file. Tables mqlite does not know (SQLite's own,
@@ -148,7 +150,7 @@ def _check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: d
     try:
         rows = db.execute("SELECT version, serializer FROM mqlite_schema").fetchall()
     except sqlite3.DatabaseError as error:
-        raise StorageError(_unreadable(path, error)) from error
+        raise StorageError(unreadable(path, error)) from error
     if len(rows) != 1:
         raise StorageError(_corrupt(path, f"its mqlite_schema table has {len(rows)} rows, not one"))
     version, stored_serializer = rows[0]
@@ -182,7 +184,7 @@ def _corrupt(path: str, problem: str) -> str:
     return f"{path!r} is a corrupt mqlite file: {problem}; it was left untouched"
 
 
-def _unreadable(path: str, error: sqlite3.DatabaseError) -> str:
+def unreadable(path: str, error: sqlite3.DatabaseError) -> str:
     """What to say when SQLite cannot read ``path``: a file it could not read is never called foreign."""
     code = getattr(error, "sqlite_errorname", "")
     if code == "SQLITE_NOTADB":
