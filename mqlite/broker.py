@@ -51,6 +51,9 @@ __all__ = ["DEAD_LETTER_CONFIG", "Broker", "dead_letter_queue_name"]
 _log = logging.getLogger("mqlite")
 _UNSET: Any = object()
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""The URL schemes ``Broker`` opens on a Redis server (``pip install 'mqlite[redis]'``)."""
+
 DEAD_LETTER_CONFIG = QueueConfig(retention="limits", max_messages=10_000)
 """How a dead-letter queue that the broker creates by itself is configured: it keeps the last
 10,000 dead letters whether or not anyone subscribes. Create the queue yourself to choose."""
@@ -66,7 +69,10 @@ class Broker:
     Args:
         path: None (the default) keeps everything in memory. A file path opens that mqlite file,
             or creates it: queues, messages and durable subscriptions survive restarts and
-            crashes (see ``docs/durability.md``).
+            crashes (see ``docs/durability.md``). A ``redis://``, ``rediss://`` or ``unix://`` URL
+            opens the broker on that Redis server, shared by every process and host that opens
+            it (see ``docs/redis.md``; needs ``pip install 'mqlite[redis]'``).
+        namespace: For Redis: the prefix of mqlite's keys (default ``"mq"``).
         synchronous: For a file: ``"normal"`` (default) makes every publish and ack survive the
             process being killed once it returns; ``"full"`` also survives power loss, slower.
         commit: For a file: ``"each"`` (default) commits every publish, delivery and ack before
@@ -93,6 +99,7 @@ class Broker:
         commit: Commit = "each",
         serializer: Serializer | None = None,
         faults: Faults | None = None,
+        namespace: str | None = None,
     ) -> None:
         # Every argument is checked before anything opens: a refused broker leaves no file,
         # thread or claim behind.
@@ -100,7 +107,9 @@ class Broker:
         check_broker_arguments(clock, dispatcher, synchronous, commit, serializer)
         if faults is not None:
             _check_faults(faults)
-        self._engine = _open_engine(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        self._engine = _open_engine(
+            path, synchronous=synchronous, commit=commit, serializer=serializer, namespace=namespace
+        )
         try:
             if faults is not None:
                 faults._attach(self)  # before any queue opens: every engine gets the fault sites
@@ -577,21 +586,34 @@ def _check_faults(faults: object) -> None:
 
 
 def _open_engine(
-    path: str | os.PathLike[str] | None,
+    path: str | None,
     *,
     synchronous: Synchronous,
     commit: Commit,
     serializer: Serializer | None,
+    namespace: str | None = None,
 ) -> StorageEngine:
-    """The engine for ``path``: memory for None, else the SQLite file.
+    """The engine for ``path``: memory for None, a Redis server for a Redis URL, else the SQLite file.
 
     The broker is a face: it knows engines only through :mod:`mqlite.engine.base`, and imports a
     concrete one only when it opens one.
     """
+    if namespace is not None and (path is None or not path.startswith(REDIS_SCHEMES)):
+        raise InvalidArgument(f"namespace= is only for redis://, rediss:// and unix:// URLs, got path={path!r}")
     if path is None:
         from mqlite.engine.memory import MemoryEngine
 
         return MemoryEngine()
+    if path.startswith(REDIS_SCHEMES):
+        if commit != "each" or synchronous != "normal":
+            raise InvalidArgument(
+                "synchronous= and commit= are for files; a Redis server's durability is its appendfsync setting"
+            )
+        try:
+            from mqlite.engine.redis.engine import RedisEngine
+        except ImportError as error:
+            raise InvalidArgument(f"{path!r} needs redis-py: pip install 'mqlite[redis]' ({error})") from None
+        return RedisEngine(path, namespace="mq" if namespace is None else namespace, serializer=serializer)
     from mqlite.engine.sqlite.engine import SqliteEngine
 
     return SqliteEngine(path, synchronous=synchronous, commit=commit, serializer=serializer)

@@ -1,0 +1,796 @@
+"""The Lua scripts of the Redis engine: each queue operation is one of them, so it is atomic.
+
+Every script gets the queue's five keys (``QueueKeys.all``) as KEYS and derives the keys of its
+cursors from the same prefix, so all of them share the queue's hash tag (one Cluster slot).
+Times are the broker clock's seconds, passed in by the caller as ``repr(float)`` text and
+written back with ``%.17g``, so they round-trip exactly: timers follow a ManualClock, never
+Redis's own clock or PEL idle times.
+
+A cursor ``C`` keeps:
+
+- ``c:C`` hash: ``pos``, its settings (``manual``, ``timeout``, ``maxd``, ``b0``..``b2``
+  backoff, ``filt``, ``settings`` as stored JSON), counters, ``learned`` and the ready-line
+  sequence numbers ``rseq``/``rmin``;
+- ``c:C:held`` zset: every pending offset (score: the offset), what retention must keep;
+- ``c:C:att`` hash: delivery attempts of each pending offset;
+- ``c:C:own`` hash: the consumer holding each OUT offset;
+- ``c:C:tmo`` zset: ack deadlines of OUT offsets; ``c:C:due`` zset: WAITING offsets by due
+  time; ``c:C:rdy`` zset: READY offsets in line order;
+- ``c:C:names`` hash: event name -> ``1``/``0``, whether the cursor's filter matches it.
+
+Filters are matched in Python, the only implementation of the patterns: a filtered cursor's
+``names`` must cover every name in the queue's ``events`` hash (``learned`` = its size), else a
+script that needs them replies ``{'relearn', C}`` before changing anything.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCRIPTS"]
+
+_PRELUDE = r"""
+local meta, log, cursors, events, sig = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix = string.sub(meta, 1, #meta - 4)
+local function sid(o) return '0-' .. (o + 1) end
+local function off(id) return tonumber(string.sub(id, 3)) - 1 end
+local function fmt(x) return string.format('%.17g', x) end
+local function ck(c, part) return prefix .. 'c:' .. c .. part end
+local function num(x, d) if x == false or x == nil or x == '' then return d end return tonumber(x) end
+local function signal() redis.call('XADD', sig, 'MAXLEN', '~', '64', '*', 's', '1') end
+
+local function cfg()
+  local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
+  return {retention = r[1], max = num(r[2], nil), overflow = r[3], age = num(r[4], nil)}
+end
+local function bounds()
+  local r = redis.call('HMGET', meta, 'start', 'end')
+  return num(r[1], 0), num(r[2], 0)
+end
+local function fields(item)
+  local f = item[2]
+  local m = {}
+  for i = 1, #f, 2 do m[f[i]] = f[i + 1] end
+  return m
+end
+local function entry(o)
+  local r = redis.call('XRANGE', log, sid(o), sid(o))
+  if #r == 0 then return nil end
+  local m = fields(r[1])
+  return {o, m.e, m.p, m.t, m.k or false, m.h or false}
+end
+local function loadcur(c)
+  local r = redis.call('HMGET', ck(c, ''), 'pos', 'manual', 'timeout', 'maxd', 'b0', 'b1', 'b2', 'filt', 'learned')
+  if not r[1] then return nil end
+  return {pos = tonumber(r[1]), manual = r[2] == '1', timeout = num(r[3], nil), maxd = num(r[4], nil),
+          b0 = tonumber(r[5]), b1 = tonumber(r[6]), b2 = tonumber(r[7]), filt = r[8] == '1',
+          learned = num(r[9], 0)}
+end
+local function known(cur)
+  return (not cur.filt) or cur.learned == redis.call('HLEN', events)
+end
+local function matcher(c, cur)
+  if not cur.filt then return nil end
+  local names = ck(c, ':names')
+  local cache = {}
+  return function(ev)
+    local v = cache[ev]
+    if v == nil then
+      v = redis.call('HGET', names, ev) == '1'
+      cache[ev] = v
+    end
+    return v
+  end
+end
+local function count(match, from, to)
+  if to <= from then return 0 end
+  if match == nil then return to - from end
+  local n = 0
+  local at = from
+  while at < to do
+    local r = redis.call('XRANGE', log, sid(at), sid(to - 1), 'COUNT', 1000)
+    if #r == 0 then break end
+    for _, item in ipairs(r) do
+      if match(fields(item).e) then n = n + 1 end
+    end
+    at = off(r[#r][1]) + 1
+  end
+  return n
+end
+local function limit_floor(start, stop, c, now)
+  if c.max and c.overflow == 'drop_oldest' and stop - c.max > start then start = stop - c.max end
+  if c.age then
+    local cutoff = now - c.age
+    while start < stop do
+      local r = redis.call('XRANGE', log, sid(start), sid(stop - 1), 'COUNT', 100)
+      if #r == 0 then return stop end
+      for _, item in ipairs(r) do
+        if tonumber(fields(item).t) >= cutoff then return start end
+        start = off(item[1]) + 1
+      end
+    end
+  end
+  return start
+end
+-- Apply retention: the limits floor, skipping cursors below it (counting what they missed),
+-- the interest floor, and the physical trim below everything still pinned.
+local function housekeep(now)
+  local c = cfg()
+  local start, stop = bounds()
+  local s = limit_floor(start, stop, c, now)
+  local phys = s
+  local slowest = stop
+  for _, cid in ipairs(redis.call('SMEMBERS', cursors)) do
+    local cur = loadcur(cid)
+    local pos = cur.pos
+    if pos < s and known(cur) then
+      redis.call('HINCRBY', ck(cid, ''), 'missed', count(matcher(cid, cur), pos, s))
+      redis.call('HSET', ck(cid, ''), 'pos', s)
+      pos = s
+    end
+    if pos < slowest then slowest = pos end
+    if pos < phys then phys = pos end
+    local held = redis.call('ZRANGE', ck(cid, ':held'), 0, 0)
+    if #held > 0 and tonumber(held[1]) < phys then phys = tonumber(held[1]) end
+  end
+  if c.retention == 'interest' and slowest > s then s = slowest end
+  if s ~= start then redis.call('HSET', meta, 'start', s) end
+  if s < phys then phys = s end
+  if phys > num(redis.call('HGET', meta, 'trimmed'), 0) then
+    redis.call('XTRIM', log, 'MINID', sid(phys))
+    redis.call('HSET', meta, 'trimmed', phys)
+  end
+  return s, stop
+end
+local function forget(c, o)
+  redis.call('HDEL', ck(c, ':dit'), o)
+  redis.call('HDEL', ck(c, ':sin'), o)
+  redis.call('ZREM', ck(c, ':held'), o)
+  redis.call('HDEL', ck(c, ':att'), o)
+  redis.call('HDEL', ck(c, ':own'), o)
+  redis.call('ZREM', ck(c, ':tmo'), o)
+  redis.call('ZREM', ck(c, ':due'), o)
+  redis.call('ZREM', ck(c, ':rdy'), o)
+end
+local function ready_append(c, o)
+  redis.call('ZADD', ck(c, ':rdy'), redis.call('HINCRBY', ck(c, ''), 'rseq', 1), o)
+end
+-- A delivery failed: dead-letter it if it used up its deliveries, else retry it (now or later).
+-- A dead letter stays held, marked in ':dit' with who must publish it, until that broker
+-- reports it published (dead_sent); if the broker dies first, the reaper makes it ready again:
+-- a letter may be published twice, never lost.
+local function fail(c, cur, o, reason, delay, err, now, dead, who)
+  local att = num(redis.call('HGET', ck(c, ':att'), o), 0)
+  redis.call('HDEL', ck(c, ':own'), o)
+  redis.call('ZREM', ck(c, ':tmo'), o)
+  if cur.maxd and att >= cur.maxd then
+    redis.call('ZREM', ck(c, ':due'), o)
+    redis.call('ZREM', ck(c, ':rdy'), o)
+    redis.call('HSET', ck(c, ':dit'), o, who)
+    redis.call('HINCRBY', ck(c, ''), 'dead', 1)
+    local e = entry(o)
+    if e then dead[#dead + 1] = {o, att, reason, err or false, e[2], e[3], e[4], e[5], e[6]} end
+  elseif delay > 0 then
+    redis.call('ZADD', ck(c, ':due'), fmt(now + delay), o)
+  else
+    ready_append(c, o)
+  end
+end
+-- How many messages are pending on a cursor: held, less the dead letters on their way out.
+local function pending(c)
+  return redis.call('ZCARD', ck(c, ':held')) - redis.call('HLEN', ck(c, ':dit'))
+end
+-- Undo the delivery of offsets a consumer took but never handed to user code: back to the
+-- front of the line, in order, without counting an attempt.
+local function give_back(c, cur, list, pulled)
+  if #list == 0 then return end
+  local K = ck(c, '')
+  local rmin = num(redis.call('HGET', K, 'rmin'), 0)
+  for i, o in ipairs(list) do
+    if redis.call('ZSCORE', ck(c, ':held'), o) then
+      local att = redis.call('HINCRBY', ck(c, ':att'), o, -1)
+      if att > 0 then redis.call('HINCRBY', K, 'redelivered', -1) end
+      redis.call('HDEL', ck(c, ':own'), o)
+      redis.call('ZREM', ck(c, ':tmo'), o)
+      redis.call('ZREM', ck(c, ':due'), o)
+    else
+      redis.call('ZADD', ck(c, ':held'), o, o)
+      redis.call('HSET', ck(c, ':att'), o, 0)
+    end
+    redis.call('ZADD', ck(c, ':rdy'), rmin - #list + i - 1, o)
+  end
+  redis.call('HSET', K, 'rmin', rmin - #list)
+  redis.call('HINCRBY', K, 'delivered', -#list)
+  if pulled and not cur.manual then redis.call('HINCRBY', K, 'acked', -#list) end
+  signal()
+end
+local function first_score(key)
+  local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #r == 0 then return nil end
+  return tonumber(r[2])
+end
+local function next_due(c)
+  local a, b = first_score(ck(c, ':tmo')), first_score(ck(c, ':due'))
+  if a and b then return math.min(a, b) end
+  return a or b
+end
+local function resolve(kind, v, now)
+  if kind == 'latest' then local _, stop = bounds() return stop end
+  local s, stop = housekeep(now)
+  if kind == 'earliest' then return s end
+  if kind == 'time' then
+    local stamp = tonumber(v)
+    local lo, hi = s, stop
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      local e = entry(mid)
+      if e and tonumber(e[4]) < stamp then lo = mid + 1 else hi = mid end
+    end
+    return lo
+  end
+  local o = tonumber(v)
+  if o < 0 or o > stop then return redis.error_reply('BADOFFSET ' .. stop) end
+  if o < s then return s end
+  return o
+end
+local function settings_args(c, base)
+  -- ARGV[base ..]: manual, timeout, maxd, b0, b1, b2, filt, settings json, filter spec json.
+  -- A new filter makes the cursor learn every event name again.
+  local K = ck(c, '')
+  if redis.call('HGET', K, 'spec') ~= ARGV[base + 8] then
+    redis.call('DEL', ck(c, ':names'))
+    redis.call('HSET', K, 'learned', 0)
+  end
+  redis.call('HSET', K, 'manual', ARGV[base], 'timeout', ARGV[base + 1], 'maxd', ARGV[base + 2],
+    'b0', ARGV[base + 3], 'b1', ARGV[base + 4], 'b2', ARGV[base + 5], 'filt', ARGV[base + 6],
+    'settings', ARGV[base + 7], 'spec', ARGV[base + 8])
+end
+-- Liveness: a consumer id is '<broker id>/<subscription id>'; a broker is alive while its
+-- heartbeat key '<live prefix><broker id>' exists.
+local alive_cache = {}
+local function broker_alive(live, bid)
+  local v = alive_cache[bid]
+  if v == nil then
+    v = redis.call('EXISTS', live .. bid) == 1
+    alive_cache[bid] = v
+  end
+  return v
+end
+local function consumer_alive(live, who)
+  local bid = string.match(who, '^([^/]*)/')
+  return bid == nil or broker_alive(live, bid)
+end
+local function drop_cursor(c)
+  redis.call('DEL', ck(c, ''), ck(c, ':held'), ck(c, ':att'), ck(c, ':own'), ck(c, ':tmo'), ck(c, ':due'),
+    ck(c, ':rdy'), ck(c, ':names'), ck(c, ':mem'), ck(c, ':dit'), ck(c, ':sin'))
+  redis.call('SREM', cursors, c)
+end
+"""
+
+_OPEN = r"""
+-- ARGV: retention, max_messages, overflow, max_age, queues-registry key, queue name
+if redis.call('EXISTS', meta) == 0 then
+  redis.call('HSET', meta, 'retention', ARGV[1], 'max_messages', ARGV[2], 'overflow', ARGV[3],
+    'max_age', ARGV[4], 'start', 0, 'end', 0, 'trimmed', 0)
+  redis.call('HSET', ARGV[5], ARGV[6], '1')
+end
+local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
+return r
+"""
+
+_CONFIGURE = r"""
+-- ARGV: now, retention, max_messages, overflow, max_age
+redis.call('HSET', meta, 'retention', ARGV[2], 'max_messages', ARGV[3], 'overflow', ARGV[4], 'max_age', ARGV[5])
+housekeep(tonumber(ARGV[1]))
+return 1
+"""
+
+_PUBLISH = r"""
+-- ARGV: now, count, then per message: event, payload, key ('' or '=' .. bytes), headers (same).
+-- Retention in full (every cursor) only where it must be exact now: before a publish that
+-- may be refused, and every 64th offset; otherwise the O(1) part (limits, no cursors left).
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local c = cfg()
+local start, stop = bounds()
+if c.overflow == 'reject' and c.max then
+  start, stop = housekeep(now)
+  if stop + n - start > c.max then return redis.error_reply('QUEUEFULL ' .. (stop - start)) end
+end
+local ts = ARGV[1]
+local last = redis.call('HGET', meta, 'last_t')
+if last and tonumber(last) > now then ts = last end
+for i = 0, n - 1 do
+  local b = 3 + i * 4
+  local args = {'XADD', log, sid(stop + i), 'e', ARGV[b], 'p', ARGV[b + 1], 't', ts}
+  if ARGV[b + 2] ~= '' then args[#args + 1] = 'k'; args[#args + 1] = string.sub(ARGV[b + 2], 2) end
+  if ARGV[b + 3] ~= '' then args[#args + 1] = 'h'; args[#args + 1] = string.sub(ARGV[b + 3], 2) end
+  redis.call(unpack(args))
+  redis.call('HSETNX', events, ARGV[b], '1')
+end
+redis.call('HSET', meta, 'end', stop + n, 'last_t', ts)
+if math.floor((stop + n) / 64) ~= math.floor(stop / 64) then
+  housekeep(now)
+else
+  local s = limit_floor(start, stop + n, c, now)
+  if c.retention == 'interest' and redis.call('SCARD', cursors) == 0 then s = stop + n end
+  if s ~= start then redis.call('HSET', meta, 'start', s) end
+end
+return {stop, ts}
+"""
+
+_BOUNDS = r"""
+local s, stop = housekeep(tonumber(ARGV[1]))
+return {s, stop}
+"""
+
+_ATTACH = r"""
+-- ARGV: cursor, kind, value, now, consumer, mode ('push'/'pull'), live prefix, then the 9 settings
+-- values. A cursor that exists keeps its place; it takes new settings only when no live
+-- consumer (of any broker) is attached to it.
+local c, who, mode, live = ARGV[1], ARGV[5], ARGV[6], ARGV[7]
+local K = ck(c, '')
+local r = redis.call('HMGET', K, 'pos', 'settings')
+if r[1] then
+  if r[2] ~= ARGV[15] then
+    local mem = redis.call('HGETALL', ck(c, ':mem'))
+    for i = 1, #mem, 2 do
+      if consumer_alive(live, mem[i]) then return redis.error_reply('CONFLICT ' .. r[2]) end
+      redis.call('HDEL', ck(c, ':mem'), mem[i])
+    end
+    settings_args(c, 8)
+    signal()
+  end
+  redis.call('HSET', ck(c, ':mem'), who, mode)
+  return {0, tonumber(r[1])}
+end
+local pos = resolve(ARGV[2], ARGV[3], tonumber(ARGV[4]))
+if type(pos) == 'table' then return pos end
+redis.call('HSET', K, 'pos', pos, 'delivered', 0, 'acked', 0, 'redelivered', 0, 'dead', 0,
+  'missed', 0, 'rseq', 0, 'rmin', 0, 'learned', 0, 'seq', redis.call('HINCRBY', meta, 'cseq', 1))
+settings_args(c, 8)
+redis.call('SADD', cursors, c)
+redis.call('HSET', ck(c, ':mem'), who, mode)
+return {1, pos}
+"""
+
+_RECONFIGURE = r"""
+-- ARGV: cursor, the settings json the change was computed from, then the 9 new settings values.
+-- Join and leave change the filter for every broker: a compare-and-set, {0, current} if the
+-- settings changed meanwhile.
+local c = ARGV[1]
+local current = redis.call('HGET', ck(c, ''), 'settings')
+if not current then return redis.error_reply('NOCURSOR ' .. c) end
+if current ~= ARGV[2] then return {0, current} end
+settings_args(c, 3)
+signal()
+return {1, false}
+"""
+
+_LEARN = r"""
+-- ARGV: cursor, settings json the names were computed for, count, then name, flag pairs
+local c = ARGV[1]
+local current = redis.call('HGET', ck(c, ''), 'settings')
+if not current then return redis.error_reply('NOCURSOR ' .. c) end
+if current ~= ARGV[2] then return {0, current} end
+local names = ck(c, ':names')
+for i = 4, #ARGV, 2 do redis.call('HSET', names, ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', ck(c, ''), 'learned', tonumber(ARGV[3]))
+return {1, current}
+"""
+
+_TAKE = r"""
+-- ARGV: cursor, consumer, max, settle ('1': a pull with automatic acks), now, scan limit
+local c, who, n, settle, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1', tonumber(ARGV[5])
+local limit = tonumber(ARGV[6])
+local cur = loadcur(c)
+if not cur then return redis.error_reply('NOCURSOR ' .. c) end
+if not known(cur) then return {'relearn', c} end
+local K = ck(c, '')
+local out, dead = {}, {}
+for _, o in ipairs(redis.call('ZRANGEBYSCORE', ck(c, ':tmo'), '-inf', ARGV[5])) do
+  if redis.call('HEXISTS', ck(c, ':own'), o) == 1 then
+    fail(c, cur, o, 'ack timeout', 0, nil, now, dead, who)
+  else
+    redis.call('ZREM', ck(c, ':tmo'), o)
+  end
+end
+local due = redis.call('ZRANGEBYSCORE', ck(c, ':due'), '-inf', ARGV[5], 'WITHSCORES')
+local ready = {}
+for i = 1, #due, 2 do ready[#ready + 1] = {tonumber(due[i + 1]), tonumber(due[i])} end
+table.sort(ready, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
+for _, item in ipairs(ready) do
+  redis.call('ZREM', ck(c, ':due'), item[2])
+  ready_append(c, item[2])
+end
+local function hold(o, att)
+  if settle then
+    forget(c, o)
+  else
+    redis.call('HSET', ck(c, ':own'), o, who)
+    redis.call('HSET', ck(c, ':sin'), o, ARGV[5])
+    if cur.manual and cur.timeout then redis.call('ZADD', ck(c, ':tmo'), fmt(now + cur.timeout), o) end
+  end
+end
+local redelivered = 0
+while #out < n do
+  local r = redis.call('ZRANGE', ck(c, ':rdy'), 0, 0)
+  if #r == 0 then break end
+  local o = tonumber(r[1])
+  redis.call('ZREM', ck(c, ':rdy'), o)
+  local att = redis.call('HINCRBY', ck(c, ':att'), o, 1)
+  if att > 1 then redelivered = redelivered + 1 end
+  hold(o, att)
+  local e = entry(o)
+  if e then out[#out + 1] = e end
+end
+local redeliveries = #out
+local pos = cur.pos
+local more = 0
+if #out < n then
+  local start, stop = bounds()
+  local s = limit_floor(start, stop, cfg(), now)
+  if s ~= start then redis.call('HSET', meta, 'start', s) end
+  local match = matcher(c, cur)
+  if pos < s then
+    redis.call('HINCRBY', K, 'missed', count(match, pos, s))
+    pos = s
+  end
+  local scanned = 0
+  while #out < n and pos < stop and scanned < limit do
+    local batch = n - #out
+    if match then batch = 256 end
+    local r = redis.call('XRANGE', log, sid(pos), sid(stop - 1), 'COUNT', batch)
+    if #r == 0 then pos = stop break end
+    for _, item in ipairs(r) do
+      if #out >= n then break end
+      local o = off(item[1])
+      local m = fields(item)
+      scanned = scanned + 1
+      pos = o + 1
+      if match == nil or match(m.e) then
+        if not settle then
+          redis.call('ZADD', ck(c, ':held'), o, o)
+          redis.call('HSET', ck(c, ':att'), o, 1)
+        end
+        hold(o, 1)
+        out[#out + 1] = {o, m.e, m.p, m.t, m.k or false, m.h or false}
+      end
+    end
+  end
+  if pos < stop and #out < n then more = 1 end
+  redis.call('HSET', K, 'pos', pos)
+end
+if #out > 0 then
+  redis.call('HINCRBY', K, 'delivered', #out)
+  if redelivered > 0 then redis.call('HINCRBY', K, 'redelivered', redelivered) end
+  if settle then redis.call('HINCRBY', K, 'acked', #out) end
+end
+local nd = next_due(c)
+local _, stop = bounds()
+return {'ok', out, redeliveries, dead, nd and fmt(nd) or false, stop, more}
+"""
+
+_ACK = r"""
+-- ARGV: cursor, offsets...
+local c = ARGV[1]
+if not redis.call('HGET', ck(c, ''), 'pos') then return redis.error_reply('NOCURSOR ' .. c) end
+for i = 2, #ARGV do
+  if not redis.call('ZSCORE', ck(c, ':held'), ARGV[i]) or redis.call('HEXISTS', ck(c, ':dit'), ARGV[i]) == 1 then
+    return redis.error_reply('NOTPENDING ' .. ARGV[i])
+  end
+end
+for i = 2, #ARGV do forget(c, ARGV[i]) end
+redis.call('HINCRBY', ck(c, ''), 'acked', #ARGV - 1)
+return 1
+"""
+
+_NACK = r"""
+-- ARGV: cursor, offset, delay, now, reason, consumer
+local c, o = ARGV[1], ARGV[2]
+local cur = loadcur(c)
+if not cur then return redis.error_reply('NOCURSOR ' .. c) end
+if not redis.call('ZSCORE', ck(c, ':held'), o) or redis.call('HEXISTS', ck(c, ':dit'), o) == 1 then
+  return redis.error_reply('NOTPENDING ' .. o)
+end
+if redis.call('HEXISTS', ck(c, ':own'), o) == 0 then return redis.error_reply('WAITING ' .. o) end
+local dead = {}
+fail(c, cur, o, ARGV[5], tonumber(ARGV[3]), nil, tonumber(ARGV[4]), dead, ARGV[6])
+signal()
+return dead
+"""
+
+_PUSH_DONE = r"""
+-- ARGV: cursor, consumer, now, done count, batch count, batch offsets..., failure count,
+-- (offset, error) pairs..., unprocessed offsets...
+local c, who, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local cur = loadcur(c)
+if not cur then return redis.error_reply('NOCURSOR ' .. c) end
+local done, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
+local at = 6
+local batch = {}
+for i = 1, nb do batch[i] = ARGV[at]; at = at + 1 end
+local nf = tonumber(ARGV[at]); at = at + 1
+local failed, failures = {}, {}
+for i = 1, nf do
+  failed[ARGV[at]] = true
+  failures[i] = {ARGV[at], ARGV[at + 1]}
+  at = at + 2
+end
+local unprocessed = {}
+while at <= #ARGV do unprocessed[#unprocessed + 1] = ARGV[at]; at = at + 1 end
+if not cur.manual then
+  for i = 1, done do
+    local o = batch[i]
+    if not failed[o] and redis.call('HGET', ck(c, ':own'), o) == who then forget(c, o) end
+  end
+  redis.call('HINCRBY', ck(c, ''), 'acked', done - nf)
+end
+local dead = {}
+for _, f in ipairs(failures) do
+  local o = f[1]
+  if redis.call('HGET', ck(c, ':own'), o) == who then
+    local att = num(redis.call('HGET', ck(c, ':att'), o), 1)
+    local delay = cur.b0 * cur.b1 ^ math.max(att - 1, 0)
+    if delay ~= delay or delay > cur.b2 then delay = cur.b2 end
+    fail(c, cur, o, 'callback raised', delay, f[2], now, dead, who)
+  end
+end
+give_back(c, cur, unprocessed, false)
+if #unprocessed > 0 or nf > 0 then signal() end
+return dead
+"""
+
+_GIVE_BACK = r"""
+-- ARGV: cursor, offsets...
+local c = ARGV[1]
+local cur = loadcur(c)
+if not cur then return redis.error_reply('NOCURSOR ' .. c) end
+local list = {}
+for i = 2, #ARGV do list[#list + 1] = ARGV[i] end
+give_back(c, cur, list, true)
+return 1
+"""
+
+_DETACH = r"""
+-- ARGV: cursor, consumer, closing broker ('1'), ephemeral ('1'), now, unread offsets...
+local c, who, closing, ephemeral, now = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4] == '1', tonumber(ARGV[5])
+local cur = loadcur(c)
+if not cur then return {} end
+local list = {}
+for i = 6, #ARGV do list[#list + 1] = ARGV[i] end
+give_back(c, cur, list, true)
+redis.call('HDEL', ck(c, ':mem'), who)
+local dit = redis.call('HGETALL', ck(c, ':dit'))
+for i = 1, #dit, 2 do
+  if dit[i + 1] == who then
+    redis.call('HDEL', ck(c, ':dit'), dit[i])
+    redis.call('HINCRBY', ck(c, ''), 'dead', -1)
+    ready_append(c, dit[i])
+  end
+end
+local dead = {}
+if ephemeral then
+  drop_cursor(c)
+  housekeep(now)
+  return dead
+end
+local own = redis.call('HGETALL', ck(c, ':own'))
+local mine = {}
+for i = 1, #own, 2 do if own[i + 1] == who then mine[#mine + 1] = tonumber(own[i]) end end
+table.sort(mine)
+for _, o in ipairs(mine) do
+  if closing then
+    redis.call('HDEL', ck(c, ':own'), o)
+    redis.call('ZREM', ck(c, ':tmo'), o)
+    ready_append(c, o)
+  else
+    fail(c, cur, o, 'subscription closed', 0, nil, now, dead, who)
+  end
+end
+if #mine > 0 then signal() end
+return dead
+"""
+
+_DELETE = r"""
+-- ARGV: cursor, now
+if redis.call('SISMEMBER', cursors, ARGV[1]) == 0 then return 0 end
+drop_cursor(ARGV[1])
+housekeep(tonumber(ARGV[2]))
+return 1
+"""
+
+_SEEK = r"""
+-- ARGV: cursor, kind, value, now
+local c = ARGV[1]
+if not redis.call('HGET', ck(c, ''), 'pos') then return redis.error_reply('NOCURSOR ' .. c) end
+local pos = resolve(ARGV[2], ARGV[3], tonumber(ARGV[4]))
+if type(pos) == 'table' then return pos end
+redis.call('HSET', ck(c, ''), 'pos', pos)
+signal()
+return pos
+"""
+
+_STATS = r"""
+-- ARGV: cursor, now: position, lag, pending, missed
+local c = ARGV[1]
+local cur = loadcur(c)
+if not cur then return redis.error_reply('NOCURSOR ' .. c) end
+if not known(cur) then return {'relearn', c} end
+local start, stop = bounds()
+local s = limit_floor(start, stop, cfg(), tonumber(ARGV[2]))
+local match = matcher(c, cur)
+local pos = cur.pos
+local missed = num(redis.call('HGET', ck(c, ''), 'missed'), 0) + count(match, pos, s)
+if pos < s then pos = s end
+return {'ok', pos, count(match, pos, stop), pending(c), missed}
+"""
+
+_SNAPSHOT = r"""
+-- ARGV: now. The queue's settings and bounds, and every cursor's figures.
+local s, stop = housekeep(tonumber(ARGV[1]))
+-- Named cursors first, then ephemeral ones, each in the order they were made (as in memory).
+local ids = {}
+for _, c in ipairs(redis.call('SMEMBERS', cursors)) do
+  ids[#ids + 1] = {string.sub(c, 1, 1) == 'e' and 1 or 0, num(redis.call('HGET', ck(c, ''), 'seq'), 0), c}
+end
+table.sort(ids, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
+for i, item in ipairs(ids) do ids[i] = item[3] end
+local rows = {}
+for _, c in ipairs(ids) do
+  local cur = loadcur(c)
+  if not known(cur) then return {'relearn', c} end
+  local h = redis.call('HMGET', ck(c, ''), 'settings', 'delivered', 'acked', 'redelivered', 'dead', 'missed')
+  rows[#rows + 1] = {c, h[1], cur.pos, count(matcher(c, cur), cur.pos, stop), pending(c),
+    tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), tonumber(h[6]),
+    redis.call('HGETALL', ck(c, ':mem'))}
+end
+local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
+return {'ok', s, stop, r, rows}
+"""
+
+_UNSETTLED = r"""
+-- ARGV: cursor, offset, now: whether something below offset still waits to be handled
+local c, below = ARGV[1], tonumber(ARGV[2])
+local cur = loadcur(c)
+if not cur then return 0 end
+if not known(cur) then return {'relearn', c} end
+for _, key in ipairs({ck(c, ':rdy'), ck(c, ':due')}) do
+  for _, o in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if tonumber(o) < below then return 1 end
+  end
+end
+local start, stop = bounds()
+local s = limit_floor(start, stop, cfg(), tonumber(ARGV[3]))
+local pos = cur.pos
+if pos < s then pos = s end
+if count(matcher(c, cur), pos, math.min(below, stop)) > 0 then return 1 end
+return 0
+"""
+
+_NEXT_DUE = r"""
+-- ARGV: include max_age ('1'), cursors...: the earliest timer among them, or false
+local due = nil
+for i = 2, #ARGV do
+  local d = next_due(ARGV[i])
+  if d and (due == nil or d < due) then due = d end
+end
+local c = cfg()
+if ARGV[1] == '1' and c.age then
+  local start, stop = bounds()
+  if start < stop then
+    local e = entry(start)
+    if e then
+      local d = tonumber(e[4]) + c.age
+      if due == nil or d < due then due = d end
+    end
+  end
+end
+if due == nil then return false end
+return fmt(due)
+"""
+
+_REAP = r"""
+-- ARGV: now, live prefix, the reaper's id. Release what dead brokers held: their consumers' OUT
+-- messages fail (counted against max_deliveries: a message that kills its consumer must not
+-- loop forever), the dead letters they had not published go back to the line, their ephemeral
+-- cursors go, and so do their memberships. Returns {cursor, dead letters} pairs.
+local now, live, reaper = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local out = {}
+local changed = false
+for _, c in ipairs(redis.call('SMEMBERS', cursors)) do
+  local bid = string.match(c, '^e([^.]*)%.')
+  if bid then
+    if not broker_alive(live, bid) then
+      drop_cursor(c)
+      changed = true
+    end
+  else
+    local cur = loadcur(c)
+    local mem = redis.call('HGETALL', ck(c, ':mem'))
+    for i = 1, #mem, 2 do
+      if not consumer_alive(live, mem[i]) then redis.call('HDEL', ck(c, ':mem'), mem[i]) end
+    end
+    local own = redis.call('HGETALL', ck(c, ':own'))
+    local gone = {}
+    for i = 1, #own, 2 do
+      if not consumer_alive(live, own[i + 1]) then gone[#gone + 1] = tonumber(own[i]) end
+    end
+    table.sort(gone)
+    local dead = {}
+    for _, o in ipairs(gone) do fail(c, cur, o, 'consumer died', 0, nil, now, dead, reaper) end
+    if #gone > 0 then changed = true end
+    local dit = redis.call('HGETALL', ck(c, ':dit'))
+    for i = 1, #dit, 2 do
+      if not consumer_alive(live, dit[i + 1]) then
+        redis.call('HDEL', ck(c, ':dit'), dit[i])
+        redis.call('HINCRBY', ck(c, ''), 'dead', -1)
+        ready_append(c, dit[i])
+        changed = true
+      end
+    end
+    if #dead > 0 then out[#out + 1] = {c, dead} end
+  end
+end
+if changed then
+  housekeep(now)
+  signal()
+end
+return out
+"""
+
+_DEAD_SENT = r"""
+-- ARGV: cursor, who, offsets published...: settle the dead letters ``who`` has published. One it
+-- could not publish stays held (in transit) until its consumer closes or its broker dies, and
+-- then comes back to the line: a letter may be published twice, never lost.
+local c, who = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  if redis.call('HGET', ck(c, ':dit'), ARGV[i]) == who then forget(c, ARGV[i]) end
+end
+return 1
+"""
+
+_PENDING = r"""
+-- ARGV: cursor. Each pending message (not the dead letters in transit), by offset:
+-- {offset, attempts, owner or false, since or false, due or false, entry}
+local c = ARGV[1]
+if not redis.call('HGET', ck(c, ''), 'pos') then return redis.error_reply('NOCURSOR ' .. c) end
+local out = {}
+for _, o in ipairs(redis.call('ZRANGE', ck(c, ':held'), 0, -1)) do
+  if redis.call('HEXISTS', ck(c, ':dit'), o) == 0 then
+    local e = entry(tonumber(o))
+    if e then
+      local due = redis.call('ZSCORE', ck(c, ':due'), o)
+      out[#out + 1] = {tonumber(o), num(redis.call('HGET', ck(c, ':att'), o), 0), redis.call('HGET', ck(c, ':own'), o),
+        redis.call('HGET', ck(c, ':sin'), o), due or false, e}
+    end
+  end
+end
+return out
+"""
+
+_BODIES = {
+    "pending": _PENDING,
+    "dead_sent": _DEAD_SENT,
+    "reap": _REAP,
+    "open": _OPEN,
+    "configure": _CONFIGURE,
+    "publish": _PUBLISH,
+    "bounds": _BOUNDS,
+    "attach": _ATTACH,
+    "reconfigure": _RECONFIGURE,
+    "learn": _LEARN,
+    "take": _TAKE,
+    "ack": _ACK,
+    "nack": _NACK,
+    "push_done": _PUSH_DONE,
+    "give_back": _GIVE_BACK,
+    "detach": _DETACH,
+    "delete": _DELETE,
+    "seek": _SEEK,
+    "stats": _STATS,
+    "snapshot": _SNAPSHOT,
+    "unsettled": _UNSETTLED,
+    "next_due": _NEXT_DUE,
+}
+
+SCRIPTS: dict[str, str] = {name: _PRELUDE + body for name, body in _BODIES.items()}
+"""Each operation's full script: the shared helpers, then its body."""
