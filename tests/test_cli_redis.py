@@ -1,0 +1,66 @@
+"""The mqlite command on a Redis URL: the commands that go through mqlite.Broker(url)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import mqlite
+from tests.redis_server import redis_server, require_redis
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_redis()
+    with redis_server(tmp_path_factory.mktemp("redis-cli")) as server:
+        yield server
+
+
+def mqlite_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqlite", *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def test_publish_info_seek_and_delete_subscription_on_a_redis_url(url: str) -> None:
+    with mqlite.Broker(url) as broker:
+        broker.subscribe("orders", name="billing", ack="manual").close()
+        published = mqlite_command("publish", url, "orders", "created", '{"id": 1}', "--json")
+        assert published.returncode == 0, published.stderr
+        worker = broker.subscribe("orders", name="billing", ack="manual")
+        taken = worker.get(timeout=5)
+        assert taken is not None
+        assert taken.payload == {"id": 1}
+        info = mqlite_command("info", url, "--json")
+        assert info.returncode == 0, info.stderr
+        [billing] = [s for s in json.loads(info.stdout)["subscriptions"] if s["name"] == "billing"]
+        assert billing["pending"] == 1
+        broker.subscribe("orders", name="audit", start="latest").close()
+        broker.publish("orders", "created", {"id": 2})
+        broker.publish("orders", "created", {"id": 3})
+        for position, expected in (("latest", 3), ("1", 1)):
+            seek = mqlite_command("seek", url, "orders", "audit", position)
+            assert seek.returncode == 0, seek.stderr
+            assert broker.info().subscription("orders", "audit").position == expected
+        # On a URL, seek attaches with the settings info() shows: other settings are refused, clearly.
+        refused = mqlite_command("seek", url, "orders", "billing", "earliest")
+        assert refused.returncode == 1
+        assert "different settings" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    deleted = mqlite_command("delete-subscription", url, "orders", "billing")
+    assert deleted.returncode == 0, deleted.stderr
+    with mqlite.Broker(url) as broker:
+        assert [s.name for s in broker.info().subscriptions] == ["audit"]
+
+
+def test_a_read_command_on_a_redis_url_says_what_it_cannot_do(url: str) -> None:
+    result = mqlite_command("tail", url, "orders")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Redis" in result.stderr
