@@ -588,10 +588,47 @@ def _message_line(message: mqlite.Message) -> str:
     return line
 
 
+def _show_message(message: mqlite.Message, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        _print_json(_message_document(message), out)
+    else:
+        print(_message_line(message), file=out, flush=True)
+
+
+def _tail_broker(args: Any, out: TextIO) -> int:
+    """``tail`` on a URL: an ephemeral subscription of its own, which consumes for no named one."""
+    start = _position(args.start) if args.start is not None else "earliest"
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    shown = 0
+    with _open_broker(args.target) as broker:
+        if args.queue not in {queue.name for queue in broker.info().queues}:
+            raise CommandError(f"queue {args.queue!r} does not exist on {args.target!r}")
+        with broker.subscribe(args.queue, events=args.events or None, start=start) as sub:
+            try:
+                while args.count is None or shown < args.count:
+                    want = TAIL_PAGE if args.count is None else min(TAIL_PAGE, args.count - shown)
+                    wait = 0.0
+                    if args.follow:
+                        wait = FOLLOW_POLL if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    messages = sub.poll(want, timeout=wait)  # waits on the broker, not on time
+                    for message in messages:
+                        _show_message(message, args.json, out)
+                    shown += len(messages)
+                    if len(messages) == want:
+                        continue
+                    if not args.follow or (deadline is not None and time.monotonic() >= deadline):
+                        break
+            except KeyboardInterrupt:
+                pass  # Ctrl-C is how a follow ends
+    return 0
+
+
 def _tail(args: Any, out: TextIO) -> int:
     events = _events(args.events)
     if args.count is not None and args.count < 0:
         raise CommandError(f"--count takes a number >= 0, got {args.count}")
+    if _is_url(args.target):
+        return _tail_broker(args, out)
     with _inspect(args.target, "tail") as inspector:
         offset = inspector.resolve(args.queue, _position(args.start) if args.start is not None else "earliest")
         deadline = None if args.timeout is None else time.monotonic() + args.timeout

@@ -59,8 +59,31 @@ def test_publish_info_seek_and_delete_subscription_on_a_redis_url(url: str) -> N
         assert [s.name for s in broker.info().subscriptions] == ["audit"]
 
 
+def test_tail_on_a_redis_url_prints_without_consuming_for_any_subscription(url: str) -> None:
+    with mqlite.Broker(url, namespace="tail") as broker:
+        worker = broker.subscribe("jobs", name="worker", ack="manual")
+        for i in range(3):
+            broker.publish("jobs", "resize" if i % 2 else "thumbnail", {"n": i})
+        tailed = mqlite_command("tail", url, "jobs", "--json", "--events", "resize")
+        # the namespace is the broker's: the command's default one has no queue "jobs"
+        assert tailed.returncode == 1
+        assert "does not exist" in tailed.stderr
+        assert [m.payload for m in worker.poll(10)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    with mqlite.Broker(url) as broker:
+        worker = broker.subscribe("jobs", name="worker", ack="manual")
+        for i in range(3):
+            broker.publish("jobs", "resize" if i % 2 else "thumbnail", {"n": i})
+        everything = mqlite_command("tail", url, "jobs", "--json")
+        assert everything.returncode == 0, everything.stderr
+        assert [json.loads(line)["payload"] for line in everything.stdout.splitlines()] == [{"n": i} for i in range(3)]
+        resized = mqlite_command("tail", url, "jobs", "--events", "resize", "--from", "1")
+        assert resized.returncode == 0, resized.stderr
+        assert [line.split("  ")[0] for line in resized.stdout.splitlines()] == ["1"]
+        assert [m.payload for m in worker.poll(10)] == [{"n": 0}, {"n": 1}, {"n": 2}]  # nothing consumed
+
+
 def test_a_read_command_on_a_redis_url_says_what_it_cannot_do(url: str) -> None:
-    result = mqlite_command("tail", url, "orders")
+    result = mqlite_command("pending", url, "orders", "billing")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Redis" in result.stderr
