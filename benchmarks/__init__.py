@@ -15,6 +15,7 @@ from benchmarks.durable import durable_scenario
 from benchmarks.fanout import fanout_scenario
 from benchmarks.harness import Mode, Scenario
 from benchmarks.memory import memory_scenario
+from benchmarks.on_redis import redis_scenario
 from benchmarks.publish import publish_scenario, scaling_scenario
 from benchmarks.selective import selective_scenario
 from benchmarks.threads import competing_scenario, cross_thread_scenario, latency_scenario
@@ -32,5 +33,6 @@ SCENARIOS: dict[str, Callable[[Mode], Scenario]] = {
     "memory": memory_scenario,
     "asyncio": asyncio_scenario,
     "durable": durable_scenario,
+    "redis": redis_scenario,
 }
-"""Every scenario, in the order of issue 3, then asyncio (issue 4) and durable (issue 5)."""
+"""Every scenario, in the order of issue 3, then asyncio (issue 4), durable (issue 5) and redis (issue 15)."""

@@ -1,8 +1,12 @@
 """Shared fixtures: every broker a test makes comes from ``make_broker`` and is closed afterwards.
 
-``make_broker`` is parametrized over the backends: ``memory`` (``Broker()``) and ``file``
-(``Broker(path)`` on SQLite), so every test that uses it runs against both. A test that only
-makes sense in memory marks itself ``@pytest.mark.memory_only``.
+``make_broker`` is parametrized over the backends: ``memory`` (``Broker()``), ``file``
+(``Broker(path)`` on SQLite) and ``redis`` (``Broker("redis://...", namespace=...)`` on one
+redis-server per test session, a fresh namespace per broker), so every test that uses it runs
+against all three. A test that only makes sense in memory marks itself
+``@pytest.mark.memory_only``; one that Redis cannot run marks itself
+``@pytest.mark.not_redis(reason)``. The ``redis`` backend skips, saying why, without
+``redis-server`` or redis-py, and fails instead under ``CI=true`` (``tests/redis_server.py``).
 
 Virtual time comes from mqlite's own pytest plugin (``mqlite.testing``): ``jumping_broker`` is a
 ``make_broker`` broker on the plugin's ``mqlite_clock``, an autojumping ``VirtualClock``, so it
@@ -11,6 +15,8 @@ too runs on both backends. The plugin's ``mqlite_broker`` is in memory only unle
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,27 +25,87 @@ import pytest
 
 import mqlite
 from mqlite.testing import VirtualClock
+from tests.redis_server import redis_server, require_redis
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the whole session (a free loopback port, its own folder); its URL.
+
+    Skips (fails under ``CI=true``) when ``redis-server`` or redis-py is missing.
+    """
+    require_redis()
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+REDIS_FILES = frozenset(
+    {
+        "test_acks.py",
+        "test_asyncio.py",
+        "test_closing.py",
+        "test_delivery.py",
+        "test_fanout.py",
+        "test_filters.py",
+        "test_info.py",
+        "test_message_attempt.py",
+        "test_pending_messages.py",
+        "test_publish.py",
+        "test_push.py",
+        "test_retention.py",
+        "test_subscriptions.py",
+    }
+)
+"""The files whose ``make_broker`` tests run on the ``redis`` backend: the delivery contract.
+
+The others (hostile and bad input, engine internals, record() and Faults, stress) pay a round
+trip per call for checks that the engine's own tests or the contract files already cover; CI's
+time budget keeps them on memory and file (they are deselected). ``MQLITE_REDIS_BACKEND=all``
+runs every file on Redis.
+"""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the ``redis`` backend's runs outside :data:`REDIS_FILES` (one line in the summary)."""
+    if os.environ.get("MQLITE_REDIS_BACKEND") == "all":
+        return
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_redis = callspec is not None and callspec.params.get("backend") == "redis"
+        (dropped if on_redis and item.path.name not in REDIS_FILES else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Which storage the brokers of this test use."""
-    if request.param == "file" and request.node.get_closest_marker("memory_only"):
+    if request.param != "memory" and request.node.get_closest_marker("memory_only"):
         pytest.skip("in-memory behaviour only")
+    if request.param == "redis":
+        marker = request.node.get_closest_marker("not_redis")
+        if marker is not None:
+            pytest.skip(f"not on Redis: {marker.args[0] if marker.args else marker.kwargs['reason']}")
+        request.getfixturevalue("redis_url")  # skips here, before the test, without a server
     return str(request.param)
 
 
 @pytest.fixture
-def make_broker(backend: str, tmp_path: Path) -> Iterator[Callable[..., mqlite.Broker]]:
+def make_broker(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., mqlite.Broker]]:
     """A factory: ``make_broker(clock=..., dispatcher=...)`` returns a broker closed at teardown.
 
-    On the ``file`` backend each broker gets its own new file.
+    On the ``file`` backend each broker gets its own new file; on ``redis`` its own namespace.
     """
     brokers: list[mqlite.Broker] = []
+    server = request.getfixturevalue("redis_url") if backend == "redis" else ""
 
     def factory(**kwargs: Any) -> mqlite.Broker:
         if backend == "file":
             broker = mqlite.Broker(tmp_path / f"broker{len(brokers)}.mqlite", **kwargs)
+        elif backend == "redis":
+            broker = mqlite.Broker(server, namespace=f"t{uuid.uuid4().hex[:12]}", **kwargs)
         else:
             broker = mqlite.Broker(**kwargs)
         brokers.append(broker)

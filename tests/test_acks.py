@@ -241,6 +241,7 @@ def test_a_blocked_get_wakes_when_a_nack_delay_passes(broker: mqlite.Broker) -> 
 DAY = 24 * 3600.0
 
 
+@pytest.mark.not_redis("record() hooks engines that decide in Python (DeliveryCore); the Redis engine decides in Lua")
 def test_an_unacked_message_is_redelivered_after_a_24_hour_ack_timeout(
     jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:
@@ -436,6 +437,7 @@ def test_a_dead_lettered_message_can_no_longer_be_acked(broker: mqlite.Broker) -
         sub.ack(message)
 
 
+@pytest.mark.not_redis("record() hooks engines that decide in Python (DeliveryCore); the Redis engine decides in Lua")
 def test_ack_timeouts_count_towards_max_deliveries(jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock) -> None:
     history = record(jumping_broker)
     dead = jumping_broker.subscribe("q.dead-letter", name="inspector")
@@ -503,6 +505,7 @@ def test_backoff_grows_between_failed_tries(manual_broker: mqlite.Broker, clock:
     assert gaps == [1.0, 2.0, 3.0, 3.0]
 
 
+@pytest.mark.not_redis("record() hooks engines that decide in Python (DeliveryCore); the Redis engine decides in Lua")
 def test_a_callback_that_always_raises_ends_in_the_dead_letter_queue(
     manual_broker: mqlite.Broker, clock: mqlite.ManualClock
 ) -> None:
@@ -624,6 +627,7 @@ def test_drain_waits_through_retries_until_the_message_is_dead_lettered(broker: 
     assert broker.info().subscription("q", "n").dead_lettered == 1
 
 
+@pytest.mark.not_redis("record() hooks engines that decide in Python (DeliveryCore); the Redis engine decides in Lua")
 def test_drain_on_a_jumping_clock_waits_out_an_hour_of_backoff_on_push_threads(
     jumping_broker: mqlite.Broker, mqlite_clock: VirtualClock
 ) -> None:

@@ -1,8 +1,8 @@
 """The Redis Streams engine (issue #15) against redis-server processes that the tests start themselves.
 
-Brokers open on ``RedisEngine`` through ``tests.redis_processes.open_engine`` (patched over
-``mqlite.broker._open_engine``) until ``Broker`` routes ``redis://`` URLs itself. Each factory
-call uses a fresh key namespace, so tests share one server without seeing each other's queues.
+Brokers open with ``mqlite.Broker(url, namespace=...)``, the URL carrying a short heartbeat
+(``?heartbeat=0.5``). Each factory call uses a fresh key namespace, so tests share one server
+without seeing each other's queues.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import mqlite
+import mqlite.testing
 from mqlite.testing import check_engine
 from mqlite.testing.conformance import CHECKS
 from tests import redis_processes
@@ -28,45 +29,35 @@ from tests.redis_server import _free_port, redis_server, require_redis
 WAIT = 10.0
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One redis-server for the module, on a free loopback port with its own data folder."""
-    require_redis()
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
+@pytest.fixture
+def server(redis_url: str) -> str:
+    """The session's redis-server (``tests/conftest.py``); each test uses namespaces of its own."""
+    return redis_url
 
 
 class RedisBrokers:
     """Factories for brokers on one server: ``open`` uses a new namespace, ``again`` the latest one."""
 
-    def __init__(self, url: str, options: str = "") -> None:
-        self.server = url
-        self.options = options
+    def __init__(self, server: str, query: str = "") -> None:
+        self.server = server
+        self.url = server + query  # what Broker and the child processes open
         self.namespace = ""
         self.opened: list[mqlite.Broker] = []
-
-    @property
-    def url(self) -> str:
-        """The latest namespace's URL, as ``Broker`` (patched) takes it."""
-        return f"{self.server}#{self.namespace}{self.options}"
 
     def open(self, **kwargs: Any) -> mqlite.Broker:
         self.namespace = f"t{uuid.uuid4().hex[:8]}"
         return self.again(**kwargs)
 
     def again(self, **kwargs: Any) -> mqlite.Broker:
-        broker = mqlite.Broker(self.url, **kwargs)
+        broker = mqlite.Broker(self.url, namespace=self.namespace, **kwargs)
         self.opened.append(broker)
         return broker
 
 
 @pytest.fixture
-def brokers(server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisBrokers]:
+def brokers(server: str) -> Iterator[RedisBrokers]:
     """Brokers on the module's server (heartbeat 0.5 s), all closed at teardown."""
-    from mqlite import broker as broker_module
-
-    monkeypatch.setattr(broker_module, "_open_engine", redis_processes.open_engine)
-    factory = RedisBrokers(server, ";heartbeat=0.5")
+    factory = RedisBrokers(server, "?heartbeat=0.5")
     yield factory
     for broker in reversed(factory.opened):
         broker.close()
@@ -75,7 +66,7 @@ def brokers(server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisBroke
 def redis_client(url: str) -> Any:
     import redis
 
-    return redis.Redis.from_url(url.partition("#")[0], socket_timeout=5.0)
+    return redis.Redis.from_url(url, socket_timeout=5.0)
 
 
 # -- the contract --------------------------------------------------------------------------------
@@ -100,14 +91,11 @@ def test_a_server_that_may_evict_keys_is_refused_with_storage_error(brokers: Red
         client.close()
 
 
-def test_an_unreachable_server_raises_storage_error_at_open(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_server_raises_storage_error_at_open() -> None:
     require_redis()
-    from mqlite import broker as broker_module
-
-    monkeypatch.setattr(broker_module, "_open_engine", redis_processes.open_engine)
     began = time.monotonic()
     with pytest.raises(mqlite.StorageError, match=r"Redis at redis://127\.0\.0\.1"):
-        mqlite.Broker(f"redis://127.0.0.1:{_free_port()}/0#x")
+        mqlite.Broker(f"redis://127.0.0.1:{_free_port()}/0", namespace="x")
     assert time.monotonic() - began < WAIT
 
 
@@ -121,6 +109,30 @@ def test_a_url_that_is_not_redis_is_refused() -> None:
         RedisEngine("redis://localhost:6379", namespace="")
     with pytest.raises(mqlite.InvalidArgument, match="heartbeat must be"):
         RedisEngine("redis://localhost:6379", heartbeat=0)
+    with pytest.raises(mqlite.InvalidArgument, match="heartbeat must be"):
+        RedisEngine("redis://localhost:6379?heartbeat=-1")
+    with pytest.raises(mqlite.InvalidArgument, match="heartbeat in the Redis URL must be a number"):
+        RedisEngine("redis://localhost:6379?heartbeat=soon")
+    with pytest.raises(mqlite.InvalidArgument, match="given both as an argument and in the Redis URL"):
+        RedisEngine("redis://localhost:6379?heartbeat=1", heartbeat=2)
+    with pytest.raises(mqlite.InvalidArgument, match="gives heartbeat= twice"):
+        RedisEngine("redis://localhost:6379?heartbeat=1&heartbeat=2")
+
+
+def test_url_options_reach_the_engine_and_the_rest_of_the_query_reaches_redis_py(server: str) -> None:
+    with mqlite.Broker(f"{server[:-2]}/3?heartbeat=0.25&socket_timeout=2&client_name=mq-test", namespace="o") as broker:
+        engine: Any = broker._engine
+        assert (engine._heartbeat, engine._socket_timeout) == (0.25, 2.0)
+        broker.publish("q", "e", 1)
+        client = redis_client(server[:-2] + "/3")
+        try:
+            assert client.exists("o:{q}:meta") == 1, "db 3 of the URL is the one written"
+            names = {row.get("name") for row in client.client_list()}
+            assert "mq-test" in names, "redis-py's own query parameters still apply"
+            ttl = client.pttl(f"o:live:{engine.broker_id}")
+            assert 0 < ttl <= 250, "the heartbeat key lives as long as the URL's heartbeat"
+        finally:
+            client.close()
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -217,9 +229,8 @@ def test_competing_consumer_processes_each_get_every_message_once(brokers: Redis
     broker.subscribe("q", name="workers", ack="manual").close()  # the name exists before publishing
     context = spawn()
     acks, ready, stop = context.Queue(), context.Barrier(4), context.Event()
-    children = [
-        context.Process(target=redis_processes.consume, args=(brokers.url, acks, ready, stop, 10)) for _ in range(3)
-    ]
+    arguments = (brokers.url, brokers.namespace, acks, ready, stop, 10)
+    children = [context.Process(target=redis_processes.consume, args=arguments) for _ in range(3)]
     for child in children:
         child.start()
     try:
@@ -252,7 +263,7 @@ def test_a_publish_in_one_process_wakes_a_reader_in_another(brokers: RedisBroker
     broker = brokers.open()
     context = spawn()
     ready, results = context.Event(), context.Queue()
-    child = context.Process(target=redis_processes.wait_for_one, args=(brokers.url, ready, results))
+    child = context.Process(target=redis_processes.wait_for_one, args=(brokers.url, brokers.namespace, ready, results))
     child.start()
     try:
         assert ready.wait(WAIT)
@@ -273,7 +284,7 @@ def test_a_killed_consumers_messages_go_to_the_others_after_its_heartbeat(broker
     broker.queue("q").publish_many([("job", i) for i in range(5)])
     context = spawn()
     results = context.Queue()
-    child = context.Process(target=redis_processes.take_and_hang, args=(brokers.url, 5, results))
+    child = context.Process(target=redis_processes.take_and_hang, args=(brokers.url, brokers.namespace, 5, results))
     child.start()
     try:
         taken = results.get(timeout=WAIT)
@@ -315,7 +326,7 @@ def test_an_ephemeral_reader_of_a_killed_broker_stops_pinning_retention(brokers:
     queue = broker.queue("q")  # interest retention: kept while some cursor will read it
     context = spawn()
     results = context.Queue()
-    child = context.Process(target=redis_processes.read_and_hang, args=(brokers.url, results))
+    child = context.Process(target=redis_processes.read_and_hang, args=(brokers.url, brokers.namespace, results))
     child.start()
     try:
         assert results.get(timeout=WAIT) == "reading"
@@ -343,17 +354,12 @@ def test_an_ephemeral_reader_of_a_killed_broker_stops_pinning_retention(brokers:
 # -- the server going away -----------------------------------------------------------------------
 
 
-def test_a_server_that_stops_raises_storage_error_and_the_broker_recovers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_server_that_stops_raises_storage_error_and_the_broker_recovers(tmp_path: Path) -> None:
     require_redis()
-    from mqlite import broker as broker_module
-
-    monkeypatch.setattr(broker_module, "_open_engine", redis_processes.open_engine)
     port = _free_port()
     options = ("--appendonly", "yes", "--appendfsync", "always")
     with redis_server(tmp_path, *options, port=port) as url:
-        broker = mqlite.Broker(f"{url}#x;heartbeat=0.5;socket_timeout=1")
+        broker = mqlite.Broker(f"{url}?heartbeat=0.5&socket_timeout=1", namespace="x")
         sub = broker.subscribe("q", name="n", ack="manual")
         broker.publish("q", "e", 0)
     try:
@@ -371,16 +377,11 @@ def test_a_server_that_stops_raises_storage_error_and_the_broker_recovers(
         broker.close()
 
 
-def test_a_killed_server_with_aof_always_keeps_everything_acknowledged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_killed_server_with_aof_always_keeps_everything_acknowledged(tmp_path: Path) -> None:
     require_redis()
-    from mqlite import broker as broker_module
-
-    monkeypatch.setattr(broker_module, "_open_engine", redis_processes.open_engine)
     port = _free_port()
     options = ("--appendonly", "yes", "--appendfsync", "always")
-    with redis_server(tmp_path, *options, port=port) as url, mqlite.Broker(f"{url}#x") as broker:
+    with redis_server(tmp_path, *options, port=port) as url, mqlite.Broker(url, namespace="x") as broker:
         sub = broker.subscribe("q", name="n", ack="manual")
         broker.queue("q").publish_many([("e", i) for i in range(100)])
         taken = sub.poll(max_messages=10, timeout=0)
@@ -389,7 +390,7 @@ def test_a_killed_server_with_aof_always_keeps_everything_acknowledged(
         pid = client.info("server")["process_id"]
         client.close()
         os.kill(pid, signal.SIGKILL)
-    with redis_server(tmp_path, *options, port=port) as url, mqlite.Broker(f"{url}#x") as broker:
+    with redis_server(tmp_path, *options, port=port) as url, mqlite.Broker(url, namespace="x") as broker:
         info = broker.info()
         assert info.queue("q").end_offset == 100
         row = info.subscription("q", "n")
@@ -521,3 +522,33 @@ def test_pending_messages_name_the_other_broker_that_holds_one(brokers: RedisBro
     assert listed[1].holder.startswith("broker "), listed[1].holder
     assert listed[1].held_since == clock.time()
     assert [p.holder for p in in_first.pending_messages()] == [None, in_first._label]
+
+
+# -- what Redis does differently ------------------------------------------------------------------
+
+
+def test_record_and_faults_refuse_a_redis_broker_with_a_type_error_naming_the_engine(
+    brokers: RedisBrokers,
+) -> None:
+    broker = brokers.open()
+    broker.queue("q")
+    with pytest.raises(TypeError, match=r"DeliveryCore; RedisQueue of queue 'q' is not one"):
+        mqlite.testing.record(broker)
+    with pytest.raises(TypeError, match=r"DeliveryCore; RedisQueue of queue 'q' is not one"):
+        brokers.open(faults=mqlite.testing.Faults(seed=1, duplicate=0.5)).queue("q")
+
+
+def test_a_long_run_with_limits_keeps_the_stream_itself_bounded(brokers: RedisBrokers) -> None:
+    broker = brokers.open()
+    queue = broker.queue("q", retention="limits", max_messages=100)
+    broker.subscribe("q", name="never-reads")
+    client = redis_client(brokers.server)
+    longest = 0
+    try:
+        for i in range(30):
+            queue.publish_many([("e", j) for j in range(i * 100, i * 100 + 100)])
+            longest = max(longest, client.xlen(f"{brokers.namespace}:{{q}}:log"))
+    finally:
+        client.close()
+    assert len(queue) == 100
+    assert longest <= 100 + 100 + 64, "the trim runs every 64 offsets: at most a batch and 64 over the limit"

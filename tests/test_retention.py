@@ -216,6 +216,7 @@ def test_info_reports_retention_settings(broker: mqlite.Broker) -> None:
 # -- bounded memory -------------------------------------------------------------------
 
 
+@pytest.mark.not_redis("100,000 round trips; test_redis_engine.py checks the bound on the stream itself")
 def test_a_long_run_with_limits_holds_bounded_memory(broker: mqlite.Broker) -> None:
     queue = broker.queue("q", retention="limits", max_messages=1000)
     broker.subscribe("q", name="never-reads")
@@ -230,6 +231,7 @@ def test_a_long_run_with_limits_holds_bounded_memory(broker: mqlite.Broker) -> N
     assert stored(queue) <= 10_000
 
 
+@pytest.mark.not_redis("100,000 round trips; test_redis_engine.py checks the bound on the stream itself")
 def test_a_long_run_with_an_up_to_date_reader_holds_bounded_memory(broker: mqlite.Broker) -> None:
     queue = broker.queue("q")
     sub = broker.subscribe("q", name="reader")
@@ -242,6 +244,7 @@ def test_a_long_run_with_an_up_to_date_reader_holds_bounded_memory(broker: mqlit
     assert most <= 10_000
 
 
+@pytest.mark.not_redis("100,000 round trips; test_redis_engine.py checks the bound on the stream itself")
 def test_a_long_run_with_max_age_holds_bounded_memory(make_broker, clock: mqlite.ManualClock) -> None:
     broker = make_broker(clock=clock)
     queue = broker.queue("q", retention="limits", max_age=1.0)

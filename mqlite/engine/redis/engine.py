@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import attrs
 import redis
@@ -53,7 +53,7 @@ from mqlite.errors import (
 )
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.info import PendingMessage
-from mqlite.message import Message, MessageMeta, check_header_names, make_meta, message_class
+from mqlite.message import Message, MessageMeta, check_header_names, make_meta, message_class, redelivery
 
 __all__ = ["RedisEngine", "RedisQueue"]
 
@@ -86,18 +86,21 @@ class RedisEngine:
         *,
         namespace: str = "mq",
         serializer: Serializer | None = None,
-        socket_timeout: float = 5.0,
-        heartbeat: float = 5.0,
+        socket_timeout: float | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         """Connect to ``url`` (``redis://``, ``rediss://`` or ``unix://``) and check the server.
 
         Args:
-            url: the server, as redis-py's ``Redis.from_url`` takes it.
+            url: the server, as redis-py's ``Redis.from_url`` takes it, plus mqlite's own query
+                parameters ``heartbeat`` and ``socket_timeout`` (``redis://h:6379/0?heartbeat=0.5``),
+                which ``Broker(url)`` can pass no other way.
             namespace: the prefix of every key, so that several applications can share a server.
             serializer: how payloads, keys and headers are stored (default JSON).
-            socket_timeout: bound, in seconds, of every call to the server.
-            heartbeat: this broker's liveness TTL, in seconds: once it has not refreshed it for
-                that long (it died, say), other brokers release what its consumers held.
+            socket_timeout: bound, in seconds, of every call to the server (default 5).
+            heartbeat: this broker's liveness TTL, in seconds (default 5): once it has not
+                refreshed it for that long (it died, say), other brokers release what its
+                consumers held.
 
         Raises:
             InvalidArgument: ``url``, ``namespace`` or a timeout is not usable.
@@ -107,10 +110,14 @@ class RedisEngine:
             raise InvalidArgument(f"a Redis URL starts with redis://, rediss:// or unix://, got {url!r}")
         if not isinstance(namespace, str) or not namespace:
             raise InvalidArgument(f"namespace must be a non-empty str, got {namespace!r}")
+        server_url, options = _split_options(url)
+        socket_timeout = _option("socket_timeout", socket_timeout, options, 5.0)
+        heartbeat = _option("heartbeat", heartbeat, options, 5.0)
         for label, value in (("socket_timeout", socket_timeout), ("heartbeat", heartbeat)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400:
                 raise InvalidArgument(f"{label} must be a number of seconds in (0, 86400), got {value!r}")
         self._url = url
+        self._server_url = server_url
         self._namespace = encode_part(namespace)
         self._serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self.broker_id = uuid.uuid4().hex[:16]
@@ -120,7 +127,7 @@ class RedisEngine:
         self._block_ms = max(10, min(_WATCH_BLOCK_MS, int(self._heartbeat * 1000 / 3)))
         try:
             self._client: redis.Redis = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+                server_url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
             )
         except ValueError as error:
             raise InvalidArgument(f"cannot use the Redis URL {url!r}: {error}") from None
@@ -212,6 +219,10 @@ class RedisEngine:
             self._closed = True
             queues = list(self._queues.values())
         self._stop.set()
+        try:  # interrupt the watcher's blocking read, so that closing does not wait it out
+            self._client.xadd(self._wake_key, {"q": b""}, maxlen=16, approximate=True)
+        except redis.exceptions.RedisError:
+            pass  # the server is gone: the read ends with an error, or within its block time
         self._watcher.join(self._socket_timeout + self._block_ms / 1000)
         for queue in queues:
             queue._keep_last_snapshot()
@@ -254,7 +265,7 @@ class RedisEngine:
         it refreshes the heartbeat (every third of its TTL) and, once per TTL, releases what dead
         brokers' consumers held on the open queues.
         """
-        reader = redis.Redis.from_url(self._url, socket_timeout=self._socket_timeout + self._block_ms / 1000)
+        reader = redis.Redis.from_url(self._server_url, socket_timeout=self._socket_timeout + self._block_ms / 1000)
         beat_every = self._heartbeat / 3
         last_beat = last_reap = time.monotonic()
         try:
@@ -324,6 +335,43 @@ class RedisEngine:
             _redis_error(self._url, error)
 
 
+_URL_OPTIONS = ("heartbeat", "socket_timeout")  # query parameters the engine reads, not redis-py
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without mqlite's own query parameters, and those parameters by name.
+
+    Raises:
+        InvalidArgument: one of them is given twice.
+    """
+    parts = urlsplit(url)
+    kept: list[tuple[str, str]] = []
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in _URL_OPTIONS:
+            kept.append((name, value))
+        elif name in options:
+            raise InvalidArgument(f"the Redis URL gives {name}= twice: {url!r}")
+        else:
+            options[name] = value
+    if not options:
+        return url, options
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
+
+
+def _option(name: str, given: float | None, options: dict[str, str], default: float) -> float:
+    """An engine option from its keyword argument or the URL's query (not both), else ``default``."""
+    text = options.get(name)
+    if text is None:
+        return default if given is None else given
+    if given is not None:
+        raise InvalidArgument(f"{name} is given both as an argument and in the Redis URL; give it once")
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(f"{name} in the Redis URL must be a number of seconds, got {text!r}") from None
+
+
 class _ScriptRefusal(Exception):
     """A script refused an operation before changing anything: ``code`` says why."""
 
@@ -386,8 +434,8 @@ class RedisQueue:
     """One queue on a Redis server. Thread-safe: the server serializes every script.
 
     ``_lock`` guards ``_cursors``, ``_cursor_ids``, ``_consumers``, the local cursors' members and
-    ``inflight``, ``_waiters``, ``_changes``, ``_push_epoch``, ``_watched``, ``_closed``, ``_config``
-    and ``_last``.
+    ``inflight``, ``_waiters``, ``_changes``, ``_push_epoch``, ``_taking``, ``_watched``, ``_closed``,
+    ``_config`` and ``_last``; ``_took`` (a condition on it) is notified when a push take ends.
     No script and no user code runs under it.
     """
 
@@ -410,6 +458,8 @@ class RedisQueue:
         self._waiters = Waiters()
         self._changes = 0  # how many foreign changes the watcher has seen: the waiters' seen token
         self._push_epoch = 0  # push batches begun and settled here: what a drain's check must not straddle
+        self._taking: dict[int, int] = {}  # id(cursor) -> push takes on their way to the server
+        self._took = threading.Condition(self._lock)
         self._closed = False
         self._last: QueueSnapshot | None = None
         stored = engine.run("open", self._keys, [*_config_args(config), f"{engine._namespace}:queues", name])
@@ -696,7 +746,10 @@ class RedisQueue:
                 _SCAN_LIMIT,
             )
             _, entries, _redelivered, letters, next_due, _end, more = reply
-            messages += [self._message(entry) for entry in entries]
+            for entry in entries:
+                message = self._message(entry)
+                # A redelivery (first in the reply) carries its attempt as a seventh field.
+                messages.append(redelivery(message, entry[6]) if len(entry) > 6 and entry[6] > 1 else message)
             dead += letters
             due = None if next_due is None else float(next_due)
             if not more:
@@ -705,7 +758,7 @@ class RedisQueue:
         return messages, due
 
     def _message(self, entry: list[Any]) -> Message:
-        offset, event, payload, stamp, key, headers = entry
+        offset, event, payload, stamp, key, headers = entry[:6]
         return decode_row(
             self._serializer,
             self.message_class,
@@ -810,11 +863,13 @@ class RedisQueue:
 
     def _push_batch(self, consumer: Consumer, max_messages: int) -> tuple[list[Message], float | None]:
         cursor = consumer._cursor
+        key = id(cursor)
         with self._lock:
             members = len(cursor.members)
             # Counted in flight before the take moves the position, so that a drain never sees
             # the messages neither unread nor in flight.
             cursor.inflight += 1
+            self._taking[key] = self._taking.get(key, 0) + 1
         batch: list[Message] = []
         try:
             batch, due = self._take(consumer, policy.push_batch_size(max_messages, members), True)
@@ -824,7 +879,24 @@ class RedisQueue:
                     self._push_epoch += 1
                 else:
                     cursor.inflight -= 1
+                left = self._taking[key] - 1
+                if left:
+                    self._taking[key] = left
+                else:
+                    del self._taking[key]
+                self._took.notify_all()
         return batch, due
+
+    def _quiet_state_locked(self, cursor: Cursor) -> tuple[int, int] | None:
+        """``(inflight, push epoch)`` once no push take of ``cursor`` is on its way (``_lock`` held).
+
+        A take that comes back empty leaves both as they were, so a drain's check need not
+        count it as a batch in flight; one that brings a batch bumps the epoch, and its
+        settlement notes progress. None if a take is still out after a call's timeout.
+        """
+        if not self._took.wait_for(lambda: id(cursor) not in self._taking, self._engine._socket_timeout + 1.0):
+            return None
+        return cursor.inflight, self._push_epoch
 
     def push_or_wait(
         self, consumer: Consumer, max_messages: int, wake: Callable[[], object]
@@ -869,13 +941,23 @@ class RedisQueue:
         """Settle a push batch: successes acked (automatic acks), failures retried or dead-lettered,
         and what the callback never saw back to the front of the line."""
         cursor = consumer._cursor
+        with self._lock:
+            cid = self._cursor_ids.get(id(cursor))
+        if cid is None:
+            # An ephemeral subscription closed while its batch ran (its broker closing, say):
+            # its cursor and what it held went with the detach, so there is nothing to settle.
+            with self._lock:
+                cursor.inflight -= 1
+                self._push_epoch += 1
+                self._waiters.wake_all()
+            return
         errors = []
         for message, error in failures:
             errors += [message[2], repr(error)]
         try:
             dead = self._run(
                 "push_done",
-                self._cid(consumer),
+                cid,
                 self._consumer_id(consumer),
                 self._now(),
                 len(batch) - len(unprocessed),
@@ -891,7 +973,7 @@ class RedisQueue:
                 self._push_epoch += 1
                 if unprocessed or failures:
                     self._waiters.wake_all()
-        self._send_dead(cursor, dead, self._cid(consumer), self._consumer_id(consumer))
+        self._send_dead(cursor, dead, cid, self._consumer_id(consumer))
 
     def give_back(self, consumer: Consumer) -> None:
         """Return what ``consumer`` read ahead and never handed to user code, to the front of the line."""
@@ -1166,11 +1248,11 @@ class RedisQueue:
             # around it: a take moves the position before its batch runs, a settlement makes
             # failures ready after it.
             with self._lock:
-                before = (cursor.inflight, self._push_epoch)
-            if before[0] or self._relearning("unsettled", cid, offset, self._now()):
+                before = self._quiet_state_locked(cursor)
+            if before is None or before[0] or self._relearning("unsettled", cid, offset, self._now()):
                 return candidates[index:]
             with self._lock:
-                if (cursor.inflight, self._push_epoch) != before:
+                if self._quiet_state_locked(cursor) != before:
                     return candidates[index:]
         return []
 

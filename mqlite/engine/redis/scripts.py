@@ -420,7 +420,7 @@ while #out < n do
   if att > 1 then redelivered = redelivered + 1 end
   hold(o, att)
   local e = entry(o)
-  if e then out[#out + 1] = e end
+  if e then e[7] = att out[#out + 1] = e end
 end
 local redeliveries = #out
 local pos = cur.pos
