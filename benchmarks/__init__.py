@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.aio import asyncio_scenario
+from benchmarks.compat import compat_scenario
 from benchmarks.durable import durable_scenario
 from benchmarks.fanout import fanout_scenario
 from benchmarks.harness import Mode, Scenario
@@ -34,5 +35,7 @@ SCENARIOS: dict[str, Callable[[Mode], Scenario]] = {
     "asyncio": asyncio_scenario,
     "durable": durable_scenario,
     "redis": redis_scenario,
+    "compat": compat_scenario,
 }
-"""Every scenario, in the order of issue 3, then asyncio (issue 4), durable (issue 5) and redis (issue 15)."""
+"""Every scenario, in the order of issue 3, then asyncio (issue 4), durable (issue 5), redis (issue 15)
+and the compat faces (issue 19)."""
