@@ -131,15 +131,15 @@ def check_subscribe(
     dead_letter: str | None,
     backoff: object,
     loop: object,
-) -> tuple[Start, SubscriptionSettings, asyncio.AbstractEventLoop | None, bool]:
+) -> tuple[Start | None, SubscriptionSettings, asyncio.AbstractEventLoop | None, bool]:
     """Check the arguments of ``Broker.subscribe``, all before anything attaches.
 
-    Returns the start, the cursor's settings, the event loop (the running one if none was
+    Returns the start (None: the queue's default), the cursor's settings, the event loop (the running one if none was
     given) and whether ``callback`` is a coroutine function.
     """
     check_name("queue", queue)
     event_filter = EventFilter(events)
-    start = check_start(start)
+    checked_start = None if start is None else check_start(start)
     if name is not None:
         check_name("subscription", name)
     if callback is not None:
@@ -173,4 +173,4 @@ def check_subscribe(
         )
     if is_async and loop is not None and loop.is_closed():
         raise InvalidArgument(f"the event loop of coroutine callback {callback!r} is closed: pass an open loop")
-    return start, settings, loop, is_async
+    return checked_start, settings, loop, is_async

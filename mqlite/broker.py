@@ -177,6 +177,12 @@ class Broker:
             )
             if value is not _UNSET
         }
+        if retention is not _UNSET and retention not in self._engine.capabilities.retentions:
+            QueueConfig(retention=retention)  # an unknown value: its own error
+            raise InvalidArgument(
+                f"retention={changes['retention']!r} is not supported by this broker's storage yet; "
+                f"it offers {', '.join(repr(r) for r in self._engine.capabilities.retentions)}"
+            )
         return self._queue(name, changes, QueueConfig())
 
     def _queue(self, name: str, changes: Mapping[str, Any], default: QueueConfig) -> Queue:
@@ -232,7 +238,7 @@ class Broker:
         queue: str,
         events: str | Iterable[str] | None = None,
         name: str | None = None,
-        start: Start = "latest",
+        start: Start | None = None,
         callback: Callable[[Message], object] | Callable[[Message], Awaitable[object]] | None = None,
         ack: Literal["auto", "manual"] = "auto",
         ack_timeout: float | None = None,
@@ -250,7 +256,11 @@ class Broker:
                 open. A name makes a durable cursor that keeps its place after close; open
                 subscriptions sharing a name compete for its messages.
             start: Where a new cursor starts: ``"latest"``, ``"earliest"``, an offset or a
-                datetime. Ignored when the named cursor already exists.
+                datetime. Ignored when the named cursor already exists. None (the default)
+                means ``"earliest"`` for a named subscription on a ``retention="workqueue"``
+                queue, so that jobs published before the first worker reach it, and
+                ``"latest"`` otherwise. Given explicitly, it is obeyed on a work queue too:
+                the jobs a new name starts after count as handled by that name.
             callback: Push delivery: called with each message on a dispatcher thread. Without
                 it, read with ``get``, ``poll`` or iteration.
             ack: ``"auto"`` settles a message when it is returned (pull) or its callback returns
@@ -265,11 +275,14 @@ class Broker:
                 ``async for`` must be used from. Default: the loop running when ``subscribe``
                 is called, if any.
         """
-        start, settings, loop, is_async = check_subscribe(
+        checked_start, settings, loop, is_async = check_subscribe(
             queue, events, name, start, callback, ack, ack_timeout, max_deliveries, dead_letter, backoff, loop
         )
         self.queue(queue)
         target = self._engines[queue]
+        if checked_start is None:
+            checked_start = "earliest" if name is not None and target.config.retention == "workqueue" else "latest"
+        start = checked_start
         off_loop = self._run_off_loop if self._engine.capabilities.blocking_io else None
         sub = Subscription(
             target, ident=next(self._ids), name=name, push=callback is not None, loop=loop, off_loop=off_loop
@@ -294,6 +307,53 @@ class Broker:
             sub.close()  # all or nothing: no consumer stays attached with nothing to deliver to it
             raise
         return sub
+
+    def declare_subscription(
+        self,
+        queue: str,
+        name: str,
+        events: str | Iterable[str] | None = None,
+        start: Start | None = None,
+        ack: Literal["auto", "manual"] = "auto",
+        ack_timeout: float | None = None,
+        max_deliveries: int | None = None,
+        dead_letter: str | None = None,
+        backoff: Backoff | None = None,
+    ) -> SubscriptionInfo:
+        """Make sure the durable subscription ``name`` exists, without consuming anything.
+
+        The counterpart of :meth:`delete_subscription`, like declaring a queue in AMQP or
+        ``XGROUP CREATE`` in Redis: it creates the named cursor at ``start`` (as :meth:`subscribe`
+        would, with the same arguments and defaults) and detaches at once. From then on
+        retention keeps, for that name, every matching message published, until a subscription
+        with that name reads it. Declaring a name that exists changes nothing but its settings,
+        which, as for :meth:`subscribe`, must agree with any subscription attached to it.
+
+        Returns:
+            The subscription as :meth:`info` reports it.
+
+        Raises:
+            ConfigConflict: subscriptions with that name are attached with other settings.
+            InvalidArgument, InvalidName: an argument is wrong; nothing was created.
+            BrokerClosed: the broker was closed.
+        """
+        check_name("subscription", name)
+        with self.subscribe(
+            queue,
+            events,
+            name=name,
+            start=start,
+            ack=ack,
+            ack_timeout=ack_timeout,
+            max_deliveries=max_deliveries,
+            dead_letter=dead_letter,
+            backoff=backoff,
+        ):
+            pass
+        for sub in self._engines[queue].snapshot().to_info(queue)[1]:
+            if sub.name == name:
+                return sub
+        raise BrokerClosed(f"subscription {name!r} of {queue!r} was deleted while it was being declared")
 
     def delete_subscription(self, queue: str, name: str) -> bool:
         """Forget a durable subscription: its position, pending messages and counters.

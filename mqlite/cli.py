@@ -463,8 +463,8 @@ def _info_document(target: str) -> dict[str, Any]:
                 "name": c.name,
                 "events": None if c.settings.event_filter.spec is None else list(c.settings.event_filter.spec),
                 "ack": "manual" if c.settings.manual_ack else "auto",
-                # Attached consumers live in each broker's memory, not in the file.
-                "consumers": None,
+                # Subscriptions attached in live brokers (None: a file older than schema 5).
+                "consumers": c.consumers,
                 "position": c.position,
                 "lag": c.lag,
                 "pending": c.pending,
@@ -507,7 +507,11 @@ def _format_info(document: dict[str, Any]) -> str:
         for q in document["queues"]
     ]
     columns = ["queue", "name", "events", "ack", "position", "lag", "pending"]
-    extra = ["held", "waiting", "ready", "redelivering"] if brokers is not None else ["consumers", "delivered", "acked"]
+    extra = (
+        ["consumers", "held", "waiting", "ready", "redelivering"]
+        if brokers is not None
+        else ["consumers", "delivered", "acked"]
+    )
     sub_rows = [[s.get(column) for column in (*columns, *extra)] for s in document["subscriptions"]]
     for row in sub_rows:
         if row[2] is None:

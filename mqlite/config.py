@@ -26,7 +26,7 @@ __all__ = [
 Start = Literal["earliest", "latest"] | int | datetime
 """Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
 
-Retention = Literal["interest", "limits"]
+Retention = Literal["interest", "limits", "workqueue"]
 Overflow = Literal["drop_oldest", "reject"]
 
 
@@ -97,8 +97,11 @@ class QueueConfig:
     Attributes:
         retention: ``"interest"`` (default) keeps a message while some subscription still has to
             read it: every named (durable) subscription, attached or not, and every open one.
-            A message that no cursor will ever read is dropped. ``"limits"`` keeps every message
-            until a limit drops it, even when nobody subscribes; with no limits it keeps all.
+            A message that no cursor will ever read is dropped (``QueueInfo.dropped`` counts them).
+            ``"limits"`` keeps every message until a limit drops it, even when nobody subscribes;
+            with no limits it keeps all. ``"workqueue"`` keeps each message (a job) until a
+            durable subscription whose events match it has acked it, even while no subscription
+            exists: see ``docs/concepts.md`` ("Work queues").
         max_messages: Keep at most this many messages; None for no count limit.
         max_age: Drop messages older than this many seconds (broker clock); None for no age limit.
         overflow: What a publish does when ``max_messages`` are retained. ``"drop_oldest"`` drops
@@ -112,8 +115,8 @@ class QueueConfig:
     overflow: Overflow = "drop_oldest"
 
     def __attrs_post_init__(self) -> None:
-        if self.retention not in ("interest", "limits"):
-            raise InvalidArgument(f"retention must be 'interest' or 'limits', got {self.retention!r}")
+        if self.retention not in ("interest", "limits", "workqueue"):
+            raise InvalidArgument(f"retention must be 'interest', 'limits' or 'workqueue', got {self.retention!r}")
         if self.overflow not in ("drop_oldest", "reject"):
             raise InvalidArgument(f"overflow must be 'drop_oldest' or 'reject', got {self.overflow!r}")
         _check_limit("max_messages", self.max_messages, integer=True)

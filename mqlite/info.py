@@ -54,6 +54,10 @@ class QueueInfo:
     overflow: str
     waiters: int = 0
     """How many readers (threads, tasks, push workers) are blocked waiting on this queue."""
+    dropped: int = 0
+    """Messages this broker published that no subscription wanted, so that ``retention="interest"``
+    dropped them at once (``publish`` still returned them). Always 0 for the other retentions,
+    which keep such messages. Each drop is also logged at debug level on the ``"mqlite"`` logger."""
 
 
 @attrs.frozen
@@ -68,7 +72,8 @@ class SubscriptionInfo:
     """The event filter; None means every event."""
     mode: Literal["push", "pull", "push+pull", "detached"]
     consumers: int
-    """How many subscriptions are attached (competing) right now."""
+    """How many subscriptions are attached (competing) right now: on a file that several brokers
+    share, in every live broker on the file, not only this one."""
     subscription_ids: tuple[int, ...]
     ack: Literal["auto", "manual"]
     position: int
@@ -82,6 +87,9 @@ class SubscriptionInfo:
     dead_lettered: int
     missed: int
     """Matching messages retention dropped before this cursor read them."""
+    consumers_by_broker: tuple[tuple[str, int], ...] = ()
+    """On a file that several brokers share: ``(broker instance, consumers)`` for each live broker
+    with consumers attached to this named subscription, this broker first. Empty otherwise."""
 
 
 _COLUMNS = (

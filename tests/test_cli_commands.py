@@ -144,7 +144,7 @@ def test_info_shows_queues_subscriptions_and_the_broker_that_has_the_file_open(p
     assert out.startswith(f"{path} (1 broker open: pid {holder.pid})")
     assert "queue   start  end  retained  retention  dead letters" in out
     billing = next(line for line in out.splitlines() if line.startswith("orders  billing"))
-    assert billing.split() == ["orders", "billing", "*", "manual", "2", "3", "2", "2", "0", "0", "0"]
+    assert billing.split() == ["orders", "billing", "*", "manual", "2", "3", "2", "1", "2", "0", "0", "0"]  # 1 consumer
     audit = next(line for line in out.splitlines() if line.startswith("orders  audit"))
     assert audit.split()[:7] == ["orders", "audit", "created", "manual", "0", "3", "0"]
 

@@ -215,7 +215,7 @@ _GOOD_CONFIG = '{"retention": "limits", "max_messages": 1000, "max_age": null, "
         ('{"retention": "limits"}', "config lacks the keys 'max_age', 'max_messages', 'overflow'"),
         (_GOOD_CONFIG[:-1] + ', "color": "red"}', "config has the unknown key 'color'"),
         (_GOOD_CONFIG.replace("1000", '"1000"'), "max_messages must be None or a positive int, got '1000'"),
-        (_GOOD_CONFIG.replace('"limits"', "5"), "retention must be 'interest' or 'limits', got 5"),
+        (_GOOD_CONFIG.replace('"limits"', "5"), "retention must be 'interest', 'limits' or 'workqueue', got 5"),
     ],
     ids=["not-json", "not-an-object", "missing-keys", "unknown-key", "text-limit", "number-retention"],
 )

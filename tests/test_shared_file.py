@@ -324,7 +324,7 @@ def test_a_batched_broker_needs_the_file_to_itself(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "added_since"), [(1, ["owner", "due", "since"]), (2, ["due", "since"]), (3, ["since"])]
+    ("version", "added_since"), [(1, ["owner", "due", "since"]), (2, ["due", "since"]), (3, ["since"]), (4, [])]
 )
 def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
     path: str, version: int, added_since: list[str]
@@ -336,6 +336,7 @@ def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
     with sqlite3.connect(path) as db:  # forge the older layout
         for column in added_since:
             db.execute(f"ALTER TABLE pending DROP COLUMN {column}")
+        db.execute("DROP TABLE consumers")  # added in version 5
         db.execute("UPDATE mqlite_schema SET version = ?", (version,))
     db.close()
     with mqlite.Broker(path) as broker:
@@ -347,6 +348,7 @@ def test_an_older_file_is_upgraded_and_keeps_its_pending_messages(
         assert db.execute("SELECT version FROM mqlite_schema").fetchone() == (SCHEMA_VERSION,)
         columns = [row[1] for row in db.execute("PRAGMA table_info(pending)")]
         assert columns[-3:] == ["owner", "due", "since"]
+        assert db.execute("SELECT count(*) FROM consumers").fetchone() == (0,)  # the broker closed
     db.close()
 
 

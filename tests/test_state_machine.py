@@ -34,3 +34,29 @@ FileBrokerMachine.TestCase.settings = settings(
 )
 test_broker_matches_the_reference_model = BrokerMachine.TestCase
 test_file_broker_matches_the_reference_model = FileBrokerMachine.TestCase
+
+
+class WorkQueueBrokerMachine(BrokerMachine):
+    """The machine on a ``retention="workqueue"`` queue: the model also says what it keeps."""
+
+    retention = "workqueue"
+
+
+class FileWorkQueueBrokerMachine(WorkQueueBrokerMachine):
+    backend = "file"
+
+
+WorkQueueBrokerMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+FileWorkQueueBrokerMachine.TestCase.settings = settings(
+    max_examples=50,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_work_queue_matches_the_reference_model = WorkQueueBrokerMachine.TestCase
+test_file_work_queue_matches_the_reference_model = FileWorkQueueBrokerMachine.TestCase

@@ -14,6 +14,7 @@ __all__ = [
     "next_check",
     "refuses",
     "should_reclaim",
+    "workqueue_floor",
 ]
 
 HOUSEKEEP_EVERY = 1024
@@ -46,6 +47,19 @@ def interest_floor(start: int, end: int, config: QueueConfig, positions: Iterabl
         return start
     slowest = min(positions, default=end)
     return slowest if slowest > start else start
+
+
+def workqueue_floor(start: int, end: int, config: QueueConfig, marks: Iterable[int]) -> int:
+    """With ``retention="workqueue"``, nothing below the lowest of ``marks`` is kept.
+
+    ``marks`` are, for each cursor, its position and its lowest pending offset, and the oldest
+    retained message that no durable cursor's filter matches (kept for the first that will).
+    With no mark (no cursor at all) everything is kept: jobs wait for their first worker.
+    """
+    if config.retention != "workqueue":
+        return start
+    lowest = min(marks, default=start)
+    return lowest if lowest > start else start
 
 
 def should_reclaim(first: int, start: int, end: int) -> bool:

@@ -61,6 +61,8 @@ class Capabilities:
         event_filter: Where event filters are applied: ``"client"`` (this process reads every
             message and filters) or ``"server"``.
         exact_counts: ``lag`` and ``missed`` are exact for filtered cursors.
+        retentions: The ``QueueConfig.retention`` values it implements; a queue asking for
+            another is refused.
     """
 
     shared: bool
@@ -68,6 +70,7 @@ class Capabilities:
     blocking_io: bool
     event_filter: Literal["client", "server"] = "client"
     exact_counts: bool = True
+    retentions: tuple[str, ...] = ("interest", "limits")
 
 
 class Consumer(Protocol):
@@ -133,10 +136,17 @@ class CursorFigures:
     redelivered: int
     dead_lettered: int
     missed: int
+    elsewhere: tuple[tuple[str, int], ...] = ()
+    """Shared storage: ``(broker instance, consumers)`` attached in other live brokers."""
+    here: str | None = None
+    """Shared storage: this broker's instance name, for ``consumers_by_broker``."""
 
     def to_info(self, queue: str) -> SubscriptionInfo:
         """The public record of this cursor of ``queue``."""
         members = self.members
+        by_broker = self.elsewhere
+        if self.here is not None and members:
+            by_broker = ((self.here, len(members)), *by_broker)
         push = any(m._is_push for m in members)
         pull = any(not m._is_push for m in members)
         mode: Literal["push", "pull", "push+pull", "detached"] = (
@@ -148,7 +158,7 @@ class CursorFigures:
             durable=self.name is not None,
             events=self.events,
             mode=mode,
-            consumers=len(members),
+            consumers=len(members) + sum(count for _, count in self.elsewhere),
             subscription_ids=tuple(m.id for m in members),
             ack="manual" if self.manual_ack else "auto",
             position=self.position,
@@ -159,6 +169,7 @@ class CursorFigures:
             redelivered=self.redelivered,
             dead_lettered=self.dead_lettered,
             missed=self.missed,
+            consumers_by_broker=by_broker,
         )
 
 
@@ -171,6 +182,7 @@ class QueueSnapshot:
     end_offset: int
     cursors: tuple[CursorFigures, ...]
     waiters: int
+    dropped: int = 0
 
     def to_info(self, queue: str) -> tuple[QueueInfo, list[SubscriptionInfo]]:
         """The public records of this snapshot of ``queue``, as ``Broker.info()`` reports them."""
@@ -185,6 +197,7 @@ class QueueSnapshot:
             max_age=config.max_age,
             overflow=config.overflow,
             waiters=self.waiters,
+            dropped=self.dropped,
         )
         return queue_info, [figures.to_info(queue) for figures in self.cursors]
 

@@ -45,6 +45,7 @@ class CursorCore(QueueCore):
                     self._cursors[name] = cursor
                     self._adopt_cursor_locked(cursor)
                     self._journal_cursor_locked(cursor)
+                self._refresh_unwanted_locked()
             elif cursor.settings != settings:
                 if cursor.members:
                     raise ConfigConflict(
@@ -53,9 +54,14 @@ class CursorCore(QueueCore):
                     )
                 self._configure_cursor_locked(cursor, settings)
                 self._journal_cursor_locked(cursor)
+                self._refresh_unwanted_locked()
             cursor.members.append(consumer)
             consumer._cursor = cursor
+            self._journal_member_locked(cursor, consumer, attached=True)
             return cursor
+
+    def _journal_member_locked(self, cursor: Cursor, consumer: Consumer, *, attached: bool) -> None:
+        """A consumer attached to (or detached from) ``cursor`` (a shared file lists them for every broker)."""
 
     def _adopt_cursor_locked(self, cursor: Cursor) -> None:
         """A new durable cursor joins the queue (a shared file watches what it makes due)."""
@@ -84,6 +90,7 @@ class CursorCore(QueueCore):
             self._journal_forget_locked(name)
             del self._cursors[name]
             self._index.forget(cursor)
+            self._refresh_unwanted_locked()
             self._housekeep_locked()
             return True
 
@@ -112,6 +119,7 @@ class CursorCore(QueueCore):
             raise
         if consumer in cursor.members:
             cursor.members.remove(consumer)
+            self._journal_member_locked(cursor, consumer, attached=False)
         if self._closed:
             failure = None  # the consumer did not give up on what it held
         for entry in list(cursor.pending.values()):
@@ -123,6 +131,7 @@ class CursorCore(QueueCore):
         if not cursor.members and not cursor.durable and cursor in self._ephemeral:
             self._ephemeral.remove(cursor)
             self._index.forget(cursor)
+            self._refresh_unwanted_locked()
         # Closed only once nothing else can fail: a close that raised can be called again.
         consumer._mark_closed(why)
         self._waiters.wake_all()

@@ -423,6 +423,7 @@ class DeliveryCore(CursorCore):
                 raise SubscriptionClosed(consumer._closed_reason())
             cursor = consumer._cursor
             self._index.apply_filter(cursor, change(cursor.filter))
+            self._refresh_unwanted_locked()
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)
             self._refiltered_locked(consumer, cursor)
@@ -475,10 +476,16 @@ class DeliveryCore(CursorCore):
         """The cursor's pending messages that other brokers hold (none, but on a shared file)."""
         return []
 
+    def _consumers_elsewhere_locked(self) -> tuple[str | None, dict[str, list[tuple[str, int]]]]:
+        """This broker's name and, by cursor name, the consumers other live brokers attached
+        (``(broker, count)`` each); ``(None, {})`` but on a shared file."""
+        return None, {}
+
     def snapshot(self) -> QueueSnapshot:
         """The queue's figures and each cursor's, taken atomically (for ``Broker.info``)."""
         with self._lock:
             self._housekeep_locked()
+            here, elsewhere = self._consumers_elsewhere_locked()
             count = self._index.count
             cursors = tuple(
                 CursorFigures(
@@ -494,10 +501,12 @@ class DeliveryCore(CursorCore):
                     redelivered=cursor.redelivered,
                     dead_lettered=cursor.dead_lettered,
                     missed=cursor.missed,
+                    elsewhere=tuple(elsewhere.get(cursor.name, ())) if cursor.name is not None else (),
+                    here=here,
                 )
                 for cursor in self._all_cursors_locked()
             )
-            return QueueSnapshot(self._config, self._start, self._end, cursors, len(self._waiters))
+            return QueueSnapshot(self._config, self._start, self._end, cursors, len(self._waiters), self.dropped)
 
     def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:
         """The push cursors that have not yet handled every matching message below ``offset``.

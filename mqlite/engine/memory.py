@@ -23,7 +23,9 @@ class MemoryQueue(DeliveryCore):
 class MemoryEngine:
     """Storage for an in-memory broker. Thread-safe: it holds no state of its own."""
 
-    capabilities = Capabilities(shared=False, persistent=False, blocking_io=False)
+    capabilities = Capabilities(
+        shared=False, persistent=False, blocking_io=False, retentions=("interest", "limits", "workqueue")
+    )
 
     @property
     def path(self) -> str | None:

@@ -211,6 +211,36 @@ def interest_retention_drops_what_no_cursor_will_read(brokers: _Brokers) -> None
 
 
 @_check()
+def a_declared_subscription_keeps_what_is_published_for_it(brokers: _Brokers) -> None:
+    broker = brokers.open()
+    declared = broker.declare_subscription("q", "later", events="wanted")
+    assert (declared.name, declared.mode, declared.consumers, declared.position) == ("later", "detached", 0, 0)
+    broker.publish("q", "wanted", 1)
+    broker.publish("q", "other", 2)
+    assert _payloads(_pull_all(broker.subscribe("q", name="later", events="wanted"))) == [1]
+
+
+@_check()
+def a_work_queue_keeps_each_job_until_a_durable_subscription_acks_it(brokers: _Brokers) -> None:
+    broker = brokers.open()
+    if "workqueue" not in broker._engine.capabilities.retentions:
+        return  # the engine refuses the retention (tested by the broker); nothing more to check
+    queue = broker.queue("jobs", retention="workqueue")
+    queue.publish("job", 0)
+    queue.publish("job", 1)
+    assert len(queue) == 2, "jobs published before any worker are kept"
+    worker = broker.subscribe("jobs", name="workers", ack="manual")
+    first, second = worker.poll(max_messages=2, timeout=WAIT)
+    assert (first.payload, second.payload) == (0, 1), "a new name on a work queue starts at the oldest job"
+    assert len(queue) == 2, "delivered but unacked jobs are kept"
+    worker.ack(first)
+    assert (queue.start_offset, len(queue)) == (1, 1)
+    worker.close()
+    again = _one(broker.subscribe("jobs", name="workers", ack="manual"))
+    assert (again.payload, again.attempt) == (1, 2)
+
+
+@_check()
 def drop_oldest_keeps_max_messages_and_counts_what_was_missed(brokers: _Brokers) -> None:
     broker = brokers.open()
     queue = broker.queue("metrics", retention="limits", max_messages=3)

@@ -5,9 +5,11 @@ docs/api.md), not from mqlite's code: a list of published events, and per cursor
 an ack mode, a filter, and the pending (delivered, unacked) messages with the order in which
 given-back messages are redelivered.
 
-Its scope is what can be decided without threads or time: one queue that keeps every message
-(``retention="limits"``, no limits, so ``"earliest"`` is offset 0), pull subscriptions, nacks
-without a delay, no ``max_deliveries``. Each operation either changes the model and returns
+Its scope is what can be decided without threads or time: one queue without limits, that keeps
+every message (``retention="limits"``, so ``"earliest"`` is offset 0) or keeps each until every
+durable subscription that wants it is done with it (``retention="workqueue"``, see
+:meth:`ReferenceModel.start_offset`), pull subscriptions, nacks without a delay, no
+``max_deliveries``. Each operation either changes the model and returns
 what the broker should return, or raises the exception the broker should raise and changes
 nothing, so a caller can do the same operation on both and compare.
 """
@@ -89,13 +91,39 @@ class ReferenceModel:
     Args:
         note: called with a short label when the model passes through an interesting state
             (for example ``hypothesis.event``, to see what a run covered). Default: ignored.
+        retention: ``"limits"`` (keep everything) or ``"workqueue"``.
     """
 
-    def __init__(self, note: Callable[[str], None] = _nothing) -> None:
+    def __init__(self, note: Callable[[str], None] = _nothing, retention: str = "limits") -> None:
+        if retention not in ("limits", "workqueue"):
+            raise mqlite.InvalidArgument(f"the model knows retention 'limits' and 'workqueue', got {retention!r}")
+        self.retention = retention
         self.log: list[str] = []  # event of each offset
         self.named: dict[str, ModelCursor] = {}
         self.subs: dict[int, ModelSub] = {}
         self._note = note
+        self._start = 0
+
+    def start_offset(self) -> int:
+        """The oldest retained offset, as it is now (it never moves back).
+
+        ``"limits"`` keeps everything: 0. ``"workqueue"`` keeps a message while a cursor (durable,
+        or an open ephemeral one) has not read it or holds it pending, and while no durable
+        cursor's filter matches it (it waits for the first that will); with no cursor at all,
+        everything.
+        """
+        if self.retention == "workqueue":
+            cursors = [*self.named.values(), *(s.cursor for s in self.subs.values() if s.open and s.name is None)]
+            marks = [c.position for c in cursors]
+            marks.extend(min(c.pending) for c in cursors if c.pending)
+            durable = list(self.named.values())
+            marks.extend(
+                offset
+                for offset in range(self._start, len(self.log))
+                if not any(c.matches(self.log[offset]) for c in durable)
+            )
+            self._start = max(self._start, min(marks, default=self._start))
+        return self._start
 
     # -- the log -----------------------------------------------------------------------------
 
@@ -118,13 +146,13 @@ class ReferenceModel:
         """
         end = len(self.log)
         if target == "earliest":
-            return 0
+            return self.start_offset()
         if target == "latest":
             return end
         if isinstance(target, int) and not isinstance(target, bool):
             if target > end:
                 raise mqlite.InvalidArgument(f"offset {target} is above end_offset {end}")
-            return max(target, 0)
+            return max(target, self.start_offset())
         raise mqlite.InvalidArgument(f"the model takes 'earliest', 'latest' or an int offset, got {target!r}")
 
     # -- cursors and subscriptions -----------------------------------------------------------
@@ -154,10 +182,12 @@ class ReferenceModel:
         name: str | None,
         events: str | Iterable[str] | None,
         manual: bool,
-        start: str | int = "latest",
+        start: str | int | None = None,
         matcher: Callable[[str], bool] | None = None,
     ) -> ModelSub:
         """Attach subscription ``sub_id``: create the cursor at ``start``, or join the named one.
+
+        ``start`` None is ``"earliest"`` for a name on a work queue, ``"latest"`` otherwise.
 
         ``matcher`` says which events the filter receives; by default the shell-style patterns
         of ``events``. Pass one to check the broker's matching against a hand-written answer.
@@ -170,6 +200,8 @@ class ReferenceModel:
         entries = _filter_set(events)
         existing = self.named.get(name) if name is not None else None
         match = matcher if matcher is not None else _pattern_matcher(entries)
+        if start is None:
+            start = "earliest" if name is not None and self.retention == "workqueue" else "latest"
         if existing is None:
             cursor = ModelCursor(entries, manual, self.resolve(start), match)
             if name is not None:

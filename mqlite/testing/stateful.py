@@ -152,9 +152,9 @@ class CheckedSubscription:
 class BrokerMachine(RuleBasedStateMachine):
     """Drives one queue of a real broker and checks it against :class:`ReferenceModel` after every step.
 
-    The queue keeps every message (``retention="limits"``); subscriptions pull; nacks have no
-    delay; the clock is a ``ManualClock`` that never moves. So nothing depends on threads or
-    time, and a failure shrinks to a short program.
+    The queue keeps every message (``retention="limits"``; :attr:`retention` may make it a work
+    queue); subscriptions pull; nacks have no delay; the clock is a ``ManualClock`` that never
+    moves. So nothing depends on threads or time, and a failure shrinks to a short program.
 
     Checks:
         - every ``get`` and ``poll`` returns the offsets the model expects, in its order, and each
@@ -175,6 +175,9 @@ class BrokerMachine(RuleBasedStateMachine):
     backend: ClassVar[Literal["memory", "file"]] = "memory"
     """Where the broker lives: ``"memory"``, or ``"file"`` for a new SQLite file per run."""
 
+    retention: ClassVar[Literal["limits", "workqueue"]] = "limits"
+    """The queue's retention; the model checks ``start_offset`` against it after every step."""
+
     machine_settles: ClassVar[bool] = True
     """Whether the machine's own ``ack`` and ``nack`` steps run, besides :meth:`consume`."""
 
@@ -192,8 +195,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.clock = mqlite.ManualClock()
         self._directory: Path | None = None
         self.broker = self.open_broker()
-        self.queue = self.broker.queue(self.queue_name, retention="limits")
-        self.model = ReferenceModel(note=event)
+        self.queue = self.broker.queue(self.queue_name, retention=self.retention)
+        self.model = ReferenceModel(note=event, retention=self.retention)
         self.real: dict[int, mqlite.Subscription] = {}
         self.published: list[tuple[Any, Any, dict[str, Any]]] = []  # payload, key, headers by offset
         self._filter_keys: dict[str, str] = {}  # the FILTERS key each durable name was last opened with
@@ -263,7 +266,7 @@ class BrokerMachine(RuleBasedStateMachine):
             # Another consumer of an existing name, with its settings: a competitor or a comeback.
             filter_key, manual = self._filter_keys[name], existing.manual
         end = self.model.end_offset
-        start = data.draw(st.one_of(st.sampled_from(["earliest", "latest"]), st.integers(0, end)), label="start")
+        start = data.draw(st.one_of(st.sampled_from([None, "earliest", "latest"]), st.integers(0, end)), label="start")
         events, matches = FILTERS[filter_key]
         kwargs: dict[str, Any] = {"events": events, "name": name, "start": start, "ack": "manual" if manual else "auto"}
         try:
@@ -439,6 +442,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @invariant()
     def cursors_match_the_model(self) -> None:
         assert self.queue.end_offset == self.model.end_offset
+        assert self.queue.start_offset == self.model.start_offset(), "start_offset (what retention keeps)"
         for sub_id, sub in self.model.subs.items():
             if not sub.open:
                 continue

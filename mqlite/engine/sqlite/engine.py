@@ -68,6 +68,7 @@ class SqliteQueue(DeliveryCore):
         with self._lock:
             if self._released is None:
                 self._refresh_locked()
+            self._refresh_unwanted_locked()
             self._housekeep_locked()
 
     # -- publishing: encoded before the lock ------------------------------------------------
@@ -76,7 +77,12 @@ class SqliteQueue(DeliveryCore):
         self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
     ) -> Message:
         """Append one message (see :meth:`QueueCore.publish`); the serializer runs before the lock."""
-        if key is not None or headers is not None or type(event) is not str:
+        if (
+            key is not None
+            or headers is not None
+            or type(event) is not str
+            or (self._dropping and event in self._unwanted)  # a drop: counted and logged there
+        ):
             return self._append_drafts([(event, payload, key, headers)])[0]
         fields = encode_fields(self._file.store.serializer, self.name, event, payload, None, EMPTY_HEADERS)
         return self._publish_encoded(event, payload, fields)
@@ -177,6 +183,20 @@ class SqliteQueue(DeliveryCore):
             pushing.difference_update(offsets)
         if inflight:
             pushing.update(inflight)
+
+    def _journal_member_locked(self, cursor: Cursor, consumer: Consumer, *, attached: bool) -> None:
+        if cursor.name is None:
+            return  # an ephemeral cursor lives in this broker only
+        if attached:
+            self._file.save_consumer(cursor.name, consumer.id, push=consumer._is_push, since=self._time())
+        elif not self._file.store.closed:
+            self._file.delete_consumer(cursor.name, consumer.id)
+
+    def _consumers_elsewhere_locked(self) -> tuple[str | None, dict[str, list[tuple[str, int]]]]:
+        store = self._file.store
+        if not store.shared or store.closed:
+            return None, {}
+        return store.instance, store.consumers(self.name)
 
     def _pending_elsewhere_locked(self, cursor: Cursor) -> list[PendingMessage]:
         """The rows of ``cursor`` that another live broker on the file holds (memory has none of them)."""
@@ -285,6 +305,7 @@ class SqliteQueue(DeliveryCore):
             cursor.names = None
             index.apply_filter(cursor, cursor.filter)
         self._load_cursors_locked(state)
+        self._refresh_unwanted_locked()
         rows = {(name, offset): (attempts, owner) for name, offset, attempts, owner, _ in state.pending}
         self._undo.restore_pending(self._cursors, rows, store.instance)
         self._load_pending_locked(state)
@@ -301,7 +322,9 @@ class SqliteQueue(DeliveryCore):
             self._config = config
             self._check_at = min(self._check_at, self._end)
         woke = self._load_messages_locked(state)
-        woke = self._load_cursors_locked(state) or woke
+        if self._load_cursors_locked(state):
+            self._refresh_unwanted_locked()
+            woke = True
         woke = self._load_pending_locked(state) or woke
         if woke and self._waiters:
             self._waiters.wake_all()
@@ -319,7 +342,7 @@ class SqliteQueue(DeliveryCore):
         events = self._events
         for message in messages:
             if message[0] not in events:
-                self._index.add_event(message[0], self._all_cursors_locked())
+                self._register_event_locked(message[0])
         self._index.add(messages)
         self._end = messages[-1][2] + 1
         return True
@@ -409,7 +432,7 @@ class SqliteQueue(DeliveryCore):
                 if message is None:
                     continue  # its message is gone from the file: nothing left to redeliver
                 if message[0] not in self._events:
-                    self._index.add_event(message[0], self._all_cursors_locked())
+                    self._register_event_locked(message[0])
                 # Delivered before and never settled, by a broker that is gone: due again, in
                 # order, unless it was nacked with a delay that has not ended yet.
                 entry = Pending(message, attempts, None, READY)
@@ -439,7 +462,12 @@ class SqliteEngine:
         serializer: Serializer | None = None,
     ) -> None:
         self._store = SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
-        self.capabilities = Capabilities(shared=self._store.shared, persistent=True, blocking_io=True)
+        self.capabilities = Capabilities(
+            shared=self._store.shared,
+            persistent=True,
+            blocking_io=True,
+            retentions=("interest", "limits", "workqueue"),
+        )
 
     @property
     def path(self) -> str | None:

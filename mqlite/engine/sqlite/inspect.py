@@ -12,7 +12,8 @@ left byte for byte as it was.
 
 It reports what the file holds, which is what every broker on it sees once it has synced: the
 counters of ``Broker.info()`` (delivered, acked, ...) live in each broker's memory and are not in
-the file; how many consumers are attached is not either.
+the file. The consumers attached to each durable subscription are (schema 5 on): every broker
+lists its own, and those of brokers that are no longer alive are not counted.
 
 :func:`compact` is the one writer here: a checkpoint and ``VACUUM``, which change how the file
 is laid out but nothing it holds, so brokers that have it open need not know.
@@ -96,6 +97,8 @@ class CursorView:
     waiting: int
     ready: int
     redelivering: int
+    consumers: int | None = None
+    """Subscriptions attached to it in live brokers; None for a file older than schema 5."""
 
 
 @attrs.frozen
@@ -341,6 +344,7 @@ class Inspector:
             by_cursor.setdefault(row[0], []).append(row)
         events = None
         views = []
+        consumers = self._consumers(db, view.name)
         for name, position, settings in state.cursors:
             rows = by_cursor.get(name, [])
             read_from = max(position, view.start_offset)
@@ -362,9 +366,32 @@ class Inspector:
                     waiting=sum(1 for r in rows if r[4] is not None),
                     ready=sum(1 for r in rows if r[3] is None and r[4] is None),
                     redelivering=sum(1 for r in rows if r[2] > 1),
+                    consumers=None if consumers is None else consumers.get(name, 0),
                 )
             )
         return views
+
+    def _consumers(self, db: sqlite3.Connection, queue: str) -> dict[str, int] | None:
+        """Consumers attached in live brokers, by durable subscription of ``queue`` (None before schema 5)."""
+        if self.version < 5:
+            return None
+        try:
+            rows = db.execute(
+                "SELECT name, broker, count(*) FROM consumers WHERE queue = ? GROUP BY name, broker", (queue,)
+            ).fetchall()
+        except sqlite3.DatabaseError as error:
+            what = f"the consumers of {queue!r}"
+            raise StorageError(f"{self.path!r}: cannot read {what} (SQLite says: {error})") from error
+        counts: dict[str, int] = {}
+        alive: dict[str, bool | None] = {}
+        for name, broker, count in rows:
+            if type(name) is not str or type(broker) is not str:
+                continue
+            if broker not in alive:
+                alive[broker] = broker_alive(self.path, broker)
+            if alive[broker] is not False:  # alive, or cannot be told (Windows): counted
+                counts[name] = counts.get(name, 0) + count
+        return counts
 
     def _event_counts(self, db: sqlite3.Connection, view: QueueView) -> list[tuple[str, int]]:
         """``(event, offset)`` of each retained message: what a filtered cursor's lag counts from its position."""

@@ -149,6 +149,19 @@ class SqliteLog:
             ]
         )
 
+    def save_consumer(self, name: str, subscription: int, *, push: bool, since: float) -> None:
+        """Record that subscription ``subscription`` of this broker is attached to cursor ``name``."""
+        sql = (
+            "INSERT OR REPLACE INTO consumers (queue, name, broker, subscription, push, since) "
+            "VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        self.store.submit([(sql, (self.queue, name, self.store.instance, subscription, int(push), since), False)])
+
+    def delete_consumer(self, name: str, subscription: int) -> None:
+        """Forget that subscription ``subscription`` of this broker is attached to cursor ``name``."""
+        sql = "DELETE FROM consumers WHERE queue = ? AND name = ? AND broker = ? AND subscription = ?"
+        self.store.submit([(sql, (self.queue, name, self.store.instance, subscription), False)])
+
     def sync_cursor(
         self,
         name: str,

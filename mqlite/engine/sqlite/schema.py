@@ -1,6 +1,6 @@
 """The layout of an mqlite file, the checks made on opening one, its upgrades and its pragmas.
 
-Layout of the file (schema version 3):
+Layout of the file (schema version 5):
 
 - ``mqlite_schema(version, serializer)``: one row. A file without it is not an mqlite file.
 - ``queues(name, start_offset, config)``: every queue, the offset below which its messages were
@@ -11,8 +11,13 @@ Layout of the file (schema version 3):
 - ``pending(queue, name, offset, attempts, owner, due)``: each durable cursor's delivered,
   unsettled messages, how many times each was delivered, which broker holds it (NULL: due for
   redelivery to whoever reads next), and for a nacked message waiting out its delay, the wall-clock
-  time (seconds since the epoch) before which it is not redelivered. Version 1 files lack
-  ``owner`` and ``due``, version 2 files ``due``; both are upgraded on open.
+  time (seconds since the epoch) before which it is not redelivered, and since when its holder
+  has it. Version 1 files lack ``owner`` and ``due``, version 2 files ``due``, version 3 files
+  ``since``; all are upgraded on open.
+- ``consumers(queue, name, broker, subscription, push, since)``: each subscription attached to a
+  durable cursor, by the broker instance that has it (the ``owner`` of ``pending``), so that every
+  broker's ``info()`` counts the consumers of all; rows of a dead broker are ignored, then deleted.
+  Added in version 5 (older files get it, empty, on open).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ __all__ = [
     "upgrade",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The layout this version of mqlite writes; files with a higher version are refused."""
 
 # "mqlt": marks the file as mqlite's for tools such as `file` and for a quick check on open.
@@ -58,7 +63,12 @@ CREATE TABLE pending (
     queue TEXT NOT NULL, name TEXT NOT NULL, "offset" INTEGER NOT NULL, attempts INTEGER NOT NULL,
     owner TEXT, due REAL, since REAL, PRIMARY KEY (queue, name, "offset")
 ) WITHOUT ROWID;
+CREATE TABLE consumers (
+    queue TEXT NOT NULL, name TEXT NOT NULL, broker TEXT NOT NULL, subscription INTEGER NOT NULL,
+    push INTEGER NOT NULL, since REAL NOT NULL, PRIMARY KEY (queue, name, broker, subscription)
+) WITHOUT ROWID;
 """
+_CONSUMERS = _SCHEMA[_SCHEMA.index("CREATE TABLE consumers") :]
 
 # The columns of each table, in order, as _SCHEMA makes them; and those an older version lacks
 # (upgrades only add columns).
@@ -68,8 +78,10 @@ _COLUMNS = {
     "messages": ("queue", "offset", "event", "payload", "key", "headers", "timestamp"),
     "cursors": ("queue", "name", "position", "settings"),
     "pending": ("queue", "name", "offset", "attempts", "owner", "due", "since"),
+    "consumers": ("queue", "name", "broker", "subscription", "push", "since"),
 }
 _ADDED_IN = {("pending", "owner"): 2, ("pending", "due"): 3, ("pending", "since"): 4}
+_TABLE_ADDED_IN = {"consumers": 5}
 
 # The first 16 bytes of every SQLite database.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -164,6 +176,8 @@ def check_layout(db: sqlite3.Connection, path: str, serializer: str, columns: di
     if type(stored_serializer) is not str:
         raise StorageError(_corrupt(path, f"its serializer name is {stored_serializer!r}, not a str"))
     for table, expected in _COLUMNS.items():
+        if _TABLE_ADDED_IN.get(table, 1) > version:
+            continue
         found = columns.get(table)
         if found is None:
             raise StorageError(_corrupt(path, f"it has no {table} table"))
@@ -253,6 +267,8 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
             db.execute("ALTER TABLE pending ADD COLUMN due REAL")
         if version < 4:
             db.execute("ALTER TABLE pending ADD COLUMN since REAL")
+        if version < 5:
+            db.execute(_CONSUMERS.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1).rstrip().rstrip(";"))
         db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
 
 

@@ -184,6 +184,23 @@ class SqliteStore:
         with self._db_lock:
             return read_pending_rows(self._db, self.path, queue, name)
 
+    def consumers(self, queue: str) -> dict[str, list[tuple[str, int]]]:
+        """``{cursor name: [(broker instance, consumers), ...]}`` of ``queue``'s rows of other live brokers."""
+        with self._db_lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT name, broker, count(*) FROM consumers WHERE queue = ? AND broker != ? "
+                    "GROUP BY name, broker ORDER BY name, broker",
+                    (queue, self.instance),
+                ).fetchall()
+            except sqlite3.DatabaseError as error:
+                raise StorageError(f"cannot read the consumers of {queue!r} in {self.path!r}: {error}") from error
+        listed: dict[str, list[tuple[str, int]]] = {}
+        for name, broker, count in rows:
+            if type(name) is str and type(broker) is str and self.alive(broker):
+                listed.setdefault(name, []).append((broker, count))
+        return listed
+
     def load_messages(self, cls: type[Message], offsets: Sequence[int]) -> list[Message]:
         """The stored messages at ``offsets`` of the queue whose class is ``cls`` (pending ones memory dropped)."""
         with self._db_lock:
@@ -332,6 +349,11 @@ class SqliteStore:
         dead = [owner for owner in owners if not self.alive(owner)]
         for owner in dead:
             self._db.execute("UPDATE pending SET owner = NULL WHERE owner = ?", (owner,))
+        # A dead broker's consumers are ignored by every reader; their rows go too, unannounced.
+        brokers = [row[0] for row in self._db.execute("SELECT DISTINCT broker FROM consumers")]
+        for broker in brokers:
+            if not self.alive(broker):
+                self._db.execute("DELETE FROM consumers WHERE broker = ?", (broker,))
         return bool(dead)
 
     def alive(self, owner: str) -> bool:
