@@ -32,7 +32,7 @@ from mqlite.dispatch import (
 from mqlite.engine.base import QueueEngine, StorageEngine
 from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, WouldDeadlock
 from mqlite.filters import check_event_name, check_name
-from mqlite.info import BrokerInfo, SubscriptionInfo
+from mqlite.info import BrokerInfo, PendingMessage, SubscriptionInfo
 from mqlite.message import Message, check_header_names
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription, check_timeout
@@ -372,6 +372,26 @@ class Broker:
             raise BrokerClosed(f"cannot delete subscription {name!r} of {queue!r}: the broker is closed")
         target = self._engines.get(queue)
         return target is not None and target.delete_cursor(name)
+
+    def pending_messages(self, queue: str, name: str) -> list[PendingMessage]:
+        """The pending messages of the durable subscription ``name`` of ``queue``, attached or not:
+        :meth:`Subscription.pending_messages` without subscribing (what ``mqlite pending`` shows).
+
+        Raises:
+            InvalidArgument: there is no such queue, or no such durable subscription on it.
+            BrokerClosed: the broker was closed.
+        """
+        check_name("queue", queue)
+        check_name("subscription", name)
+        if self.closed:
+            raise BrokerClosed(f"cannot list the pending messages of {name!r} of {queue!r}: the broker is closed")
+        target = self._engines.get(queue)
+        if target is None:
+            raise InvalidArgument(f"no queue {queue!r}; the queues are {sorted(self._engines)!r}")
+        names = sorted(figures.name for figures in target.snapshot().cursors if figures.name is not None)
+        if name not in names:
+            raise InvalidArgument(f"no subscription {name!r} on {queue!r}; its durable subscriptions are {names!r}")
+        return target.pending_messages_of(name)
 
     def _send_dead_letters(self, dead: list[DeadLetter]) -> list[DeadLetter]:
         """Publish each dead letter to its queue; the ones that were published."""

@@ -693,11 +693,43 @@ def _publish(args: Any, out: TextIO, stdin: TextIO) -> int:
 # -- pending -------------------------------------------------------------------------------------
 
 
+def _pending_of_broker(args: Any) -> list[dict[str, Any]]:
+    """``pending`` on a URL, through ``Broker.pending_messages``: holders are named as the broker names them."""
+    with _open_broker(args.target) as broker:
+        try:
+            listed = broker.pending_messages(args.queue, args.subscription)
+        except mqlite.InvalidArgument as error:
+            raise CommandError(str(error)) from None
+    now = time.time()
+    return [
+        {
+            "offset": p.offset,
+            "event": p.message.event,
+            "attempts": p.attempts,
+            "state": {"out": "held"}.get(p.state, p.state),
+            "owner": p.holder,
+            "owner_pid": None,
+            "owner_alive": True if p.holder is not None else None,  # the server reaps dead brokers' holds
+            "since": p.held_since,
+            "held_for": None if p.held_since is None else max(now - p.held_since, 0.0),
+            "due": p.due,
+            "due_in": None if p.due is None else max(p.due - now, 0.0),
+        }
+        for p in listed
+    ]
+
+
 def _pending(args: Any, out: TextIO) -> int:
+    document = _pending_of_broker(args) if _is_url(args.target) else _pending_of_file(args)
+    _show_pending(args, document, out)
+    return 0
+
+
+def _pending_of_file(args: Any) -> list[dict[str, Any]]:
     with _inspect(args.target, "pending") as inspector:
         rows = inspector.pending(args.queue, args.subscription)
     now = time.time()
-    document: list[dict[str, Any]] = [
+    return [
         {
             "offset": p.offset,
             "event": p.event,
@@ -713,12 +745,15 @@ def _pending(args: Any, out: TextIO) -> int:
         }
         for p in rows
     ]
+
+
+def _show_pending(args: Any, document: list[dict[str, Any]], out: TextIO) -> None:
     if args.json:
         _print_json({"queue": args.queue, "subscription": args.subscription, "pending": document}, out)
-        return 0
+        return
     if not document:
         print(f"no pending messages on subscription {args.subscription!r} of {args.queue!r}", file=out)
-        return 0
+        return
     table = [
         [
             d["offset"],
@@ -732,7 +767,6 @@ def _pending(args: Any, out: TextIO) -> int:
         for d in document
     ]
     print(_table(["offset", "event", "attempts", "state", "holder", "held for", "due"], table), file=out)
-    return 0
 
 
 def _pid(owner: str | None) -> int | None:

@@ -82,8 +82,28 @@ def test_tail_on_a_redis_url_prints_without_consuming_for_any_subscription(url: 
         assert [m.payload for m in worker.poll(10)] == [{"n": 0}, {"n": 1}, {"n": 2}]  # nothing consumed
 
 
+def test_pending_on_a_redis_url_lists_what_a_subscription_holds(url: str) -> None:
+    with mqlite.Broker(url) as broker:
+        worker = broker.subscribe("invoices", name="mailer", ack="manual")
+        broker.publish("invoices", "issued", {"n": 1})
+        broker.publish("invoices", "issued", {"n": 2})
+        held = worker.get(timeout=5)
+        assert held is not None
+        listed = mqlite_command("pending", url, "invoices", "mailer", "--json")
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)["pending"]
+        assert (row["offset"], row["attempts"], row["state"]) == (held.offset, 1, "held")
+        assert row["owner"].startswith("broker ")  # the command is another broker than this one
+        assert row["held_for"] is not None
+        text = mqlite_command("pending", url, "invoices", "mailer")
+        assert "held" in text.stdout
+        unknown = mqlite_command("pending", url, "invoices", "nobody")
+        assert unknown.returncode == 1
+        assert "no subscription 'nobody'" in unknown.stderr
+
+
 def test_a_read_command_on_a_redis_url_says_what_it_cannot_do(url: str) -> None:
-    result = mqlite_command("pending", url, "orders", "billing")
+    result = mqlite_command("dead-letters", url, "orders")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Redis" in result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import mqlite
 
 
@@ -77,3 +79,23 @@ def test_another_broker_on_the_file_shows_as_holder(tmp_path: Path) -> None:
         assert held_there.holder.startswith("broker ")
         assert (held_there.attempts, held_there.state, held_there.held_since) == (1, "out", 2007.0)
         assert held_there.message.payload == "b"
+
+
+def test_the_broker_lists_a_subscription_that_is_not_attached(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = mqlite.ManualClock(start=500.0)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("q", name="w", ack="manual")
+    broker.publish("q", "e", 1)
+    broker.publish("q", "e", 2)
+    taken = sub.get(timeout=0)
+    assert taken is not None
+    sub.nack(taken, delay=10)
+    assert [(p.offset, p.state, p.due) for p in broker.pending_messages("q", "w")] == [(0, "waiting", 510.0)]
+    assert broker.pending_messages("q", "w") == sub.pending_messages()
+    sub.close()
+    [left] = broker.pending_messages("q", "w")  # nobody attached: it waits for the next consumer
+    assert (left.offset, left.holder) == (0, None)
+    with pytest.raises(mqlite.InvalidArgument, match="no subscription 'other' on 'q'"):
+        broker.pending_messages("q", "other")
+    with pytest.raises(mqlite.InvalidArgument, match="no queue 'nowhere'"):
+        broker.pending_messages("nowhere", "w")

@@ -451,25 +451,34 @@ class DeliveryCore(CursorCore):
         """The pending messages of a consumer's cursor, by offset, with who holds each (see
         :class:`~mqlite.PendingMessage`), read atomically."""
         with self._lock:
-            cursor = consumer._cursor
-            now = self._time()
-            monotonic = self._monotonic()
-            listed = []
-            for offset in sorted(cursor.pending):
-                entry = cursor.pending[offset]
-                state = entry.state
-                if state == OUT:
-                    holder: str | None = getattr(entry.owner, "_label", None)
-                    listed.append(
-                        PendingMessage(entry.message, entry.attempts, "out", holder, entry.since or None, None)
-                    )
-                elif state == WAITING:
-                    due = now + (entry.deadline - monotonic)
-                    listed.append(PendingMessage(entry.message, entry.attempts, "waiting", None, None, due))
-                else:
-                    listed.append(PendingMessage(entry.message, entry.attempts, "ready", None, None, None))
-            listed.extend(self._pending_elsewhere_locked(cursor))
+            listed = self._pending_listing_locked(consumer._cursor)
         listed.sort(key=lambda pending: pending.message[2])
+        return listed
+
+    def pending_messages_of(self, name: str) -> list[PendingMessage]:
+        """:meth:`pending_messages` of the durable cursor ``name``, attached or not (none if it does not exist)."""
+        with self._lock:
+            cursor = self._cursors.get(name)
+            listed = [] if cursor is None else self._pending_listing_locked(cursor)
+        listed.sort(key=lambda pending: pending.message[2])
+        return listed
+
+    def _pending_listing_locked(self, cursor: Cursor) -> list[PendingMessage]:
+        now = self._time()
+        monotonic = self._monotonic()
+        listed = []
+        for offset in sorted(cursor.pending):
+            entry = cursor.pending[offset]
+            state = entry.state
+            if state == OUT:
+                holder: str | None = getattr(entry.owner, "_label", None)
+                listed.append(PendingMessage(entry.message, entry.attempts, "out", holder, entry.since or None, None))
+            elif state == WAITING:
+                due = now + (entry.deadline - monotonic)
+                listed.append(PendingMessage(entry.message, entry.attempts, "waiting", None, None, due))
+            else:
+                listed.append(PendingMessage(entry.message, entry.attempts, "ready", None, None, None))
+        listed.extend(self._pending_elsewhere_locked(cursor))
         return listed
 
     def _pending_elsewhere_locked(self, cursor: Cursor) -> list[PendingMessage]:

@@ -1174,7 +1174,13 @@ class RedisQueue:
 
     def pending_messages(self, consumer: Consumer) -> list[PendingMessage]:
         """The pending messages of a consumer's cursor, by offset, with who holds each, read atomically."""
-        rows = self._run("pending", self._cid(consumer))
+        return self._pending_listing(self._run("pending", self._cid(consumer)))
+
+    def pending_messages_of(self, name: str) -> list[PendingMessage]:
+        """:meth:`pending_messages` of the durable cursor ``name``, attached or not (none if it does not exist)."""
+        return self._pending_listing(self._run("pending", named_cursor(name)))
+
+    def _pending_listing(self, rows: Any) -> list[PendingMessage]:
         with self._lock:
             labels = {self._consumer_id(member): member._label for member in self._consumers.values()}
         listed = []
