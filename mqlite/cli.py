@@ -810,10 +810,39 @@ def _letter_document(letter: mqlite.Message, requeued: bool) -> dict[str, Any]:
     }
 
 
+def _read_all(broker: mqlite.Broker, queue: str, start: Start = "earliest") -> list[mqlite.Message]:
+    """Every retained message of ``queue`` from ``start``, through an ephemeral subscription (consumes nothing)."""
+    messages: list[mqlite.Message] = []
+    with broker.subscribe(queue, start=start) as reader:
+        while batch := reader.poll(TAIL_PAGE, timeout=0):
+            messages.extend(batch)
+    return messages
+
+
+def _dead_letters_of_broker(args: Any, dead_letter_queue: str) -> list[dict[str, Any]]:
+    """The letters of ``dead_letter_queue`` on a URL, each marked whether it was requeued."""
+    with _open_broker(args.target) as broker:
+        info = broker.info()
+        names = {queue.name for queue in info.queues}
+        if dead_letter_queue not in names:
+            if args.queue not in names:
+                raise CommandError(f"queue {args.queue!r} does not exist on {args.target!r}")
+            return []
+        requeue = [s for s in info.subscriptions if s.queue == dead_letter_queue and s.name == REQUEUE_CURSOR]
+        position = requeue[0].position if requeue else 0
+        held = {p.offset for p in broker.pending_messages(dead_letter_queue, REQUEUE_CURSOR)} if requeue else set()
+        return [
+            _letter_document(m, m.offset < position and m.offset not in held)
+            for m in _read_all(broker, dead_letter_queue)
+        ]
+
+
 def _dead_letters(args: Any, out: TextIO) -> int:
     dead_letter_queue = _dead_letter_queue(args)
     if args.requeue:
         return _requeue(args, dead_letter_queue, out)
+    if _is_url(args.target):
+        return _show_dead_letters(args, dead_letter_queue, _dead_letters_of_broker(args, dead_letter_queue), out)
     letters: list[dict[str, Any]] = []
     with _inspect(args.target, "dead-letters") as inspector:
         names = {queue.name for queue in inspector.queues()}
@@ -827,6 +856,10 @@ def _dead_letters(args: Any, out: TextIO) -> int:
                     break
         elif args.queue not in names:
             inspector.queue(args.queue)  # raises NotFound, naming the queues there are
+    return _show_dead_letters(args, dead_letter_queue, letters, out)
+
+
+def _show_dead_letters(args: Any, dead_letter_queue: str, letters: list[dict[str, Any]], out: TextIO) -> int:
     shown = letters if args.all else [letter for letter in letters if not letter["requeued"]]
     if args.json:
         _print_json({"queue": args.queue, "dead_letter_queue": dead_letter_queue, "dead_letters": shown}, out)
@@ -874,34 +907,68 @@ def _requeue(args: Any, dead_letter_queue: str, out: TextIO) -> int:
     letter pending; the next run gets it again as a redelivery (``attempt`` > 1) and first looks
     for the copy in the source queue (by its ``requeued_from`` header), so it is not published twice.
     """
+    if _is_url(args.target):
+        with _open_broker(args.target) as broker:
+            names = {queue.name for queue in broker.info().queues}
+            if dead_letter_queue not in names:
+                if args.queue not in names:
+                    raise CommandError(f"queue {args.queue!r} does not exist on {args.target!r}")
+                return _requeued_report(args, dead_letter_queue, [], out)
+            done = _requeue_letters(
+                args,
+                broker,
+                dead_letter_queue,
+                lambda source, letter, mark: _find_copy_in(broker, source, letter, mark),
+            )
+        return _requeued_report(args, dead_letter_queue, done, out)
     with _inspect(args.target, "dead-letters --requeue") as inspector:
         names = {queue.name for queue in inspector.queues()}
         if dead_letter_queue not in names:
             if args.queue not in names:
                 inspector.queue(args.queue)  # raises NotFound
             return _requeued_report(args, dead_letter_queue, [], out)
-        done: list[dict[str, Any]] = []
         with _open_broker(args.target) as broker:
-            sub = broker.subscribe(
-                dead_letter_queue, name=REQUEUE_CURSOR, start="earliest", ack="manual", max_deliveries=None
+            done = _requeue_letters(
+                args,
+                broker,
+                dead_letter_queue,
+                lambda source, letter, mark: _find_copy(inspector, source, letter, mark),
             )
-            try:
-                while batch := sub.poll(max_messages=100, timeout=0):
-                    for letter in batch:
-                        source = letter.headers.get("dead_letter.queue", args.queue)
-                        if not isinstance(source, str):
-                            source = args.queue
-                        mark = {"queue": dead_letter_queue, "offset": letter.offset}
-                        copy = _find_copy(inspector, source, letter, mark) if letter.attempt > 1 else None
-                        if copy is None:
-                            headers = {k: v for k, v in letter.headers.items() if not k.startswith("dead_letter.")}
-                            headers[REQUEUED_FROM] = mark
-                            copy = broker.publish(source, letter.event, letter.payload, letter.key, headers).offset
-                        sub.ack(letter)
-                        done.append({"offset": letter.offset, "queue": source, "new_offset": copy})
-            finally:
-                sub.close()
     return _requeued_report(args, dead_letter_queue, done, out)
+
+
+_FindCopy = Callable[[str, mqlite.Message, dict[str, Any]], "int | None"]
+
+
+def _requeue_letters(
+    args: Any, broker: mqlite.Broker, dead_letter_queue: str, find_copy: _FindCopy
+) -> list[dict[str, Any]]:
+    """Publish each letter back through the requeue cursor (see :func:`_requeue`); what was requeued."""
+    done: list[dict[str, Any]] = []
+    sub = broker.subscribe(dead_letter_queue, name=REQUEUE_CURSOR, start="earliest", ack="manual", max_deliveries=None)
+    try:
+        while batch := sub.poll(max_messages=100, timeout=0):
+            for letter in batch:
+                source = letter.headers.get("dead_letter.queue", args.queue)
+                if not isinstance(source, str):
+                    source = args.queue
+                mark = {"queue": dead_letter_queue, "offset": letter.offset}
+                copy = find_copy(source, letter, mark) if letter.attempt > 1 else None
+                if copy is None:
+                    headers = {k: v for k, v in letter.headers.items() if not k.startswith("dead_letter.")}
+                    headers[REQUEUED_FROM] = mark
+                    copy = broker.publish(source, letter.event, letter.payload, letter.key, headers).offset
+                sub.ack(letter)
+                done.append({"offset": letter.offset, "queue": source, "new_offset": copy})
+    finally:
+        sub.close()
+    return done
+
+
+def _find_copy_in(broker: mqlite.Broker, source: str, letter: mqlite.Message, mark: dict[str, Any]) -> int | None:
+    """:func:`_find_copy` through a broker: the copy's offset in ``source``, read from the letter's time on."""
+    since = datetime.fromtimestamp(letter.timestamp, UTC)
+    return next((m.offset for m in _read_all(broker, source, since) if m.headers.get(REQUEUED_FROM) == mark), None)
 
 
 def _find_copy(inspector: Inspector, source: str, letter: mqlite.Message, mark: dict[str, Any]) -> int | None:
@@ -1006,7 +1073,7 @@ def _delete_subscription(args: Any, out: TextIO) -> int:
 
 def _compact(args: Any, out: TextIO) -> int:
     if _is_url(args.target):
-        raise CommandError(f"compact applies to files, not to {args.target!r}")
+        raise CommandError(f"compact applies to files, not to {args.target!r}: a Redis server reclaims its own memory")
     before, after = compact(_check_file(args.target))
     if args.json:
         _print_json({"target": args.target, "bytes_before": before, "bytes_after": after, "freed": before - after}, out)

@@ -475,7 +475,7 @@ def test_read_commands_refuse_an_unknown_queue_or_subscription(path: str) -> Non
 
 def test_a_redis_url_nobody_answers_and_a_file_only_command_on_a_url_fail_clearly() -> None:
     assert "Connection refused" in fails("info", "redis://127.0.0.1:1/0")  # port 1: nobody listens
-    assert "not built yet" in fails("dead-letters", "redis://127.0.0.1:1/0", "orders")
+    assert "compact applies to files" in fails("compact", "redis://127.0.0.1:1/0")
 
 
 def test_usage_says_mqlite_and_lists_the_commands() -> None:

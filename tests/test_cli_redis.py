@@ -102,8 +102,30 @@ def test_pending_on_a_redis_url_lists_what_a_subscription_holds(url: str) -> Non
         assert "no subscription 'nobody'" in unknown.stderr
 
 
-def test_a_read_command_on_a_redis_url_says_what_it_cannot_do(url: str) -> None:
-    result = mqlite_command("dead-letters", url, "orders")
+def test_dead_letters_on_a_redis_url_are_listed_and_requeued_once(url: str) -> None:
+    with mqlite.Broker(url) as broker:
+        billing = broker.subscribe("charges", name="billing", ack="manual", max_deliveries=1)
+        broker.publish("charges", "charge", {"card": "expired"})
+        failed = billing.get(timeout=5)
+        assert failed is not None
+        billing.nack(failed)  # its one delivery used up: dead-lettered
+        listed = mqlite_command("dead-letters", url, "charges", "--json")
+        assert listed.returncode == 0, listed.stderr
+        [letter] = json.loads(listed.stdout)["dead_letters"]
+        assert (letter["payload"], letter["reason"], letter["requeued"]) == ({"card": "expired"}, "nack", False)
+        requeued = mqlite_command("dead-letters", url, "charges", "--requeue")
+        assert requeued.returncode == 0, requeued.stderr
+        assert "requeued charges.dead-letter@0 -> charges@1" in requeued.stdout
+        again = billing.get(timeout=5)
+        assert again is not None
+        assert again.payload == {"card": "expired"}
+        assert mqlite_command("dead-letters", url, "charges", "--requeue").stdout.startswith("no dead letters")
+        everything = json.loads(mqlite_command("dead-letters", url, "charges", "--all", "--json").stdout)
+        assert [letter["requeued"] for letter in everything["dead_letters"]] == [True]
+
+
+def test_a_file_only_command_on_a_redis_url_says_so(url: str) -> None:
+    result = mqlite_command("compact", url)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "Redis" in result.stderr
+    assert "compact applies to files" in result.stderr
