@@ -213,21 +213,38 @@ OffLoop = Callable[[Callable[[], _T]], Awaitable[_T]]
 """Runs one engine step in a thread, for an engine whose steps do blocking I/O."""
 
 
-async def run_off_loop(off_loop: OffLoop[_T], step: Callable[[], _T], keep: Callable[[_T], object]) -> _T:
+_NOT_YET: Any = object()
+
+
+async def run_off_loop(off_loop: OffLoop[_T], step: Callable[[], _T], keep: Callable[[_T, bool], object]) -> _T:
     """Run ``step`` with ``off_loop`` (in the broker's I/O thread), so the loop never waits on I/O.
 
     A step cannot be stopped once it runs. If the awaiting task is cancelled meanwhile, the
-    step's result goes to ``keep`` when it is done, on the loop, so that what it took is kept
-    or given back instead of lost.
+    step's result goes to ``keep(result, on_loop)`` exactly once, so that what it took is kept
+    or given back instead of lost: in the I/O thread as soon as the step ends (``on_loop``
+    False), before that thread runs the next step, so the next read finds it in order; or on the
+    loop (``on_loop`` True) if the step had ended before the cancel.
     """
-    future: asyncio.Future[_T] = asyncio.ensure_future(off_loop(step))
+    # lock guards state: [whether the awaiting task gave up, the step's result once it ended].
+    lock = threading.Lock()
+    state: list[Any] = [False, _NOT_YET]
 
-    def finished(done: asyncio.Future[_T]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            keep(done.result())
+    def guarded() -> _T:
+        result = step()
+        with lock:
+            abandoned = state[0]
+            state[1] = result
+        if abandoned:
+            keep(result, False)
+        return result
 
+    future: asyncio.Future[_T] = asyncio.ensure_future(off_loop(guarded))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        future.add_done_callback(finished)
+        with lock:
+            state[0] = True
+            result = state[1]
+        if result is not _NOT_YET:
+            keep(result, True)
         raise

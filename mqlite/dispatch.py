@@ -390,7 +390,7 @@ class AsyncPushWorker:
         finally:
             self.finished.set()
 
-    def _give_back_taken(self, result: object) -> None:
+    def _give_back_taken(self, result: object, on_loop: bool) -> None:
         """What a take that ran for a cancelled task got goes back, unprocessed (never lost)."""
         if isinstance(result, Attempt):
             self.queue.remove_waiter(result.waiter)

@@ -261,7 +261,7 @@ class Subscription:
         assert self._off_loop is not None
         return await run_off_loop(self._off_loop, step, self._keep_what_was_taken)  # type: ignore[arg-type]  # OffLoop is generic per call
 
-    def _keep_what_was_taken(self, result: object) -> None:
+    def _keep_what_was_taken(self, result: object, on_loop: bool) -> None:
         if isinstance(result, Attempt):
             self._engine.remove_waiter(result.waiter)
             result = result.value
@@ -269,6 +269,9 @@ class Subscription:
             self._buffer.extendleft(reversed(result))
             # A read of this subscription may already be waiting (its step was queued behind the
             # cancelled one): wake it, from the I/O thread, so that it finds the buffer.
+            if not on_loop:
+                self._engine.wake_all()  # in the I/O thread already
+                return
             assert self._off_loop is not None
             _keep_alive(asyncio.ensure_future(self._off_loop(self._engine.wake_all)))
 

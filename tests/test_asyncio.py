@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -194,6 +195,32 @@ def test_cancelling_aget_at_any_point_consumes_nothing() -> None:
             assert message is not None
             assert message.payload == "kept"
             assert sub.pending == 1
+
+    run(body)
+
+
+def test_a_cancelled_aget_on_a_file_keeps_its_message_first_in_line(tmp_path: Path) -> None:
+    """The cancelled read's step still runs in the I/O thread; the next read gets its message, in order."""
+
+    async def body() -> None:
+        with mqlite.Broker(tmp_path / "cancel.mqlite") as broker:
+            sub = broker.subscribe("orders", name="workers", ack="manual")
+            broker.queue("orders").publish_many([("created", i) for i in range(40)])
+            received = []
+            for _ in range(20):
+                task = asyncio.create_task(sub.aget(timeout=5))
+                await asyncio.sleep(0)  # let it hand its step to the I/O thread
+                task.cancel()
+                try:
+                    message = await task
+                    if message is not None:
+                        received.append(message.payload)
+                except asyncio.CancelledError:
+                    pass
+                message = await sub.aget(timeout=5)
+                assert message is not None
+                received.append(message.payload)
+            assert received == list(range(len(received)))  # nothing lost, nothing out of order
 
     run(body)
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import pytest
 import test.test_asyncio.test_queues as cpython_async
 import test.test_queue as cpython_queue
 
@@ -165,16 +164,6 @@ class TestAsyncQueuePutOnMemory(_Put):
 
 class TestAsyncQueuePutOnFile(_Put):
     on_file = True
-
-    # A core race, not compat's: a cancelled aget's step, still running in the broker's I/O
-    # thread, hands its message to the subscription's buffer only after the loop runs a
-    # callback, and the retried get's step can take the next message before that. Nothing is
-    # lost (the first comes with the next get), but the order is not the standard library's.
-    @pytest.mark.xfail(
-        reason="core: a cancelled aget keeps its message only after the next get's step ran", strict=False
-    )
-    async def test_get_cancel_drop_one_pending_reader(self) -> None:
-        await cpython_async.QueuePutTests.test_get_cancel_drop_one_pending_reader(self)  # type: ignore[arg-type]
 
 
 class TestAsyncQueueJoinOnMemory(_Join):
