@@ -24,6 +24,7 @@ from mqlite._delivery.entries import DeadLetter
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
+from mqlite.errors import InvalidArgument, NotPending
 from mqlite.filters import EventFilter
 from mqlite.info import PendingMessage, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
@@ -318,3 +319,41 @@ class StorageEngine(Protocol):
     def close(self) -> None:
         """Release the storage; bounded. Idempotent."""
         ...
+
+
+# -- helpers every engine's consumer side shares --------------------------------------------------
+
+
+def offset_to_settle(message: object, queue: str, message_class: type[Message], verb: str) -> int:
+    """The offset that ``ack``/``nack`` of ``message`` on ``queue`` means.
+
+    Raises:
+        NotPending: a Message of another queue, or built elsewhere than this queue.
+        InvalidArgument: neither a Message nor an int offset.
+    """
+    if type(message) is message_class:
+        offset: int = message[2]  # a Message of this queue
+        return offset
+    if isinstance(message, Message):
+        if message.queue != queue:
+            raise NotPending(f"cannot {verb} a message of queue {message.queue!r} on a subscription to {queue!r}")
+        # Equal to one of this queue's, perhaps, but built elsewhere: not the one delivered here.
+        raise NotPending(
+            f"cannot {verb} offset {message.offset} of {message.queue!r}: that Message came from another "
+            f"broker (or was built by hand); {verb} the one this subscription delivered"
+        )
+    if isinstance(message, int) and not isinstance(message, bool):
+        return message
+    raise InvalidArgument(f"{verb}() takes a Message or its int offset, got {type(message).__name__}")
+
+
+def drain_buffer(consumer: Consumer) -> list[Message]:
+    """Empty what ``consumer`` read ahead and never handed out, in order."""
+    buffer = consumer._buffer
+    unread = []
+    while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
+        try:
+            unread.append(buffer.popleft())
+        except IndexError:
+            break
+    return unread

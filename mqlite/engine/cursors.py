@@ -12,7 +12,7 @@ from mqlite._delivery import policy
 from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import OUT, READY, SETTLED, DeadLetter, Pending
 from mqlite.config import Start, SubscriptionSettings
-from mqlite.engine.base import Consumer
+from mqlite.engine.base import Consumer, drain_buffer
 from mqlite.engine.core import QueueCore
 from mqlite.errors import BrokerClosed, ConfigConflict
 from mqlite.message import Message
@@ -138,14 +138,7 @@ class CursorCore(QueueCore):
 
     @staticmethod
     def _drain_buffer(consumer: Consumer) -> list[Message]:
-        buffer = consumer._buffer
-        unread = []
-        while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
-            try:
-                unread.append(buffer.popleft())
-            except IndexError:
-                break
-        return unread
+        return drain_buffer(consumer)
 
     def give_back(self, consumer: Consumer) -> None:
         """Return what ``consumer`` read ahead and never handed to user code, to the front of the line."""

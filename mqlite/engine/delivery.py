@@ -12,9 +12,9 @@ from mqlite._delivery import policy
 from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import OUT, SETTLED, WAITING, Pending
 from mqlite.config import Start
-from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot
+from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot, offset_to_settle
 from mqlite.engine.cursors import CursorCore
-from mqlite.errors import AckModeError, InvalidArgument, NotPending, SubscriptionClosed
+from mqlite.errors import AckModeError, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
 from mqlite.info import PendingMessage
 from mqlite.message import Message, redelivery
@@ -365,20 +365,8 @@ class DeliveryCore(CursorCore):
     def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
         if type(message) is self._message_class:  # this queue built it: the one compare of the usual case
             offset = message[2]
-        elif isinstance(message, Message):
-            if message.queue != self.name:
-                raise NotPending(
-                    f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}"
-                )
-            # Equal to one of this queue's, perhaps, but built elsewhere: not the one delivered here.
-            raise NotPending(
-                f"cannot {verb} offset {message.offset} of {message.queue!r}: that Message came from another "
-                f"broker (or was built by hand); {verb} the one this subscription delivered"
-            )
-        elif isinstance(message, int) and not isinstance(message, bool):
-            offset = message
         else:
-            raise InvalidArgument(f"{verb}() takes a Message or its int offset, got {type(message).__name__}")
+            offset = offset_to_settle(message, self.name, self._message_class, verb)
         entry = cursor.pending.get(offset)
         if entry is None:
             raise NotPending(

@@ -37,6 +37,8 @@ from mqlite.engine.base import (
     CursorStats,
     DeadLetterSink,
     QueueSnapshot,
+    drain_buffer,
+    offset_to_settle,
 )
 from mqlite.engine.codec import JsonSerializer, Serializer, decode_row, encode_fields
 from mqlite.engine.redis.keys import QueueKeys, encode_part, ephemeral_cursor, named_cursor
@@ -648,7 +650,7 @@ class RedisQueue:
         """Detach a closing consumer: what it read ahead goes back unread, what it held is retried."""
         cursor = consumer._cursor
         cid = self._cid(consumer)
-        unread = _drain_buffer(consumer)
+        unread = drain_buffer(consumer)
         with self._lock:
             closing = self._closed
         try:
@@ -977,7 +979,7 @@ class RedisQueue:
 
     def give_back(self, consumer: Consumer) -> None:
         """Return what ``consumer`` read ahead and never handed to user code, to the front of the line."""
-        messages = _drain_buffer(consumer)
+        messages = drain_buffer(consumer)
         if not messages:
             return
         try:
@@ -990,21 +992,7 @@ class RedisQueue:
     # -- acks, seeks and filters -----------------------------------------------------------
 
     def _offset(self, message: Message | int, verb: str) -> int:
-        if type(message) is self.message_class:
-            offset: int = message[2]
-            return offset
-        if isinstance(message, Message):
-            if message.queue != self.name:
-                raise NotPending(
-                    f"cannot {verb} a message of queue {message.queue!r} on a subscription to {self.name!r}"
-                )
-            raise NotPending(
-                f"cannot {verb} offset {message.offset} of {message.queue!r}: that Message came from another "
-                f"broker (or was built by hand); {verb} the one this subscription delivered"
-            )
-        if isinstance(message, int) and not isinstance(message, bool):
-            return message
-        raise InvalidArgument(f"{verb}() takes a Message or its int offset, got {type(message).__name__}")
+        return offset_to_settle(message, self.name, self.message_class, verb)
 
     def _check_manual(self, consumer: Consumer, verb: str) -> None:
         if consumer.closed:
@@ -1319,14 +1307,3 @@ def _members_of(mem: list[bytes], mine: dict[str, Consumer]) -> tuple[Consumer, 
 def _text(value: Any) -> str:
     """A reply of redis-py (bytes: the engine never decodes responses) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _drain_buffer(consumer: Consumer) -> list[Message]:
-    buffer = consumer._buffer
-    unread = []
-    while buffer:  # popleft, not list()+clear(): a racing lock-free pop gets each message at most once
-        try:
-            unread.append(buffer.popleft())
-        except IndexError:
-            break
-    return unread
