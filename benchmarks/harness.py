@@ -48,6 +48,7 @@ LOWER_IS_BETTER: dict[str, bool] = {
     "µs": True,
     "B/msg": True,
     "msgs/s": False,
+    "switches/msg": True,
 }
 
 
