@@ -484,23 +484,22 @@ class _FaultyQueue(DeliveryCore):
         key = _cursor_key(cursor, consumer)
         dropped: list[Message] = []
         if done and faults.rates["drop_ack"]:
-            for message in done:
-                entry = cursor.pending.get(message[2])  # read without the lock: only this worker settles it
-                attempt = entry.attempts if entry is not None else 1
-                if faults.strikes("drop_ack", self.name, key, message[2], attempt) is not None:
-                    dropped.append(message)
-        if dropped:
             # Failed before the batch settles, so that nobody sees them neither pending nor settled.
             with self._lock:
                 pending = cursor.pending
-                for message in dropped:
+                for message in done:
                     entry = pending.get(message[2])
+                    attempt = entry.attempts if entry is not None else 1
+                    if faults.strikes("drop_ack", self.name, key, message[2], attempt) is None:
+                        continue
+                    dropped.append(message)
                     if entry is None:  # auto-ack pushes keep no entry for a first delivery
                         entry = pending[message[2]] = Pending(message, 1, consumer, OUT)
                     self._inject_locked("drop_ack", cursor, consumer, message[2], "back at once")
                     self._fail_locked(cursor, entry, "ack lost", 0.0, None)
-                if self.durable and cursor.name is not None:
+                if dropped and self.durable and cursor.name is not None:
                     self._journal_sync_locked(cursor, [message[2] for message in dropped])
+        if dropped:
             lost = {message[2] for message in dropped}
             batch = [message for message in batch if message[2] not in lost]
             _lost.offsets = tuple(lost)
