@@ -269,8 +269,12 @@ class QueueCore:
     def _find_unwanted_locked(self) -> set[str]:
         if self._config.retention != "interest":
             return set()
+        return self._unwanted_by_locked(self._all_cursors_locked())
+
+    def _unwanted_by_locked(self, cursors: list[Cursor]) -> set[str]:
+        """The known events that none of ``cursors`` wants (none, if one of them reads every event)."""
         wanted: set[str] = set()
-        for cursor in self._all_cursors_locked():
+        for cursor in cursors:
             if cursor.names is None:
                 return set()
             wanted |= cursor.names
@@ -397,14 +401,8 @@ class QueueCore:
             if self._start < self._end:
                 marks.append(self._start)  # no worker yet: every job waits for the first
             return marks
-        if any(c.names is None for c in durable):
-            return marks  # a durable cursor reads every event: none is unwanted
-        wanted: set[str] = set()
-        for cursor in durable:
-            assert cursor.names is not None
-            wanted |= cursor.names
         start = self._start
-        unwanted = [event for event in self._events if event not in wanted]
+        unwanted = self._unwanted_by_locked(durable)
         if unwanted:
             # Some cursor filters, so the index keeps every event's messages (see EventIndex).
             for event in unwanted:
