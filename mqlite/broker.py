@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import attrs
 
 from mqlite._checks import check_broker_arguments, check_path, check_subscribe, close_deadline
+from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.entries import DeadLetter
 from mqlite._draining import Drain, Progress
 from mqlite._waiting import capped
@@ -161,11 +162,13 @@ class Broker:
         max_messages: int | None = _UNSET,
         max_age: float | None = _UNSET,
         overflow: Overflow = _UNSET,
+        dedup_window: float = _UNSET,
+        dedup_max_ids: int = _UNSET,
     ) -> Queue:
         """Get the queue called ``name``, creating it if needed.
 
-        Retention arguments that are given configure the queue, new or existing; those left out
-        keep their current (or default) values. See :class:`~mqlite.QueueConfig`.
+        Settings that are given configure the queue, new or existing; those left out keep their
+        current (or default) values. See :class:`~mqlite.QueueConfig`.
         """
         changes = {
             key: value
@@ -174,6 +177,8 @@ class Broker:
                 ("max_messages", max_messages),
                 ("max_age", max_age),
                 ("overflow", overflow),
+                ("dedup_window", dedup_window),
+                ("dedup_max_ids", dedup_max_ids),
             )
             if value is not _UNSET
         }
@@ -213,6 +218,7 @@ class Broker:
         payload: Any = None,
         key: Any = None,
         headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         """Publish to the queue called ``queue`` (created if needed); see :meth:`Queue.publish`."""
         try:
@@ -227,9 +233,13 @@ class Broker:
                         f"headers must be a mapping or None, got {type(headers).__name__}: {headers!r}"
                     ) from None
                 check_header_names(headers)
+            if dedup_id is not None:
+                check_dedup_id(dedup_id)
             self.queue(queue)
             engine = self._engines[queue]
-        return engine.publish(event, payload, key, headers)
+        if dedup_id is None:
+            return engine.publish(event, payload, key, headers)
+        return engine.publish(event, payload, key, headers, dedup_id)
 
     # -- subscribing ---------------------------------------------------------------------
 

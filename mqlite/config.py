@@ -13,6 +13,8 @@ from mqlite.errors import InvalidArgument
 from mqlite.filters import EventFilter
 
 __all__ = [
+    "DEDUP_MAX_IDS",
+    "DEDUP_WINDOW",
     "Backoff",
     "Overflow",
     "QueueConfig",
@@ -27,6 +29,11 @@ Start = Literal["earliest", "latest"] | int | datetime
 """Where a cursor starts or seeks to: the oldest retained message, the end, an offset, or a time."""
 
 Retention = Literal["interest", "limits", "workqueue"]
+
+DEDUP_WINDOW = 120.0
+"""The default ``QueueConfig.dedup_window``: two minutes, JetStream's default duplicate window."""
+DEDUP_MAX_IDS = 100_000
+"""The default ``QueueConfig.dedup_max_ids``."""
 Overflow = Literal["drop_oldest", "reject"]
 
 
@@ -107,12 +114,20 @@ class QueueConfig:
         overflow: What a publish does when ``max_messages`` are retained. ``"drop_oldest"`` drops
             the oldest (subscriptions that had not read it count it as missed); ``"reject"`` raises
             :class:`~mqlite.QueueFull` and writes nothing.
+        dedup_window: How long, in seconds of broker clock from its first publish, a
+            ``publish(..., dedup_id=...)`` id is remembered: within it a second publish with the
+            same id writes nothing and returns the first message. Two minutes by default, as in
+            NATS JetStream. A duplicate does not extend the window.
+        dedup_max_ids: At most this many ids are remembered per queue (the oldest are forgotten
+            first), so the window stays bounded in memory and on disk at any publish rate.
     """
 
     retention: Retention = "interest"
     max_messages: int | None = None
     max_age: float | None = None
     overflow: Overflow = "drop_oldest"
+    dedup_window: float = DEDUP_WINDOW
+    dedup_max_ids: int = DEDUP_MAX_IDS
 
     def __attrs_post_init__(self) -> None:
         if self.retention not in ("interest", "limits", "workqueue"):
@@ -123,6 +138,13 @@ class QueueConfig:
         _check_limit("max_age", self.max_age, integer=False)
         if self.overflow == "reject" and self.max_messages is None:
             raise InvalidArgument("overflow='reject' needs max_messages to say when the queue is full")
+        if not is_finite_number(self.dedup_window) or not self.dedup_window > 0:
+            raise InvalidArgument(
+                f"dedup_window must be a positive, finite number of seconds, got {self.dedup_window!r}"
+            )
+        max_ids = self.dedup_max_ids
+        if isinstance(max_ids, bool) or not isinstance(max_ids, int) or max_ids < 1:
+            raise InvalidArgument(f"dedup_max_ids must be an int >= 1, got {max_ids!r}")
 
 
 @attrs.frozen

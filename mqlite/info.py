@@ -58,6 +58,11 @@ class QueueInfo:
     """Messages this broker published that no subscription wanted, so that ``retention="interest"``
     dropped them at once (``publish`` still returned them). Always 0 for the other retentions,
     which keep such messages. Each drop is also logged at debug level on the ``"mqlite"`` logger."""
+    duplicates: int = 0
+    """Publishes this broker refused as duplicates: their ``dedup_id`` had been published within
+    the duplicate window, so nothing was written and the first message was returned."""
+    dedup_window: float = 120.0
+    """Seconds a ``dedup_id`` is remembered from its first publish (``QueueConfig.dedup_window``)."""
 
 
 @attrs.frozen

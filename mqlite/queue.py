@@ -13,16 +13,19 @@ from mqlite.message import Message
 __all__ = ["Queue"]
 
 
-def _draft(item: object) -> tuple[Any, Any, Any, Mapping[str, Any] | None]:
-    """One ``publish_many`` item as ``(event, payload, key, headers)``."""
-    if isinstance(item, tuple) and 2 <= len(item) <= 4:
-        event, payload, key, headers = (*item, None, None)[:4]
-        return event, payload, key, headers
-    if isinstance(item, Mapping) and "event" in item and not set(item) - {"event", "payload", "key", "headers"}:
-        return item["event"], item.get("payload"), item.get("key"), item.get("headers")
+_KEYS = frozenset({"event", "payload", "key", "headers", "dedup_id"})
+
+
+def _draft(item: object) -> tuple[tuple[Any, Any, Any, Mapping[str, Any] | None], Any]:
+    """One ``publish_many`` item as ``(event, payload, key, headers)`` and its dedup id."""
+    if isinstance(item, tuple) and 2 <= len(item) <= 5:
+        event, payload, key, headers, dedup_id = (*item, None, None, None)[:5]
+        return (event, payload, key, headers), dedup_id
+    if isinstance(item, Mapping) and "event" in item and not set(item) - _KEYS:
+        return (item["event"], item.get("payload"), item.get("key"), item.get("headers")), item.get("dedup_id")
     raise InvalidArgument(
-        "publish_many takes (event, payload), (event, payload, key) or (event, payload, key, headers) "
-        f"tuples, or mappings with those keys, got {item!r}"
+        "publish_many takes (event, payload), (event, payload, key), (event, payload, key, headers) or "
+        f"(event, payload, key, headers, dedup_id) tuples, or mappings with those keys, got {item!r}"
     )
 
 
@@ -45,23 +48,33 @@ class Queue:
         payload: Any = None,
         key: Any = None,
         headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         """Append one message and return it with its offset.
 
+        With a ``dedup_id``, a retry is safe: if a message with the same id was published to
+        this queue within its duplicate window (``QueueConfig.dedup_window``, counted from that
+        first publish), nothing is written and that first message is returned, with its offset.
+        See ``docs/one-time-delivery.md``.
+
         Raises:
             InvalidName: ``event`` is not a non-empty str, or contains a wildcard character.
-            InvalidArgument: ``headers`` is not a mapping.
+            InvalidArgument: ``headers`` is not a mapping, or ``dedup_id`` is not a non-empty str.
             QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
             BrokerClosed: the broker was closed.
         """
-        return self._engine.publish(event, payload, key, headers)
+        if dedup_id is None:
+            return self._engine.publish(event, payload, key, headers)
+        return self._engine.publish(event, payload, key, headers, dedup_id)
 
     def publish_many(self, items: Iterable[object]) -> list[Message]:
         """Append several messages at contiguous offsets, all or none, with one timestamp.
 
         Each item is ``(event, payload)``, ``(event, payload, key)``, ``(event, payload, key,
-        headers)``, or a mapping with the keys ``event`` and, optionally, ``payload``, ``key``
-        and ``headers``.
+        headers)``, ``(event, payload, key, headers, dedup_id)``, or a mapping with the key
+        ``event`` and, optionally, ``payload``, ``key``, ``headers`` and ``dedup_id``. An item
+        whose dedup id was published within the duplicate window, or repeats an earlier item's,
+        is not written: its place in the result holds the first message with that id.
 
         Raises:
             InvalidArgument: an item is none of those, or its headers are not a mapping.
@@ -75,7 +88,15 @@ class Queue:
             raise InvalidArgument(
                 f"publish_many takes an iterable of messages, got {type(items).__name__}: {items!r}"
             ) from None
-        return self._engine.publish_many([_draft(item) for item in iterator])
+        drafts = []
+        dedup_ids = []
+        for item in iterator:
+            draft, dedup_id = _draft(item)
+            drafts.append(draft)
+            dedup_ids.append(dedup_id)
+        if any(dedup_id is not None for dedup_id in dedup_ids):
+            return self._engine.publish_many(drafts, dedup_ids)
+        return self._engine.publish_many(drafts)
 
     @property
     def config(self) -> QueueConfig:

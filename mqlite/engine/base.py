@@ -184,6 +184,7 @@ class QueueSnapshot:
     cursors: tuple[CursorFigures, ...]
     waiters: int
     dropped: int = 0
+    duplicates: int = 0
 
     def to_info(self, queue: str) -> tuple[QueueInfo, list[SubscriptionInfo]]:
         """The public records of this snapshot of ``queue``, as ``Broker.info()`` reports them."""
@@ -199,6 +200,8 @@ class QueueSnapshot:
             overflow=config.overflow,
             waiters=self.waiters,
             dropped=self.dropped,
+            duplicates=self.duplicates,
+            dedup_window=config.dedup_window,
         )
         return queue_info, [figures.to_info(queue) for figures in self.cursors]
 
@@ -221,10 +224,21 @@ class QueueEngine(Protocol):
     commit, and once its writer failed a step may raise after changing memory."""
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message: ...
 
-    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]: ...
+    def publish_many(
+        self,
+        drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[str | None] | None = None,
+    ) -> list[Message]:
+        """Publish drafts, all or none; ``dedup_ids`` (one per draft, or None) as for ``publish``."""
+        ...
 
     @property
     def config(self) -> QueueConfig: ...

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from mqlite._delivery import retention
 from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.dedup import DedupWindow, check_dedup_id
 from mqlite._delivery.entries import DeadLetter
 from mqlite._delivery.waiters import Waiter, Waiters
 from mqlite.clock import Clock
@@ -101,6 +102,10 @@ class QueueCore:
         # (a set's truth costs that path about 1.5% more instructions).
         self._dropping = False
         self.dropped = 0
+        # The dedup ids published within the duplicate window, and how many publishes they refused.
+        self._dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
+        self._dedup_ids = self._dedup.ids  # the same dict, bound for the publish paths
+        self.duplicates = 0
         # A publish at an offset >= _check_at takes the slow path: housekeeping is due, the
         # queue may be full, or the broker is closed (then it is -1).
         self._check_at = 0
@@ -146,13 +151,22 @@ class QueueCore:
     # -- publishing -------------------------------------------------------------------------
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         """Append one message and return it with its offset.
 
+        With a ``dedup_id`` that was published within the queue's duplicate window, nothing is
+        written: the first message with that id is returned (see :meth:`_original_locked`).
+
         Raises:
             InvalidName: ``event`` is not a non-empty str, or contains a wildcard character.
-            InvalidArgument: ``headers`` is not a mapping with str keys.
+            InvalidArgument: ``headers`` is not a mapping with str keys, or ``dedup_id`` is not
+                a non-empty str.
             QueueFull: the queue has ``overflow="reject"`` and holds ``max_messages``.
             BrokerClosed: the broker was closed.
         """
@@ -160,13 +174,20 @@ class QueueCore:
             key is not None
             or headers is not None
             or type(event) is not str
+            or (dedup_id is not None and type(dedup_id) is not str)  # refused (or made a plain str) there
             or (self._dropping and event in self._unwanted)  # a drop: counted and logged there
         ):
-            return self._append_drafts([(event, payload, key, headers)])[0]
+            return self._append_drafts([(event, payload, key, headers)], None if dedup_id is None else [dedup_id])[0]
         lock = self._lock
         try:
             lock.acquire()
             try:
+                if dedup_id is not None:
+                    found = self._dedup_ids.get(dedup_id)
+                    if found is not None or not dedup_id:
+                        original = self._duplicate_locked(dedup_id, event, payload, found)
+                        if original is not None:
+                            return original
                 try:
                     postings = self._events[event]
                 except KeyError:
@@ -180,15 +201,20 @@ class QueueCore:
                 self._end = offset + 1
                 if postings is not None:
                     postings.append(message)
+                if dedup_id is not None:  # DedupWindow.add, inlined: a frame is 10% of a dedup publish
+                    ids = self._dedup_ids
+                    ids[dedup_id] = (offset, message[3])
+                    if len(ids) > self._config.dedup_max_ids:
+                        self._dedup.expire(message[3])
                 if self._waiters:
                     self._waiters.wake_event(event)
             finally:
                 lock.release()
         except _Unwanted:  # zero cost until raised (CPython 3.11 exception tables)
-            return self._append_drafts([(event, payload, None, None)])[0]
+            return self._append_drafts([(event, payload, None, None)], None if dedup_id is None else [dedup_id])[0]
         return message
 
-    def _publish_encoded(self, event: str, payload: Any, fields: Fields) -> Message:
+    def _publish_encoded(self, event: str, payload: Any, fields: Fields, dedup_id: str | None = None) -> Message:
         """:meth:`publish` of a plain message whose payload an engine encoded before the lock.
 
         The same steps as the memory fast path above, which cannot afford the frame that sharing
@@ -198,6 +224,12 @@ class QueueCore:
         try:
             lock.acquire()
             try:
+                if dedup_id is not None:
+                    found = self._dedup_ids.get(dedup_id)
+                    if found is not None or not dedup_id:
+                        original = self._duplicate_locked(dedup_id, event, payload, found)
+                        if original is not None:
+                            return original
                 try:
                     postings = self._events[event]
                 except KeyError:
@@ -207,7 +239,11 @@ class QueueCore:
                     self._make_room_locked(1)
                     postings = self._postings_locked(event)
                 message: Message = _tuple_new(self._message_class, (event, payload, offset, self._time()))
-                self._write_locked([message], [fields])
+                if dedup_id is None:
+                    self._write_locked([message], [fields])
+                else:
+                    self._write_locked([message], [fields], [(dedup_id, offset, message[3])])
+                    self._dedup.add(dedup_id, offset, message[3])  # a frame is little beside the write
                 self._end = offset + 1
                 if postings is not None:
                     postings.append(message)
@@ -216,12 +252,46 @@ class QueueCore:
             finally:
                 lock.release()
         except _Unwanted:
-            return self._append_drafts([(event, payload, None, None)])[0]
+            return self._append_drafts([(event, payload, None, None)], None if dedup_id is None else [dedup_id])[0]
         return message
 
-    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
-        """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none."""
-        return self._append_drafts(drafts)
+    def _duplicate_locked(
+        self, dedup_id: str, event: str, payload: Any, found: tuple[int, float] | None
+    ) -> Message | None:
+        """The first message published with ``dedup_id`` within the window, if there was one.
+
+        The fast paths come here with a str id that is empty or that the window holds (``found``:
+        its offset and time), before they write anything.
+
+        Raises:
+            InvalidArgument: ``dedup_id`` is empty.
+            InvalidName: ``event`` is new and not a valid name.
+            BrokerClosed: the broker was closed.
+        """
+        if not dedup_id:
+            check_dedup_id(dedup_id)
+        if self._closed:
+            raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+        if event not in self._events:
+            check_event_name(event)
+        found = self._dedup.find(dedup_id, self._time())
+        if found is None:
+            return None
+        self.duplicates += 1
+        return self._original_locked(found[0], found[1], (event, payload, None))
+
+    def publish_many(
+        self,
+        drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[str | None] | None = None,
+    ) -> list[Message]:
+        """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none.
+
+        ``dedup_ids``, if given, has one id (or None) per draft: a draft whose id is in the
+        duplicate window, or repeats an earlier draft's, is not written, and its place in the
+        result holds the first message with that id.
+        """
+        return self._append_drafts(drafts, dedup_ids)
 
     def _postings_locked(self, event: str) -> list[Message] | None:
         """The index list of a checked ``event``, registering it again if housekeeping forgot it.
@@ -280,9 +350,11 @@ class QueueCore:
             wanted |= cursor.names
         return {event for event in self._events if event not in wanted}
 
-    def _append_drafts(self, drafts: Sequence[tuple[Any, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
-        # Everything that can fail, and every piece of user code (a header mapping's items, a
-        # str subclass's hash), comes before the lock.
+    def _check_drafts(
+        self, drafts: Sequence[tuple[Any, Any, Any, Mapping[str, Any] | None]], dedup_ids: Sequence[object] | None
+    ) -> tuple[list[tuple[str, Any, MessageMeta | None]], list[str | None] | None]:
+        """Drafts and their dedup ids checked, before any lock: everything that can fail, and every
+        piece of user code (a header mapping's items, a str subclass's hash), runs here."""
         checked: list[tuple[str, Any, MessageMeta | None]] = []
         for event, payload, key, headers in drafts:
             name = str.__str__(check_event_name(event))  # a plain str, whatever subclass came in
@@ -290,6 +362,19 @@ class QueueCore:
             if meta is not None and meta.headers:
                 check_header_names(meta.headers)
             checked.append((name, payload, meta))
+        if dedup_ids is None:
+            return checked, None
+        ids = [None if dedup_id is None else check_dedup_id(dedup_id) for dedup_id in dedup_ids]
+        if len(ids) != len(checked):
+            raise InvalidArgument(f"publish_many got {len(ids)} dedup ids for {len(checked)} messages")
+        return checked, ids
+
+    def _append_drafts(
+        self,
+        drafts: Sequence[tuple[Any, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[object] | None = None,
+    ) -> list[Message]:
+        checked, ids = self._check_drafts(drafts, dedup_ids)
         if not checked:
             return []
         encoded = self._encode(checked)
@@ -297,7 +382,11 @@ class QueueCore:
         lock.acquire()
         try:
             before = self.dropped
-            messages = self._append_locked(checked, encoded)
+            messages = (
+                self._append_locked(checked, encoded)
+                if ids is None
+                else self._append_once_locked(checked, encoded, ids)
+            )
             dropped = self.dropped - before
         finally:
             lock.release()
@@ -316,15 +405,78 @@ class QueueCore:
         """Encode drafts for storage, before the lock (a serializer is user code); None in memory."""
         return None
 
-    def _write_locked(self, messages: list[Message], encoded: list[Fields] | None) -> None:
-        """Store appended messages: all or none, raising before anything changed."""
+    def _write_locked(
+        self, messages: list[Message], encoded: list[Fields] | None, dedup: list[tuple[str, int, float]] | None = None
+    ) -> None:
+        """Store appended messages, and the ``(id, offset, at)`` of their dedup ids: all or none,
+        raising before anything changed."""
         if len(messages) == 1:
             self._append(messages[0])
         else:
             self._log.extend(messages)
 
+    def _append_once_locked(
+        self, checked: list[tuple[str, Any, MessageMeta | None]], encoded: list[Fields] | None, ids: list[str | None]
+    ) -> list[Message]:
+        """:meth:`_append_locked` of drafts with dedup ids: only those not seen within the window are written."""
+        if self._closed:
+            raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+        now = self._time()
+        window = self._dedup
+        places: list[int | Message] = []  # for each draft: its index among the fresh, or the original
+        fresh: list[int] = []
+        first_in_call: dict[str, int] = {}
+        for i, dedup_id in enumerate(ids):
+            if dedup_id is not None:
+                earlier = first_in_call.get(dedup_id)
+                if earlier is not None:
+                    places.append(earlier)
+                    continue
+                found = window.find(dedup_id, now)
+                if found is not None:
+                    places.append(self._original_locked(found[0], found[1], checked[i]))
+                    continue
+                first_in_call[dedup_id] = len(fresh)
+            places.append(len(fresh))
+            fresh.append(i)
+        duplicates = len(ids) - len(fresh)
+        if len(fresh) < len(ids):
+            checked = [checked[i] for i in fresh]
+            encoded = None if encoded is None else [encoded[i] for i in fresh]
+            ids = [ids[i] for i in fresh]
+        messages = self._append_locked(checked, encoded, ids) if checked else []
+        self.duplicates += duplicates
+        return [messages[place] if type(place) is int else place for place in places]  # type: ignore[misc]  # an int indexes, a Message is itself
+
+    def _original_locked(self, offset: int, at: float, draft: tuple[str, Any, MessageMeta | None]) -> Message:
+        """The message first published at ``offset`` (at time ``at``) with a dedup id seen again.
+
+        The retained message if there is one; else, retention having dropped it, the retry's own
+        event and payload at the original offset and time (a retry carries the same message).
+        """
+        log = self._log
+        if log.first_offset <= offset < self._end:
+            return log.get(offset)
+        stored = self._stored_original_locked(offset)
+        if stored is not None:
+            return stored
+        event, payload, meta = draft
+        cls = self._message_class
+        return (
+            _tuple_new(cls, (event, payload, offset, at))
+            if meta is None
+            else _tuple_new(cls, (event, payload, offset, at, meta))
+        )
+
+    def _stored_original_locked(self, offset: int) -> Message | None:
+        """A message memory no longer holds, from storage, if storage still has it."""
+        return None
+
     def _append_locked(
-        self, checked: list[tuple[str, Any, MessageMeta | None]], encoded: list[Fields] | None
+        self,
+        checked: list[tuple[str, Any, MessageMeta | None]],
+        encoded: list[Fields] | None,
+        ids: list[str | None] | None = None,
     ) -> list[Message]:
         start = self._end
         if start + len(checked) > self._check_at:  # housekeeping due, queue full, or broker closed
@@ -337,7 +489,12 @@ class QueueCore:
             else _tuple_new(cls, (event, payload, offset, now, meta))
             for offset, (event, payload, meta) in enumerate(checked, start)
         ]
-        self._write_locked(messages, encoded)
+        dedup = None if ids is None else [(i, m[2], now) for i, m in zip(ids, messages, strict=True) if i is not None]
+        self._write_locked(messages, encoded, dedup)
+        if dedup:
+            add = self._dedup.add
+            for dedup_id, offset, at in dedup:
+                add(dedup_id, offset, at)
         self._end = start + len(messages)
         events = self._events
         wanted = {message[0] for message in messages}
@@ -389,7 +546,13 @@ class QueueCore:
         if retention.should_reclaim(self._log.first_offset, start, end):
             self._log.drop_before(start)
             self._index.trim(start, cursors)
+        if self._dedup or self._dedup.forgot:
+            self._expire_dedup_locked()
         self._check_at = -1 if self._closed else retention.next_check(start, end, len(cursors), self._config)
+
+    def _expire_dedup_locked(self) -> None:
+        """Forget the dedup ids whose window ended (a persistent engine also prunes its rows)."""
+        self._dedup.expire(self._time())
 
     def _work_marks_locked(self, cursors: list[Cursor]) -> list[int]:
         """What a work queue must keep (see :func:`retention.workqueue_floor`): each cursor's
@@ -440,6 +603,7 @@ class QueueCore:
                 raise BrokerClosed(f"cannot configure queue {self.name!r}: the broker is closed")
             self._journal_config_locked(config)
             self._config = config
+            self._dedup.resize(config.dedup_window, config.dedup_max_ids)
             self._refresh_unwanted_locked()
             self._housekeep_locked()
 

@@ -503,7 +503,9 @@ class DeliveryCore(CursorCore):
                 )
                 for cursor in self._all_cursors_locked()
             )
-            return QueueSnapshot(self._config, self._start, self._end, cursors, len(self._waiters), self.dropped)
+            return QueueSnapshot(
+                self._config, self._start, self._end, cursors, len(self._waiters), self.dropped, self.duplicates
+            )
 
     def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:
         """The push cursors that have not yet handled every matching message below ``offset``.

@@ -283,14 +283,23 @@ class _FaultyQueue(DeliveryCore):
     # -- publish: restart ---------------------------------------------------------------------
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
-        message = super().publish(event, payload, key, headers)
+        message = super().publish(event, payload, key, headers, dedup_id)
         self._maybe_restart((message,))
         return message
 
-    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
-        messages = super().publish_many(drafts)
+    def publish_many(
+        self,
+        drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[str | None] | None = None,
+    ) -> list[Message]:
+        messages = super().publish_many(drafts, dedup_ids)
         self._maybe_restart(messages)
         return messages
 

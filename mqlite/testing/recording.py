@@ -214,19 +214,28 @@ class _RecordingQueue(DeliveryCore):
     # -- publishing ---------------------------------------------------------------------------
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         try:
-            message = super().publish(event, payload, key, headers)
+            message = super().publish(event, payload, key, headers, dedup_id)
         except Exception as error:
             self._publish_failed(event, payload, key, error)
             raise
         self._published((message,))
         return message
 
-    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
+    def publish_many(
+        self,
+        drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[str | None] | None = None,
+    ) -> list[Message]:
         try:
-            messages = super().publish_many(drafts)
+            messages = super().publish_many(drafts, dedup_ids)
         except Exception as error:
             for event, payload, key, _ in drafts:
                 self._publish_failed(event, payload, key, error)

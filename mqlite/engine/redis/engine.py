@@ -481,12 +481,21 @@ class RedisQueue:
     # -- publishing ------------------------------------------------------------------------
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         """Append one message and return it with its offset."""
-        return self.publish_many([(event, payload, key, headers)])[0]
+        return self.publish_many([(event, payload, key, headers)], None if dedup_id is None else [dedup_id])[0]
 
-    def publish_many(self, drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]]) -> list[Message]:
+    def publish_many(
+        self,
+        drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
+        dedup_ids: Sequence[str | None] | None = None,
+    ) -> list[Message]:
         """Append ``(event, payload, key, headers)`` drafts at contiguous offsets, all or none.
 
         Raises:
@@ -495,6 +504,8 @@ class RedisQueue:
             BrokerClosed: the broker was closed.
             StorageError: the server could not be reached or refused the write.
         """
+        if dedup_ids is not None and any(dedup_id is not None for dedup_id in dedup_ids):
+            raise InvalidArgument("dedup_id is not supported by the Redis engine yet")
         checked: list[tuple[str, Any, MessageMeta | None]] = []
         args: list[Any] = []
         for event, payload, key, headers in drafts:

@@ -49,6 +49,9 @@ class SqliteQueue(DeliveryCore):
         # Shared files only: what the file cannot restore when an operation fails (see FileLock).
         self._undo = UndoLog()
         self._file_lock: FileLock | None = None
+        # Whether memory holds the file's whole duplicate window yet (the first load reads it all;
+        # later refreshes read only the ids of messages other brokers published since).
+        self._dedup_loaded = False
         self.atomic = store.shared  # batched: writes fail after the step that made them returned
         if store.shared:
             self._released = []
@@ -74,18 +77,24 @@ class SqliteQueue(DeliveryCore):
     # -- publishing: encoded before the lock ------------------------------------------------
 
     def publish(
-        self, event: str, payload: Any = None, key: Any = None, headers: Mapping[str, Any] | None = None
+        self,
+        event: str,
+        payload: Any = None,
+        key: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_id: str | None = None,
     ) -> Message:
         """Append one message (see :meth:`QueueCore.publish`); the serializer runs before the lock."""
         if (
             key is not None
             or headers is not None
             or type(event) is not str
+            or (dedup_id is not None and type(dedup_id) is not str)  # refused (or made a plain str) there
             or (self._dropping and event in self._unwanted)  # a drop: counted and logged there
         ):
-            return self._append_drafts([(event, payload, key, headers)])[0]
+            return self._append_drafts([(event, payload, key, headers)], None if dedup_id is None else [dedup_id])[0]
         fields = encode_fields(self._file.store.serializer, self.name, event, payload, None, EMPTY_HEADERS)
-        return self._publish_encoded(event, payload, fields)
+        return self._publish_encoded(event, payload, fields, dedup_id)
 
     def _encode(self, checked: list[tuple[str, Any, MessageMeta | None]]) -> list[Fields] | None:
         serializer = self._file.store.serializer
@@ -97,9 +106,37 @@ class SqliteQueue(DeliveryCore):
             for event, payload, meta in checked
         ]
 
-    def _write_locked(self, messages: list[Message], encoded: list[Fields] | None) -> None:
+    def _write_locked(
+        self, messages: list[Message], encoded: list[Fields] | None, dedup: list[tuple[str, int, float]] | None = None
+    ) -> None:
         assert encoded is not None
-        self._file.write(messages, encoded)
+        self._file.write(messages, encoded, dedup)
+
+    def _stored_original_locked(self, offset: int) -> Message | None:
+        if offset < self._end:
+            found = self._file.store.load_messages(self._message_class, [offset])
+            if found:
+                return found[0]
+        return None
+
+    def _expire_dedup_locked(self) -> None:
+        """Forget expired dedup ids, and their rows: those below the oldest id still remembered."""
+        window = self._dedup
+        window.expire(self._time())
+        if window.forgot:
+            window.forgot = False
+            oldest = window.oldest_offset()
+            self._file.prune_dedup(self._end if oldest is None else oldest)
+
+    def _load_dedup_locked(self, rows: list[tuple[str, int, float]]) -> None:
+        """Remember the dedup ids the file holds that memory does not have yet."""
+        ids = self._dedup.ids
+        for dedup_id, offset, at in rows:
+            ids.pop(dedup_id, None)  # an older window of the same id, not pruned yet
+            ids[dedup_id] = (offset, at)
+        if len(ids) > self._dedup.max_ids:
+            self._dedup.expire(self._time())
+        self._dedup_loaded = True
 
     # -- journal hooks -------------------------------------------------------------------------
 
@@ -291,6 +328,9 @@ class SqliteQueue(DeliveryCore):
         store = self._file.store
         state = store.changes(self._message_class, -1)
         self._config = state.config
+        self._dedup.resize(state.config.dedup_window, state.config.dedup_max_ids)
+        self._dedup.clear()
+        self._load_dedup_locked(state.dedup)
         self._file.reset(state.start, state.messages)
         self._end = state.start + len(state.messages)
         self._start = state.start
@@ -316,11 +356,13 @@ class SqliteQueue(DeliveryCore):
 
     def _refresh_locked(self) -> None:
         """Bring memory up to the file: new messages, settings, cursors and who holds what."""
-        state = self._file.store.changes(self._message_class, self._end)
+        state = self._file.store.changes(self._message_class, self._end, self._end if self._dedup_loaded else -1)
         config = state.config
         if config != self._config:
             self._config = config
+            self._dedup.resize(config.dedup_window, config.dedup_max_ids)
             self._check_at = min(self._check_at, self._end)
+        self._load_dedup_locked(state.dedup)
         woke = self._load_messages_locked(state)
         if self._load_cursors_locked(state):
             self._refresh_unwanted_locked()

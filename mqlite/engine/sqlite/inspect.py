@@ -338,7 +338,9 @@ class Inspector:
         raise NotFound(f"queue {view.name!r} of {self.path!r} has no subscription {name!r}; {have}")
 
     def _cursors_locked(self, db: sqlite3.Connection, view: QueueView) -> list[CursorView]:
-        state = read_changes(db, self.path, self.serializer or JsonSerializer(), message_class(view.name), _NO_MESSAGES)
+        state = read_changes(
+            db, self.path, self.serializer or JsonSerializer(), message_class(view.name), _NO_MESSAGES, None
+        )
         by_cursor: dict[str, list[tuple[str, int, int, str | None, float | None]]] = {}
         for row in state.pending:
             by_cursor.setdefault(row[0], []).append(row)
@@ -413,7 +415,9 @@ class Inspector:
         with self._reading() as db:
             view = self._queue_locked(db, queue)
             self._cursor_locked(db, view, name)
-            state = read_changes(db, self.path, self.serializer or JsonSerializer(), message_class(queue), _NO_MESSAGES)
+            state = read_changes(
+                db, self.path, self.serializer or JsonSerializer(), message_class(queue), _NO_MESSAGES, None
+            )
             rows = [row for row in state.pending if row[0] == name]
             since: dict[int, float | None] = {}
             if "since" in self._pending_columns:

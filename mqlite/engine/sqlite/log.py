@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from mqlite.engine.codec import Fields
 from mqlite.engine.memory_log import MemoryLog
-from mqlite.engine.sqlite.writer import _DELETE_PENDING, _DROP_MESSAGES, _INSERT, _SET_POSITION, _UPSERT_PENDING, _Op
+from mqlite.engine.sqlite.writer import (
+    _DELETE_PENDING,
+    _DROP_MESSAGES,
+    _INSERT,
+    _INSERT_DEDUP,
+    _PRUNE_DEDUP,
+    _SET_POSITION,
+    _UPSERT_PENDING,
+    _Op,
+)
 from mqlite.message import Message
 
 if TYPE_CHECKING:
@@ -25,7 +34,7 @@ __all__ = ["QueueState", "SqliteLog"]
 class QueueState:
     """One queue as stored: what :meth:`~mqlite.engine.sqlite.store.SqliteStore.changes` read. A plain record."""
 
-    __slots__ = ("config", "cursors", "messages", "pending", "start")
+    __slots__ = ("config", "cursors", "dedup", "messages", "pending", "start")
 
     def __init__(
         self,
@@ -34,12 +43,14 @@ class QueueState:
         messages: list[Message],
         cursors: list[tuple[str, int, SubscriptionSettings]],
         pending: list[tuple[str, int, int, str | None, float | None]],
+        dedup: list[tuple[str, int, float]],
     ) -> None:
         self.start = start
         self.config = config
         self.messages = messages  # from the requested offset on, in order
         self.cursors = cursors  # (name, position, settings)
         self.pending = pending  # (cursor name, offset, attempts, owner or None, due or None), by name and offset
+        self.dedup = dedup  # (id, offset, first published at) from the requested offset on, by offset
 
 
 class SqliteLog:
@@ -60,14 +71,31 @@ class SqliteLog:
         self._insert_one = store.insert_one
         self._cache_append = cache.append
 
-    def write(self, messages: Sequence[Message], fields: Sequence[Fields]) -> None:
-        """Append messages whose payload, key and headers were encoded before the lock: all or none."""
-        rows = [(self.queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
-        if len(rows) == 1:
+    def write(
+        self,
+        messages: Sequence[Message],
+        fields: Sequence[Fields],
+        dedup: Sequence[tuple[str, int, float]] | None = None,
+    ) -> None:
+        """Append messages whose payload, key and headers were encoded before the lock, with the
+        ``(id, offset, at)`` of their dedup ids: all or none."""
+        queue = self.queue
+        rows = [(queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
+        if dedup:
+            ids = [(queue, offset, dedup_id, at) for dedup_id, offset, at in dedup]
+            if len(rows) == 1:
+                self.store.insert_row(rows[0], ids[0])
+            else:
+                self.store.submit([(_INSERT, rows, True), (_INSERT_DEDUP, ids, True)])
+        elif len(rows) == 1:
             self.store.insert_row(rows[0])
         else:
             self.store.submit([(_INSERT, rows, True)])
         self._cache.extend(messages)
+
+    def prune_dedup(self, below: int) -> None:
+        """Forget the dedup rows of offsets below ``below`` (their window ended)."""
+        self.store.submit([(_PRUNE_DEDUP, (self.queue, below), False)])
 
     def _append(self, message: Message) -> None:
         self._insert_one(message)

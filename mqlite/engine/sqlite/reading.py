@@ -30,11 +30,14 @@ __all__ = ["read_changes", "read_message_rows", "read_queues"]
 
 # The keys of the JSON objects in queues.config and cursors.settings: exactly those mqlite writes.
 _CONFIG_KEYS = frozenset(attrs.fields_dict(QueueConfig))
+# Settings added after schema version 1, which older files' configs lack (they take the defaults).
+_CONFIG_ADDED = frozenset({"dedup_window", "dedup_max_ids"})
 _SETTINGS_KEYS = frozenset(SubscriptionSettings().to_stored())
 
 # The type SQLite returns for each column mqlite reads (None for NULL), where a row is checked.
 _QUEUE_COLUMNS = (("name", (str,)), ("start_offset", (int,)))
 _CURSOR_COLUMNS = (("name", (str,)), ("position", (int,)))
+_DEDUP_COLUMNS = (("id", (str,)), ("offset", (int,)), ("at", (float,)))
 _PENDING_COLUMNS = (
     ("name", (str,)),
     ("offset", (int,)),
@@ -61,9 +64,12 @@ def read_queues(db: sqlite3.Connection, path: str) -> list[tuple[str, QueueConfi
     return [(row[0], _queue_row(path, row)) for row in rows]
 
 
-def read_changes(db: sqlite3.Connection, path: str, serializer: Serializer, cls: type[Message], end: int) -> QueueState:
+def read_changes(
+    db: sqlite3.Connection, path: str, serializer: Serializer, cls: type[Message], end: int, dedup_from: int | None
+) -> QueueState:
     """What the file holds for the queue whose Message class is ``cls``: its settings, messages
-    from ``end`` on (as ``cls``), cursors and pending rows.
+    from ``end`` on (as ``cls``), cursors, pending rows and the dedup ids of offsets from
+    ``dedup_from`` on (none if it is None: an older file, read only, may lack the table).
 
     Raises:
         StorageError: the file is damaged: a row is not what mqlite writes, the stored offsets
@@ -85,8 +91,20 @@ def read_changes(db: sqlite3.Connection, path: str, serializer: Serializer, cls:
             'SELECT name, "offset", attempts, owner, due FROM pending WHERE queue = ? ORDER BY name, "offset"',
             (queue,),
         ).fetchall()
+        dedup = (
+            []
+            if dedup_from is None
+            else db.execute(
+                'SELECT id, "offset", at FROM dedup WHERE queue = ? AND "offset" >= ? ORDER BY "offset"',
+                (queue, dedup_from),
+            ).fetchall()
+        )
     except sqlite3.DatabaseError as error:
         raise _read_failed(path, f"queue {queue!r}", error) from error
+    for row in dedup:
+        problem = _wrong_column(row, _DEDUP_COLUMNS)
+        if problem is not None:
+            raise StorageError(_corrupt_row(path, "dedup", f"dedup id {row[0]!r} of queue {queue!r}", problem))
     cursors = [_cursor_row(path, queue, row) for row in cursor_rows]
     for row in pending:
         problem = _wrong_column(row, _PENDING_COLUMNS)
@@ -99,7 +117,7 @@ def read_changes(db: sqlite3.Connection, path: str, serializer: Serializer, cls:
             _check_message_row(path, queue, row)  # a column of the wrong type; if not, a gap
             raise StorageError(f"{path!r} is corrupt: queue {queue!r} jumps from offset {expected - 1} to {row[0]}")
         messages.append(decode_row(serializer, cls, row, path))
-    return QueueState(start, config, messages, cursors, pending)
+    return QueueState(start, config, messages, cursors, pending, dedup)
 
 
 def read_pending_rows(
@@ -182,7 +200,7 @@ def _check_message_row(path: str, queue: str, row: Sequence[Any]) -> None:
 
 
 def _queue_config(stored: object) -> QueueConfig:
-    return QueueConfig(**_json_object(stored, "config", _CONFIG_KEYS))
+    return QueueConfig(**_json_object(stored, "config", _CONFIG_KEYS, _CONFIG_ADDED))
 
 
 def _subscription_settings(stored: object) -> SubscriptionSettings:
@@ -202,8 +220,10 @@ class _Bad(Exception):
     """What is wrong with a stored JSON object; the caller says which row holds it."""
 
 
-def _json_object(stored: object, column: str, keys: frozenset[str]) -> dict[str, Any]:
-    """The JSON object ``stored``, which must have exactly ``keys``.
+def _json_object(
+    stored: object, column: str, keys: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The JSON object ``stored``, which must have exactly ``keys`` (those in ``optional`` may be missing).
 
     Raises:
         _Bad: saying what is wrong with it.
@@ -216,8 +236,8 @@ def _json_object(stored: object, column: str, keys: frozenset[str]) -> dict[str,
         raise _Bad(f"{column} is not valid JSON ({error}): {stored[:80]!r}") from error
     if type(value) is not dict:
         raise _Bad(f"{column} is {value!r}, not a JSON object")
-    if value.keys() != keys:
-        missing = _keys(keys - value.keys())
+    if value.keys() != keys and not (value.keys() <= keys and keys - value.keys() <= optional):
+        missing = _keys(keys - value.keys() - optional)
         unknown = _keys(value.keys() - keys, "unknown ")
         parts = [f"lacks {missing}" if missing else "", f"has {unknown}" if unknown else ""]
         raise _Bad(f"{column} {' and '.join(part for part in parts if part)}")

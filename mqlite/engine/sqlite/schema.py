@@ -1,6 +1,6 @@
 """The layout of an mqlite file, the checks made on opening one, its upgrades and its pragmas.
 
-Layout of the file (schema version 5):
+Layout of the file (schema version 6):
 
 - ``mqlite_schema(version, serializer)``: one row. A file without it is not an mqlite file.
 - ``queues(name, start_offset, config)``: every queue, the offset below which its messages were
@@ -18,6 +18,11 @@ Layout of the file (schema version 5):
   durable cursor, by the broker instance that has it (the ``owner`` of ``pending``), so that every
   broker's ``info()`` counts the consumers of all; rows of a dead broker are ignored, then deleted.
   Added in version 5 (older files get it, empty, on open).
+- ``dedup(queue, offset, id, at)``: the duplicate window of each queue: the offset of each message
+  published with a ``dedup_id`` within it, the id, and when it was published (the clock's wall
+  time). Written in the transaction of the message itself; pruned past the window. Brokers look
+  ids up in memory, where each keeps the window it loaded and the rows other brokers added
+  since (read by offset, the key), so the table needs no second index. Added in version 6.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ __all__ = [
     "upgrade",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The layout this version of mqlite writes; files with a higher version are refused."""
 
 # "mqlt": marks the file as mqlite's for tools such as `file` and for a quick check on open.
@@ -67,8 +72,12 @@ CREATE TABLE consumers (
     queue TEXT NOT NULL, name TEXT NOT NULL, broker TEXT NOT NULL, subscription INTEGER NOT NULL,
     push INTEGER NOT NULL, since REAL NOT NULL, PRIMARY KEY (queue, name, broker, subscription)
 ) WITHOUT ROWID;
+CREATE TABLE dedup (
+    queue TEXT NOT NULL, "offset" INTEGER NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, "offset")
+) WITHOUT ROWID;
 """
-_CONSUMERS = _SCHEMA[_SCHEMA.index("CREATE TABLE consumers") :]
+_CONSUMERS = _SCHEMA[_SCHEMA.index("CREATE TABLE consumers") : _SCHEMA.index("CREATE TABLE dedup")]
+_DEDUP = _SCHEMA[_SCHEMA.index("CREATE TABLE dedup") :]
 
 # The columns of each table, in order, as _SCHEMA makes them; and those an older version lacks
 # (upgrades only add columns).
@@ -79,9 +88,10 @@ _COLUMNS = {
     "cursors": ("queue", "name", "position", "settings"),
     "pending": ("queue", "name", "offset", "attempts", "owner", "due", "since"),
     "consumers": ("queue", "name", "broker", "subscription", "push", "since"),
+    "dedup": ("queue", "offset", "id", "at"),
 }
 _ADDED_IN = {("pending", "owner"): 2, ("pending", "due"): 3, ("pending", "since"): 4}
-_TABLE_ADDED_IN = {"consumers": 5}
+_TABLE_ADDED_IN = {"consumers": 5, "dedup": 6}
 
 # The first 16 bytes of every SQLite database.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -269,6 +279,8 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
             db.execute("ALTER TABLE pending ADD COLUMN since REAL")
         if version < 5:
             db.execute(_CONSUMERS.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1).rstrip().rstrip(";"))
+        if version < 6:
+            db.execute(_DEDUP.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1).rstrip().rstrip(";"))
         db.execute("UPDATE mqlite_schema SET version = ?", (SCHEMA_VERSION,))
 
 

@@ -17,6 +17,7 @@ thread in :mod:`~mqlite.engine.sqlite.watcher`, and the batched writer in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,10 +34,11 @@ from mqlite.engine.memory_log import MemoryLog
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_pending_rows, read_queues
 from mqlite.engine.sqlite.schema import Synchronous, check_access, check_or_create
-from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness
+from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness, _transaction
 from mqlite.engine.sqlite.watcher import Watcher
 from mqlite.engine.sqlite.writer import (
     _INSERT,
+    _INSERT_DEDUP,
     BatchWriter,
     _Op,
     execute,
@@ -170,14 +172,14 @@ class SqliteStore:
             start = self._db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
         return SqliteLog(self, queue, MemoryLog(start))
 
-    def changes(self, cls: type[Message], end: int) -> QueueState:
+    def changes(self, cls: type[Message], end: int, dedup_from: int = -1) -> QueueState:
         """What the file holds for the queue whose Message class is ``cls``: see :func:`read_changes`.
 
         Called with the queue's lock held, inside :meth:`begin` for a shared file, so what it
         reads is one consistent state.
         """
         with self._db_lock:
-            return read_changes(self._db, self.path, self.serializer, cls, end)
+            return read_changes(self._db, self.path, self.serializer, cls, end, dedup_from)
 
     def pending_rows(self, queue: str, name: str) -> list[tuple[int, int, str | None, float | None, float | None]]:
         """``(offset, attempts, owner, due, since)`` of each pending row of cursor ``name`` of ``queue``."""
@@ -385,11 +387,14 @@ class SqliteStore:
         """Append one message."""
         self.insert_row(self.encode(message))
 
-    def insert_row(self, row: tuple[Any, ...]) -> None:
-        """Append one encoded message. The durable publish path."""
+    def insert_row(self, row: tuple[Any, ...], dedup: tuple[Any, ...] | None = None) -> None:
+        """Append one encoded message (and its ``dedup`` row, in the same transaction). The durable publish path."""
         writer = self._writer
         if writer is not None:
-            writer.submit_row(row)
+            if dedup is None:
+                writer.submit_row(row)
+            else:
+                writer.submit([(_INSERT, [row], True), (_INSERT_DEDUP, [dedup], True)])
             return
         with self._db_lock:
             if self._closed:
@@ -399,7 +404,12 @@ class SqliteStore:
                     self.wrote = True
                     if not self._db.in_transaction:
                         self._db.execute("BEGIN")  # as _begin_write_locked, inlined: the publish path
-                self._db.execute(_INSERT, row)
+                if dedup is None:
+                    self._db.execute(_INSERT, row)
+                else:
+                    with contextlib.nullcontext() if self._db.in_transaction else _transaction(self._db):
+                        self._db.execute(_INSERT, row)
+                        self._db.execute(_INSERT_DEDUP, dedup)
             except sqlite3.Error as error:
                 raise StorageError(f"cannot write to {self.path!r}: {error}; nothing was published") from error
 

@@ -43,6 +43,8 @@ _DROP_MESSAGES = (
     'DELETE FROM messages WHERE queue = ? AND "offset" < ? AND "offset" NOT IN '
     '(SELECT "offset" FROM pending WHERE queue = ?)'
 )
+_INSERT_DEDUP = 'INSERT INTO dedup (queue, "offset", id, at) VALUES (?, ?, ?, ?)'
+_PRUNE_DEDUP = 'DELETE FROM dedup WHERE queue = ? AND "offset" < ?'
 _INSERT = 'INSERT INTO messages (queue, "offset", event, payload, key, headers, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?)'
 # Many rows go to SQLite as few statements, each with one VALUES list (or IN list) for a chunk of
 # rows: that binds them in C and runs them in one step with the GIL released once, where
