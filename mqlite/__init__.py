@@ -17,6 +17,7 @@ from mqlite.errors import (
     SerializationError,
     StorageError,
     SubscriptionClosed,
+    TransactionError,
     WouldDeadlock,
     WrongEventLoop,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "SubscriptionInfo",
     "SystemClock",
     "ThreadDispatcher",
+    "TransactionError",
     "WouldDeadlock",
     "WrongEventLoop",
     "dead_letter_queue_name",

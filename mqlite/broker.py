@@ -31,12 +31,13 @@ from mqlite.dispatch import (
     stop_async_workers,
 )
 from mqlite.engine.base import QueueEngine, StorageEngine
-from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, WouldDeadlock
+from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, TransactionError, WouldDeadlock
 from mqlite.filters import check_event_name, check_name
 from mqlite.info import BrokerInfo, PendingMessage, SubscriptionInfo
 from mqlite.message import Message, check_header_names
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription, check_timeout
+from mqlite.transaction import Transaction, in_transaction
 
 if TYPE_CHECKING:
     from typing import Self
@@ -240,6 +241,32 @@ class Broker:
         if dedup_id is None:
             return engine.publish(event, payload, key, headers)
         return engine.publish(event, payload, key, headers, dedup_id)
+
+    def transaction(self) -> Transaction:
+        """A transaction: ``with broker.transaction() as tx:`` applies the block's ``tx.publish``,
+        ``tx.ack`` and ``tx.nack`` calls all or none, on one queue or several.
+
+        Every call checks at once what the plain call checks. The changes are applied when the
+        block ends, or forgotten if it raises; in memory no other thread sees half of them, and on
+        a file they are one SQLite transaction. See :class:`~mqlite.transaction.Transaction` for
+        what the block may do, and ``docs/one-time-delivery.md``.
+
+        Raises:
+            TransactionError: (on entering the block) this thread is already inside a transaction,
+                or the broker's storage has no transactions (Redis, for now).
+            BrokerClosed: the broker was closed.
+        """
+        if not self._engine.capabilities.transactions:
+            raise TransactionError(
+                "this broker's storage does not offer transactions yet (the Redis engine); "
+                "see docs/one-time-delivery.md for what it offers instead"
+            )
+        return Transaction(self)
+
+    def _check_open(self, verb: str) -> None:
+        with self._lock:
+            if self._closed:
+                raise BrokerClosed(f"cannot {verb}: the broker is closed")
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -558,6 +585,8 @@ class Broker:
             InvalidArgument: ``timeout`` is not a non-negative number; nothing was closed.
         """
         deadline = close_deadline(timeout)
+        if in_transaction():
+            raise TransactionError("cannot close the broker inside a transaction's block; close it after the block")
         workers = self._begin_close()
         if workers is not None:
             self._finish_close(deadline, workers)

@@ -14,6 +14,7 @@ __all__ = [
     "SerializationError",
     "StorageError",
     "SubscriptionClosed",
+    "TransactionError",
     "WouldDeadlock",
     "WrongEventLoop",
 ]
@@ -63,6 +64,14 @@ class WouldDeadlock(MqliteError, RuntimeError):
     """A call would wait for itself, such as ``drain()`` inside one of its broker's push callbacks.
 
     It is refused at once and does nothing.
+    """
+
+
+class TransactionError(MqliteError, RuntimeError):
+    """A transaction was misused: nested in another, used after its block or from another thread,
+    or a call inside its block that must go through it (``tx.publish``, ``tx.ack``, ``tx.nack``).
+
+    The call that raises changed nothing.
     """
 
 

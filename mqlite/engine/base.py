@@ -31,6 +31,7 @@ from mqlite.message import Message
 
 if TYPE_CHECKING:
     from mqlite._delivery.cursor import Cursor
+    from mqlite.engine.locking import TransactionScope
 
 __all__ = [
     "Attempt",
@@ -64,6 +65,7 @@ class Capabilities:
         exact_counts: ``lag`` and ``missed`` are exact for filtered cursors.
         retentions: The ``QueueConfig.retention`` values it implements; a queue asking for
             another is refused.
+        transactions: ``Broker.transaction()`` works (the engine has ``begin_transaction``).
     """
 
     shared: bool
@@ -72,6 +74,7 @@ class Capabilities:
     event_filter: Literal["client", "server"] = "client"
     exact_counts: bool = True
     retentions: tuple[str, ...] = ("interest", "limits")
+    transactions: bool = True
 
 
 class Consumer(Protocol):
@@ -324,6 +327,11 @@ class StorageEngine(Protocol):
 
     def open_queue(self, name: str, config: QueueConfig, clock: Clock, dead_letters: DeadLetterSink) -> QueueEngine:
         """Open (creating if new, with ``config``) the queue ``name``."""
+        ...
+
+    def begin_transaction(self) -> TransactionScope:
+        """The scope of a new transaction (see :mod:`mqlite.engine.locking`); only if
+        ``capabilities.transactions``."""
         ...
 
     def flush(self, timeout: float | None) -> bool:

@@ -481,21 +481,34 @@ class QueueCore:
         start = self._end
         if start + len(checked) > self._check_at:  # housekeeping due, queue full, or broker closed
             self._make_room_locked(len(checked))
-        now = self._time()
+        messages = self._build_locked(checked, start, self._time())
+        now = messages[0][3]
+        dedup = None if ids is None else [(i, m[2], now) for i, m in zip(ids, messages, strict=True) if i is not None]
+        self._store_built_locked(messages, encoded, dedup)
+        return messages
+
+    def _build_locked(
+        self, checked: Sequence[tuple[str, Any, MessageMeta | None]], start: int, now: float
+    ) -> list[Message]:
+        """This queue's messages for checked drafts, at offsets from ``start``, stamped ``now``."""
         cls = self._message_class
-        messages: list[Message] = [
+        return [
             _tuple_new(cls, (event, payload, offset, now))
             if meta is None
             else _tuple_new(cls, (event, payload, offset, now, meta))
             for offset, (event, payload, meta) in enumerate(checked, start)
         ]
-        dedup = None if ids is None else [(i, m[2], now) for i, m in zip(ids, messages, strict=True) if i is not None]
+
+    def _store_built_locked(
+        self, messages: list[Message], encoded: list[Fields] | None, dedup: list[tuple[str, int, float]] | None
+    ) -> None:
+        """Append built messages (at the end offset on), with their dedup ids: stored, indexed, readers woken."""
         self._write_locked(messages, encoded, dedup)
         if dedup:
             add = self._dedup.add
             for dedup_id, offset, at in dedup:
                 add(dedup_id, offset, at)
-        self._end = start + len(messages)
+        self._end = messages[-1][2] + 1
         events = self._events
         wanted = {message[0] for message in messages}
         for event in wanted:
@@ -508,7 +521,6 @@ class QueueCore:
         if self._waiters:
             for event in wanted:
                 self._waiters.wake_event(event)
-        return messages
 
     # -- retention --------------------------------------------------------------------------
 

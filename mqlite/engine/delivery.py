@@ -332,18 +332,22 @@ class DeliveryCore(CursorCore):
             entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
             if len(entries) > 1 and len({id(entry) for entry in entries}) < len(entries):
                 raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
-            if self.durable and cursor.name is not None:
-                # Journal first: a write that fails leaves every message pending, so the ack can be retried.
-                self._journal_ack_locked(cursor, [entry.message[2] for entry in entries])
-            pending = cursor.pending
-            for entry in entries:
-                del pending[entry.message[2]]
-                entry.state = SETTLED
-            cursor.acked += len(entries)
-            if not pending:
-                cursor.schedule.clear()
+            self._ack_entries_locked(cursor, entries)
         finally:
             lock.release()
+
+    def _ack_entries_locked(self, cursor: Cursor, entries: list[Pending]) -> None:
+        """Settle checked pending entries of ``cursor`` as acked."""
+        if self.durable and cursor.name is not None:
+            # Journal first: a write that fails leaves every message pending, so the ack can be retried.
+            self._journal_ack_locked(cursor, [entry.message[2] for entry in entries])
+        pending = cursor.pending
+        for entry in entries:
+            del pending[entry.message[2]]
+            entry.state = SETTLED
+        cursor.acked += len(entries)
+        if not pending:
+            cursor.schedule.clear()
 
     def _journal_ack_locked(self, cursor: Cursor, offsets: list[int]) -> None:
         """Forget the pending rows of acked offsets (a persistent engine writes them first)."""
@@ -351,16 +355,25 @@ class DeliveryCore(CursorCore):
     def nack(self, consumer: Consumer, message: Message | int, delay: float) -> None:
         """Give a pending message back for redelivery after ``delay`` seconds of broker clock."""
         with self._lock:
-            cursor = self._check_manual_locked(consumer, "nack")
-            entry = self._pending_entry_locked(cursor, message, "nack")
-            if entry.state != OUT:
-                raise NotPending(f"offset {entry.message[2]} of {self.name!r} is already waiting for redelivery")
-            self._fail_locked(cursor, entry, "nack", delay, None)
-            if entry.state == WAITING and self.durable and cursor.name is not None:
-                self._journal_sync_locked(cursor, (entry.message[2],))
-            self._waiters.wake_all()
+            cursor, entry = self._nack_entry_locked(consumer, message)
+            self._nack_locked(cursor, entry, delay)
             dead = self._take_outbox_locked()
         self._send_dead_letters(dead)
+
+    def _nack_entry_locked(self, consumer: Consumer, message: Message | int) -> tuple[Cursor, Pending]:
+        """The consumer's cursor and the pending entry of ``message``, which a nack may give back."""
+        cursor = self._check_manual_locked(consumer, "nack")
+        entry = self._pending_entry_locked(cursor, message, "nack")
+        if entry.state != OUT:
+            raise NotPending(f"offset {entry.message[2]} of {self.name!r} is already waiting for redelivery")
+        return cursor, entry
+
+    def _nack_locked(self, cursor: Cursor, entry: Pending, delay: float) -> None:
+        """Give a checked pending entry back, after ``delay`` (to the dead letters, past max_deliveries)."""
+        self._fail_locked(cursor, entry, "nack", delay, None)
+        if entry.state == WAITING and self.durable and cursor.name is not None:
+            self._journal_sync_locked(cursor, (entry.message[2],))
+        self._waiters.wake_all()
 
     def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
         if type(message) is self._message_class:  # this queue built it: the one compare of the usual case

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig
 from mqlite.engine.base import Capabilities, DeadLetterSink
-from mqlite.engine.delivery import DeliveryCore
+from mqlite.engine.locking import LockScope
 from mqlite.engine.memory_log import MemoryLog
+from mqlite.engine.staging import TransactionalCore
 
 __all__ = ["MemoryEngine", "MemoryQueue"]
 
 
-class MemoryQueue(DeliveryCore):
+class MemoryQueue(TransactionalCore):
     """One queue in memory: a list of messages and the cursors reading it. Thread-safe.
 
     Its publish and take paths are :class:`~mqlite.engine.core.QueueCore`'s, which bind the
@@ -21,11 +24,19 @@ class MemoryQueue(DeliveryCore):
 
 
 class MemoryEngine:
-    """Storage for an in-memory broker. Thread-safe: it holds no state of its own."""
+    """Storage for an in-memory broker. Thread-safe: its one lock, ``_transactions``, lets one
+    transaction run at a time (see :mod:`mqlite.engine.locking`)."""
 
     capabilities = Capabilities(
         shared=False, persistent=False, blocking_io=False, retentions=("interest", "limits", "workqueue")
     )
+
+    def __init__(self) -> None:
+        self._transactions = threading.Lock()
+
+    def begin_transaction(self) -> LockScope:
+        """A transaction's scope: it takes each queue's lock on first use, until it ends."""
+        return LockScope(self._transactions)
 
     @property
     def path(self) -> str | None:

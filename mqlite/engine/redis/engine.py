@@ -41,6 +41,7 @@ from mqlite.engine.base import (
     offset_to_settle,
 )
 from mqlite.engine.codec import JsonSerializer, Serializer, decode_row, encode_fields
+from mqlite.engine.locking import TransactionScope
 from mqlite.engine.redis.keys import QueueKeys, encode_part, ephemeral_cursor, named_cursor
 from mqlite.engine.redis.scripts import SCRIPTS
 from mqlite.errors import (
@@ -52,6 +53,7 @@ from mqlite.errors import (
     QueueFull,
     StorageError,
     SubscriptionClosed,
+    TransactionError,
 )
 from mqlite.filters import EventFilter, check_event_name
 from mqlite.info import PendingMessage
@@ -80,7 +82,9 @@ class RedisEngine:
     guards ``_queues``, ``_watching`` and ``_closed``."""
 
     # Filters are applied in the scripts (Python classifies each event name once per filter).
-    capabilities = Capabilities(shared=True, persistent=True, blocking_io=True, event_filter="server")
+    capabilities = Capabilities(
+        shared=True, persistent=True, blocking_io=True, event_filter="server", transactions=False
+    )
 
     def __init__(
         self,
@@ -208,6 +212,14 @@ class RedisEngine:
         with self._lock:
             self._queues[name] = queue
         return queue
+
+    def begin_transaction(self) -> TransactionScope:
+        """Not offered yet (``capabilities.transactions`` is False): always raises.
+
+        Raises:
+            TransactionError: always.
+        """
+        raise TransactionError("the Redis engine does not offer transactions yet")
 
     def flush(self, timeout: float | None) -> bool:
         """Every script returned after the server applied it: nothing to wait for."""

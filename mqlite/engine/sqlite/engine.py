@@ -1,6 +1,6 @@
 """The SQLite engine: queues in an mqlite file, with the memory engine's state as their cache.
 
-:class:`SqliteQueue` runs every operation of :class:`~mqlite.engine.delivery.DeliveryCore` and
+:class:`SqliteQueue` runs every operation of :class:`~mqlite.engine.staging.TransactionalCore` and
 journals each durable change through the core's ``_journal_*`` hooks. On a file that several
 brokers share, its scope is a :class:`~mqlite.engine.sqlite.sharing.FileLock`: one write
 transaction per operation, begun by reloading what other brokers changed (``_refresh_locked``).
@@ -9,6 +9,7 @@ transaction per operation, begun by reloading what other brokers changed (``_ref
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,19 +22,20 @@ from mqlite.clock import Clock
 from mqlite.config import QueueConfig
 from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink
 from mqlite.engine.codec import Fields, Serializer, encode_fields
-from mqlite.engine.delivery import DeliveryCore
 from mqlite.engine.index import EventIndex
+from mqlite.engine.locking import FileScope, LockScope, TransactionScope
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.sharing import FileLock
 from mqlite.engine.sqlite.store import Commit, SqliteStore, Synchronous
 from mqlite.engine.sqlite.undo import UndoLog
+from mqlite.engine.staging import TransactionalCore
 from mqlite.info import PendingMessage
 from mqlite.message import EMPTY_HEADERS, Message, MessageMeta
 
 __all__ = ["SqliteEngine", "SqliteQueue"]
 
 
-class SqliteQueue(DeliveryCore):
+class SqliteQueue(TransactionalCore):
     """One queue of an mqlite file. Thread-safe; on a shared file, each operation is one transaction."""
 
     durable = True
@@ -504,6 +506,7 @@ class SqliteEngine:
         serializer: Serializer | None = None,
     ) -> None:
         self._store = SqliteStore(path, synchronous=synchronous, commit=commit, serializer=serializer)
+        self._transactions = threading.Lock()  # one transaction at a time (see mqlite.engine.locking)
         self.capabilities = Capabilities(
             shared=self._store.shared,
             persistent=True,
@@ -530,6 +533,14 @@ class SqliteEngine:
         queue = SqliteQueue(name, config, clock, dead_letters, self._store.open_log(name, attrs.asdict(config)))
         queue.open()
         return queue
+
+    def begin_transaction(self) -> TransactionScope:
+        """A transaction's scope: one SQLite transaction on a shared file; on a batched one, the
+        queues' locks, with the writer paused while it applies (see :mod:`mqlite.engine.locking`)."""
+        store = self._store
+        if store.shared:
+            return FileScope(self._transactions, store)
+        return LockScope(self._transactions, store.writer)
 
     def flush(self, timeout: float | None) -> bool:
         """Wait for the batched writer (``commit="batch"``); True at once otherwise."""

@@ -26,6 +26,9 @@ from mqlite.errors import MqliteError, StorageError
 if TYPE_CHECKING:
     from mqlite.engine.sqlite.store import SqliteStore
 
+BUSY = -2
+"""What ``SqliteStore.begin`` returns while another thread's transaction holds the file."""
+
 __all__ = ["CHECKPOINT_EVERY", "LIVENESS_EVERY", "WATCH_MAX", "WATCH_MIN", "FileLock", "brokers_folder"]
 
 _log = logging.getLogger("mqlite")
@@ -305,12 +308,29 @@ class FileLock:
         self.stale = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock)."""
-        if not self.plain.acquire(blocking, timeout):
-            return False
+        """Take the lock and begin the transaction (``blocking`` and ``timeout`` as for a Lock).
+
+        While another thread's transaction (:class:`~mqlite.transaction.Transaction`) holds the
+        file, the lock is let go and taken again once it ends: that transaction may want this
+        queue's lock next, and it holds the file, so holding one while waiting for the other
+        would deadlock.
+        """
+        store = self._store
+        while True:
+            if not self.plain.acquire(blocking, timeout):
+                return False
+            try:
+                generation = store.begin()
+            except BaseException:
+                self.plain.release()
+                raise
+            if generation != BUSY:
+                break
+            self.plain.release()
+            if not blocking:
+                return False
+            store.wait_owned()
         try:
-            store = self._store
-            generation = store.begin()
             if generation is None:
                 return True  # the store is closed: a plain lock from now on
             if self.stale or generation != self.synced:
@@ -329,6 +349,36 @@ class FileLock:
             self.plain.release()
             raise
         return True
+
+    def join(self, generation: int) -> None:
+        """Bring the queue into a transaction its caller owns (it holds ``plain`` and began the
+        store's transaction at ``generation``): reload what other brokers changed, and remember
+        what :meth:`restore` needs. The caller writes what the queue owes (:meth:`finish`) and
+        commits, or rolls back and calls :meth:`restore`.
+        """
+        if self.stale or generation != self.synced:
+            try:
+                (self._reload if self.stale else self._refresh)()
+            except BaseException:
+                self.stale = True  # a reload that stopped half-way: the next one starts afresh
+                raise
+            self.stale = False
+            self.synced = generation
+        self._on_begin()
+
+    def finish(self) -> None:
+        """Write what the queue still owes the file, before its owner's transaction commits."""
+        self._on_commit()
+
+    def restore(self) -> None:
+        """After its owner's transaction rolled back: undo memory and reload it from the file.
+
+        What goes wrong is logged: the transaction's own error is the one raised.
+        """
+        trouble = self._restore()
+        if trouble is not None:
+            what, failure = trouble
+            _log.warning("%r: %s", self._store.path, what, exc_info=failure)
 
     def release(self) -> None:
         """Commit the transaction and release the lock (roll back and restore if the body failed).

@@ -34,7 +34,7 @@ from mqlite.engine.memory_log import MemoryLog
 from mqlite.engine.sqlite.log import QueueState, SqliteLog
 from mqlite.engine.sqlite.reading import read_changes, read_message_rows, read_pending_rows, read_queues
 from mqlite.engine.sqlite.schema import Synchronous, check_access, check_or_create
-from mqlite.engine.sqlite.sharing import LIVENESS_EVERY, _claim, _Liveness, _transaction
+from mqlite.engine.sqlite.sharing import BUSY, LIVENESS_EVERY, _claim, _Liveness, _transaction
 from mqlite.engine.sqlite.watcher import Watcher
 from mqlite.engine.sqlite.writer import (
     _INSERT,
@@ -43,10 +43,10 @@ from mqlite.engine.sqlite.writer import (
     _Op,
     execute,
 )
-from mqlite.errors import InvalidArgument, StorageError
+from mqlite.errors import InvalidArgument, StorageError, TransactionError
 from mqlite.message import Message
 
-__all__ = ["CLOSE_TIMEOUT", "Commit", "SqliteStore", "Synchronous"]
+__all__ = ["BUSY", "CLOSE_TIMEOUT", "Commit", "SqliteStore", "Synchronous"]
 
 _log = logging.getLogger("mqlite")
 
@@ -110,6 +110,16 @@ class SqliteStore:
         self.wrote = False
         self._busy_timeout = busy_timeout
         self._db_lock = threading.RLock()
+        # A transaction across queue operations (begin_owned): the thread that owns it, how many
+        # operations joined it and are still open, whether one of them failed, and whether its
+        # thread may join operations to it now (opening a queue). _gate guards _owner with the
+        # taking of _db_lock in begin(); _owned (on the same lock) is waited on for its end.
+        self._gate = threading.Lock()
+        self._owned = threading.Condition(self._gate)
+        self._owner: int | None = None
+        self._joined = 0
+        self._doomed = False
+        self.joinable = False
         self._closed = False
         # data_version as last seen, and how many times it was seen to change: a queue that
         # synced at an older generation reloads before its next operation.
@@ -159,6 +169,13 @@ class SqliteStore:
         """The log of ``queue``, created with ``config`` if new. Its queue loads it with :meth:`changes`."""
         self.flush()
         with self._db_lock:
+            self.ensure_queue(queue, config)
+            start = self._db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
+        return SqliteLog(self, queue, MemoryLog(start))
+
+    def ensure_queue(self, queue: str, config: dict[str, Any]) -> None:
+        """Make ``queue``'s row if it is missing (it is new, or a transaction that created it rolled back)."""
+        with self._db_lock:
             self._check_open()
             self._execute_locked(
                 [
@@ -169,8 +186,6 @@ class SqliteStore:
                     )
                 ]
             )
-            start = self._db.execute("SELECT start_offset FROM queues WHERE name = ?", (queue,)).fetchone()[0]
-        return SqliteLog(self, queue, MemoryLog(start))
 
     def changes(self, cls: type[Message], end: int, dedup_from: int = -1) -> QueueState:
         """What the file holds for the queue whose Message class is ``cls``: see :func:`read_changes`.
@@ -217,10 +232,94 @@ class SqliteStore:
         Holds the store's lock until :meth:`commit`. The generation grows when another connection
         committed since it was last looked at: whoever synced at an older one must reload.
 
+        While a :meth:`begin_owned` transaction holds the file, another thread gets :data:`BUSY`
+        at once, without waiting: it must let go of its queue's lock (which the transaction may
+        want next) and :meth:`wait_owned` before it tries again. The owner's own thread joins
+        the transaction where it allows that (opening a queue), and is refused otherwise.
+
+        Raises:
+            StorageError: another connection held the file's write lock past the busy timeout.
+            TransactionError: the thread that owns the transaction began a queue operation of
+                its own inside it.
+        """
+        gate = self._gate
+        gate.acquire()
+        try:
+            owner = self._owner
+            if owner is not None:
+                if owner != threading.get_ident():
+                    return BUSY
+                if not self.joinable:
+                    raise TransactionError(
+                        "inside a transaction, publish, ack and nack through the transaction (tx.publish, tx.ack, "
+                        "tx.nack); other calls on this broker's queues wait until the block ends"
+                    )
+                self._db_lock.acquire()
+                self._joined += 1
+                return self.generation
+            self._db_lock.acquire()
+        finally:
+            gate.release()
+        return self._begin_locked()
+
+    def begin_owned(self) -> int | None:
+        """Begin a write transaction that this thread owns until :meth:`end_owned`, across many
+        queue operations (a :class:`~mqlite.transaction.Transaction`); None once closed.
+
         Raises:
             StorageError: another connection held the file's write lock past the busy timeout.
         """
-        self._db_lock.acquire()
+        me = threading.get_ident()
+        with self._owned:
+            while self._owner is not None:  # another transaction of this store, in another thread
+                self._owned.wait()
+            self._owner = me
+        try:
+            self._db_lock.acquire()
+            generation = self._begin_locked()
+        except BaseException:
+            self._release_owner()
+            raise
+        if generation is None:
+            self._release_owner()
+        return generation
+
+    def end_owned(self, *, commit: bool) -> sqlite3.Error | None:
+        """Commit (or roll back) the :meth:`begin_owned` transaction, and let other threads in.
+
+        Returns what ROLLBACK raised, if it did (see :meth:`rollback`).
+
+        Raises:
+            StorageError: the commit failed, or an operation that joined the transaction failed
+                and rolled back; nothing was changed.
+        """
+        doomed, self._doomed = self._doomed, False
+        try:
+            if commit and not doomed:
+                self.commit()
+                return None
+            failed = self.rollback()
+            if commit:
+                raise StorageError(f"a step of a transaction on {self.path!r} failed; nothing was changed")
+            return failed
+        finally:
+            self._release_owner()
+
+    def _release_owner(self) -> None:
+        with self._owned:
+            self._owner = None
+            self._joined = 0
+            self._owned.notify_all()
+
+    def wait_owned(self) -> None:
+        """Wait until no other thread's transaction holds the file (after :meth:`begin` said BUSY)."""
+        me = threading.get_ident()
+        with self._owned:
+            while self._owner is not None and self._owner != me:
+                self._owned.wait()
+
+    def _begin_locked(self) -> int | None:
+        """:meth:`begin` once the store's lock is held."""
         if self._closed:
             self._db_lock.release()
             return None
@@ -253,6 +352,10 @@ class SqliteStore:
         Raises:
             StorageError: the commit failed; the transaction was rolled back.
         """
+        if self._joined:  # an operation inside a transaction: the transaction commits
+            self._joined -= 1
+            self._db_lock.release()
+            return
         db = self._db
         self._in_op = False
         try:
@@ -273,6 +376,11 @@ class SqliteStore:
         lock. SQLite rolls a transaction back by itself after the errors that stop ROLLBACK, so
         nothing is kept either way.
         """
+        if self._joined:  # an operation inside a transaction failed: so does the transaction
+            self._joined -= 1
+            self._doomed = True
+            self._db_lock.release()
+            return None
         self._in_op = False
         try:
             return self._rollback_locked()
@@ -441,6 +549,11 @@ class SqliteStore:
             self._execute_locked(ops)
             if vacuum:
                 self._db.execute("PRAGMA incremental_vacuum")
+
+    @property
+    def writer(self) -> BatchWriter | None:
+        """The batched writer (``commit="batch"``), or None."""
+        return self._writer
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything written before the call is committed; False if ``timeout`` passed first.

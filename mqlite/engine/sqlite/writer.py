@@ -212,8 +212,22 @@ class BatchWriter:
         self._submitted = 0
         self._committed = 0
         self._failure: BaseException | None = None
+        self._paused = 0
         self.stopping = False
         self.thread = threading.Thread(target=self._write_batches, name="mqlite-writer", daemon=True)
+
+    def pause(self) -> None:
+        """Hold the next commit until :meth:`resume`, so that the writes between land in one
+        transaction (a :class:`~mqlite.transaction.Transaction` applying). Bounded: no user code
+        runs in between, and writes made meanwhile skip the backlog limit (the writer waits)."""
+        with self._cond:
+            self._paused += 1
+
+    def resume(self) -> None:
+        """End a :meth:`pause`."""
+        with self._cond:
+            self._paused -= 1
+            self._cond.notify_all()
 
     def submit(self, ops: list[_Op], *, vacuum: bool = False) -> None:
         """Hand ``ops`` to the writer thread, to run as (part of) one transaction."""
@@ -257,7 +271,7 @@ class BatchWriter:
             StorageError: the store is closing, the writer failed, or it did not catch up in time.
         """
         deadline = time.monotonic() + BACKPRESSURE_TIMEOUT
-        while self._backlog >= MAX_BACKLOG and not self.stopping and self._failure is None:
+        while self._backlog >= MAX_BACKLOG and not self._paused and not self.stopping and self._failure is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StorageError(
@@ -275,7 +289,7 @@ class BatchWriter:
         """The thread: commit everything submitted since its last commit as one transaction."""
         while True:
             with self._cond:
-                while not self._buffer and not self.stopping:
+                while (not self._buffer or self._paused) and not self.stopping:
                     self._cond.wait()
                 if not self._buffer:
                     return  # stopping, and nothing left to write
