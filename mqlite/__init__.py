@@ -23,8 +23,10 @@ from mqlite.errors import (
 )
 from mqlite.info import BrokerInfo, PendingMessage, QueueInfo, SubscriptionInfo
 from mqlite.message import Message
+from mqlite.pipeline import transform
 from mqlite.queue import Queue
 from mqlite.subscription import Subscription
+from mqlite.transaction import Transaction
 
 __all__ = [
     "DEAD_LETTER_CONFIG",
@@ -58,10 +60,12 @@ __all__ = [
     "SubscriptionInfo",
     "SystemClock",
     "ThreadDispatcher",
+    "Transaction",
     "TransactionError",
     "WouldDeadlock",
     "WrongEventLoop",
     "dead_letter_queue_name",
+    "transform",
 ]
 
 __version__ = "0.1.0"
