@@ -47,12 +47,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mqlite._delivery.cursor import Cursor
-from mqlite._delivery.entries import SETTLED, Pending
+from mqlite._delivery.entries import SETTLED, DeadLetter, Pending
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
 from mqlite.engine.base import Consumer, DeadLetterSink, QueueEngine
 from mqlite.engine.cursors import CursorCore
 from mqlite.engine.delivery import DeliveryCore
+from mqlite.engine.staging import Staged, TransactionalCore
 from mqlite.message import Message
 from mqlite.testing.faults import lost_acks
 from mqlite.testing.history import History, Op, OpType
@@ -183,7 +184,7 @@ class _RecordingBuffer(deque[Message]):
         return unread
 
 
-class _RecordingQueue(DeliveryCore):
+class _RecordingQueue(TransactionalCore):
     """Mixed into an engine's own class (before it) to record what the queue does.
 
     Never instantiated: :func:`_start_recording` swaps an open engine's class for one with this
@@ -379,6 +380,16 @@ class _RecordingQueue(DeliveryCore):
             self._recorder.emit(
                 "ack", queue=self.name, subscription=cursor.name, consumer=_label(consumer), offset=offset
             )
+
+    def _tx_apply_locked(self, part: Staged) -> list[DeadLetter]:
+        # A transaction's publishes and acks are recorded as it applies them, under the lock;
+        # its nacks through _fail_locked, as every failed delivery is.
+        acked = [(cursor, entry.owner, entry.message[2]) for cursor, entries in part.acks.items() for entry in entries]
+        dead = super()._tx_apply_locked(part)
+        self._published(part.messages)
+        for cursor, owner, offset in acked:
+            self._recorder.emit("ack", queue=self.name, subscription=cursor.name, consumer=_label(owner), offset=offset)
+        return dead
 
     def _fail_locked(
         self, cursor: Cursor, entry: Pending, reason: str, delay: float, error: BaseException | None
