@@ -17,6 +17,7 @@ from benchmarks.fanout import fanout_scenario
 from benchmarks.harness import Mode, Scenario
 from benchmarks.memory import memory_scenario
 from benchmarks.on_redis import redis_scenario
+from benchmarks.once import once_scenario
 from benchmarks.publish import publish_scenario, scaling_scenario
 from benchmarks.selective import selective_scenario
 from benchmarks.threads import competing_scenario, cross_thread_scenario, latency_scenario
@@ -36,6 +37,7 @@ SCENARIOS: dict[str, Callable[[Mode], Scenario]] = {
     "durable": durable_scenario,
     "redis": redis_scenario,
     "compat": compat_scenario,
+    "once": once_scenario,
 }
-"""Every scenario, in the order of issue 3, then asyncio (issue 4), durable (issue 5), redis (issue 15)
-and the compat faces (issue 19)."""
+"""Every scenario, in the order of issue 3, then asyncio (issue 4), durable (issue 5), redis (issue 15),
+the compat faces (issue 19) and one-time delivery (issue 17)."""

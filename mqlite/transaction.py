@@ -17,12 +17,12 @@ from mqlite.config import is_finite_number
 from mqlite.errors import InvalidArgument, TransactionError
 from mqlite.filters import check_name
 from mqlite.message import Message
+from mqlite.subscription import Subscription
 
 if TYPE_CHECKING:
     from mqlite.broker import Broker
     from mqlite.engine.locking import TransactionScope
     from mqlite.engine.staging import TransactionalCore
-    from mqlite.subscription import Subscription
 
 __all__ = ["Transaction", "in_transaction"]
 
@@ -83,11 +83,13 @@ class Transaction:
         if exc_type is not None:
             scope.rollback()
             return
-        dead = scope.commit()
-        for queue, letters in dead:  # no scope is held any more: dead letters publish as usual
+        for queue, letters in scope.commit():  # no scope is held any more: dead letters publish as usual
             queue._send_dead_letters(letters)
 
     def _open_scope(self, verb: str) -> TransactionScope:
+        scope = self._scope
+        if scope is not None and threading.get_ident() == self._thread:
+            return scope
         if self._state != "open":
             when = "before its with block began" if self._state == "new" else "after its with block ended"
             raise TransactionError(
@@ -160,8 +162,6 @@ class Transaction:
         return engine  # type: ignore[return-value]  # the engines that offer transactions stage
 
     def _engine_of(self, subscription: Subscription) -> TransactionalCore:
-        from mqlite.subscription import Subscription
-
         if not isinstance(subscription, Subscription):
             raise InvalidArgument(
                 f"expected a mqlite.Subscription, got {type(subscription).__name__}: {subscription!r}"

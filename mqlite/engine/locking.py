@@ -121,7 +121,12 @@ class TransactionScope:
         self._end()
 
     def _apply(self) -> list[tuple[TransactionalCore, list[DeadLetter]]]:
-        return [(queue, queue._tx_apply_locked(part)) for queue, part in self._parts.items() if part]
+        dead = []
+        for queue, part in self._parts.items():
+            letters = queue._tx_apply_locked(part)
+            if letters:
+                dead.append((queue, letters))
+        return dead
 
     def _end(self) -> None:
         if self._ended:

@@ -19,7 +19,7 @@ from mqlite.engine.base import Consumer
 from mqlite.engine.codec import Fields
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.errors import BrokerClosed, NotPending
-from mqlite.message import Message
+from mqlite.message import Message, MessageMeta
 
 __all__ = ["Staged", "TransactionalCore"]
 
@@ -38,9 +38,6 @@ class Staged:
         self.acks: dict[Cursor, list[Pending]] = {}
         self.nacks: list[tuple[Cursor, Pending, float]] = []
         self.settled: set[tuple[int, int]] = set()  # (id of cursor, offset) acked or nacked here
-
-    def __bool__(self) -> bool:
-        return bool(self.messages or self.acks or self.nacks or self.duplicates)
 
 
 class TransactionalCore(DeliveryCore):
@@ -61,7 +58,13 @@ class TransactionalCore(DeliveryCore):
         A dedup id published within the window (or staged earlier in the transaction) stages
         nothing and returns the first message with that id.
         """
-        checked, ids = self._check_drafts([(event, payload, key, headers)], None if dedup_id is None else [dedup_id])
+        if key is None and headers is None and dedup_id is None and type(event) is str and event in self._events:
+            checked: list[tuple[str, Any, MessageMeta | None]] = [(event, payload, None)]  # known: checked before
+            ids = None
+        else:
+            checked, ids = self._check_drafts(
+                [(event, payload, key, headers)], None if dedup_id is None else [dedup_id]
+            )
         if self._closed:
             raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
         draft = checked[0]
@@ -95,16 +98,22 @@ class TransactionalCore(DeliveryCore):
         """Check an ack as :meth:`ack` does, and stage it."""
         cursor = self._check_manual_locked(consumer, "ack")
         entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
+        settled = part.settled
         keys = [(id(cursor), entry.message[2]) for entry in entries]
-        if len(set(keys)) < len(keys):
+        if len(keys) > 1 and len(set(keys)) < len(keys):
             raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
-        for key, entry in zip(keys, entries, strict=True):
-            if key in part.settled:
-                raise NotPending(
-                    f"offset {entry.message[2]} of {self.name!r} is already acked or nacked in this transaction"
-                )
-        part.settled.update(keys)
-        part.acks.setdefault(cursor, []).extend(entries)
+        if settled:
+            for key, entry in zip(keys, entries, strict=True):
+                if key in settled:
+                    raise NotPending(
+                        f"offset {entry.message[2]} of {self.name!r} is already acked or nacked in this transaction"
+                    )
+        settled.update(keys)
+        acks = part.acks.get(cursor)
+        if acks is None:
+            part.acks[cursor] = entries
+        else:
+            acks.extend(entries)
 
     def _tx_nack_locked(self, part: Staged, consumer: Consumer, message: Message | int, delay: float) -> None:
         """Check a nack as :meth:`nack` does, and stage it."""

@@ -119,6 +119,7 @@ class SqliteStore:
         self._owner: int | None = None
         self._joined = 0
         self._doomed = False
+        self._waiting = 0  # threads waiting on _owned
         self.joinable = False
         self._closed = False
         # data_version as last seen, and how many times it was seen to change: a queue that
@@ -270,10 +271,18 @@ class SqliteStore:
             StorageError: another connection held the file's write lock past the busy timeout.
         """
         me = threading.get_ident()
-        with self._owned:
+        gate = self._gate
+        gate.acquire()
+        try:
             while self._owner is not None:  # another transaction of this store, in another thread
-                self._owned.wait()
+                self._waiting += 1
+                try:
+                    self._owned.wait()
+                finally:
+                    self._waiting -= 1
             self._owner = me
+        finally:
+            gate.release()
         try:
             self._db_lock.acquire()
             generation = self._begin_locked()
@@ -306,17 +315,26 @@ class SqliteStore:
             self._release_owner()
 
     def _release_owner(self) -> None:
-        with self._owned:
+        gate = self._gate
+        gate.acquire()
+        try:
             self._owner = None
             self._joined = 0
-            self._owned.notify_all()
+            if self._waiting:
+                self._owned.notify_all()
+        finally:
+            gate.release()
 
     def wait_owned(self) -> None:
         """Wait until no other thread's transaction holds the file (after :meth:`begin` said BUSY)."""
         me = threading.get_ident()
         with self._owned:
             while self._owner is not None and self._owner != me:
-                self._owned.wait()
+                self._waiting += 1
+                try:
+                    self._owned.wait()
+                finally:
+                    self._waiting -= 1
 
     def _begin_locked(self) -> int | None:
         """:meth:`begin` once the store's lock is held."""
