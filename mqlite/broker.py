@@ -206,8 +206,12 @@ class Broker:
                 queue = Queue(engine)
                 self._engines = {**self._engines, name: engine}
                 self._queues = {**self._queues, name: queue}
-                return queue
-            engine = self._engines[name]
+                if not changes or engine.config == config:
+                    return queue
+                # Shared storage that already held the queue kept its own settings: apply the
+                # ones given, as for a queue this broker had open.
+            else:
+                engine = self._engines[name]
         if changes:
             engine.configure(attrs.evolve(engine.config, **changes))
         return queue
