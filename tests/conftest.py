@@ -44,6 +44,7 @@ REDIS_FILES = frozenset(
         "test_acks.py",
         "test_asyncio.py",
         "test_closing.py",
+        "test_dedup.py",
         "test_delivery.py",
         "test_fanout.py",
         "test_filters.py",

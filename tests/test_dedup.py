@@ -35,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import mqlite
 from mqlite.testing import VirtualClock
 
-pytestmark = pytest.mark.not_redis("the Redis engine does not support dedup_id yet")
+
 
 spawn = multiprocessing.get_context("spawn")
 

@@ -25,10 +25,11 @@ import redis.exceptions
 
 from mqlite._delivery import policy
 from mqlite._delivery.cursor import Cursor
+from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.entries import DeadLetter
 from mqlite._delivery.waiters import Waiter, Waiters
 from mqlite.clock import Clock
-from mqlite.config import QueueConfig, Start, SubscriptionSettings
+from mqlite.config import DEDUP_MAX_IDS, DEDUP_WINDOW, QueueConfig, Start, SubscriptionSettings
 from mqlite.engine.base import (
     Attempt,
     Capabilities,
@@ -67,7 +68,14 @@ MIN_SERVER = (7, 0)
 """The oldest Redis server the scripts run on (``XADD`` with explicit ids, ``XTRIM MINID``)."""
 
 _SAFE_POLICIES = frozenset({"noeviction"})
-_CONFIG_FIELDS = ["retention", "max_messages", "overflow", "max_age"]  # a queue's settings in its meta hash
+_CONFIG_FIELDS = [
+    "retention",
+    "max_messages",
+    "overflow",
+    "max_age",
+    "dedup_window",
+    "dedup_max_ids",
+]  # in its meta hash
 _SCAN_LIMIT = 4096  # entries a filtered take scans per script call, so one call stays short
 _RELEARN_TRIES = 16  # a take that keeps meeting new event names gives up after this many rounds
 _WATCH_BLOCK_MS = 500  # how long the watcher's XREAD blocks; bounds how late it sees a new queue
@@ -396,12 +404,16 @@ class _ScriptRefusal(Exception):
 
 
 def _config_from(stored: Sequence[bytes | None]) -> QueueConfig:
-    retention, max_messages, overflow, max_age = (None if v in (None, b"") else v.decode() for v in stored)
+    values = [None if v in (None, b"") else v.decode() for v in stored]
+    retention, max_messages, overflow, max_age = values[:4]
+    window, max_ids = (*values[4:6], None, None)[:2]  # a queue made before dedup was stored has none
     return QueueConfig(
         retention=retention or "interest",  # type: ignore[arg-type]  # written from a QueueConfig
         max_messages=None if max_messages is None else int(max_messages),
         overflow=overflow or "drop_oldest",  # type: ignore[arg-type]  # written from a QueueConfig
         max_age=None if max_age is None else float(max_age),
+        dedup_window=DEDUP_WINDOW if window is None else float(window),
+        dedup_max_ids=DEDUP_MAX_IDS if max_ids is None else int(max_ids),
     )
 
 
@@ -411,6 +423,8 @@ def _config_args(config: QueueConfig) -> list[str]:
         "" if config.max_messages is None else str(config.max_messages),
         config.overflow,
         "" if config.max_age is None else repr(float(config.max_age)),
+        repr(float(config.dedup_window)),
+        str(config.dedup_max_ids),
     ]
 
 
@@ -475,6 +489,7 @@ class RedisQueue:
         self._taking: dict[int, int] = {}  # id(cursor) -> push takes on their way to the server
         self._took = threading.Condition(self._lock)
         self._closed = False
+        self.duplicates = 0  # publishes with a dedup id this broker saw refused (under _lock)
         self._last: QueueSnapshot | None = None
         stored = engine.run("open", self._keys, [*_config_args(config), f"{engine._namespace}:queues", name])
         self._config = _config_from(stored)
@@ -516,8 +531,11 @@ class RedisQueue:
             BrokerClosed: the broker was closed.
             StorageError: the server could not be reached or refused the write.
         """
+        ids: list[str | None] | None = None
         if dedup_ids is not None and any(dedup_id is not None for dedup_id in dedup_ids):
-            raise InvalidArgument("dedup_id is not supported by the Redis engine yet")
+            ids = [None if dedup_id is None else check_dedup_id(dedup_id) for dedup_id in dedup_ids]
+            if len(ids) != len(drafts):
+                raise InvalidArgument(f"publish_many got {len(ids)} dedup ids for {len(drafts)} messages")
         checked: list[tuple[str, Any, MessageMeta | None]] = []
         args: list[Any] = []
         for event, payload, key, headers in drafts:
@@ -540,6 +558,8 @@ class RedisQueue:
         with self._lock:
             if self._closed:
                 raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
+        if ids is not None:
+            return self._publish_once(checked, args, ids)
         try:
             first, stamp = self._run("publish", self._now(), len(checked), *args)
         except _ScriptRefusal as refusal:
@@ -559,6 +579,65 @@ class RedisQueue:
         with self._lock:
             if self._waiters:
                 for event in {m[0] for m in messages}:
+                    self._waiters.wake_event(event)
+        return messages
+
+    def _publish_once(
+        self, checked: list[tuple[str, Any, MessageMeta | None]], args: list[Any], ids: list[str | None]
+    ) -> list[Message]:
+        """:meth:`publish_many` of drafts with dedup ids: one script checks the duplicate window,
+        appends the drafts whose ids are new and records their ids."""
+        config = self.config
+        with_ids: list[Any] = []
+        for i, dedup_id in enumerate(ids):
+            with_ids += [*args[i * 4 : i * 4 + 4], "" if dedup_id is None else dedup_id]
+        try:
+            first, stamp, places = self._run(
+                "publish_once",
+                self._now(),
+                len(checked),
+                repr(float(config.dedup_window)),
+                config.dedup_max_ids,
+                *with_ids,
+            )
+        except _ScriptRefusal as refusal:
+            raise QueueFull(
+                f"queue {self.name!r} holds {refusal.detail} of max_messages={config.max_messages}; "
+                f"overflow='reject' refuses the new ones of {len(checked)}"
+            ) from None
+        cls = self.message_class
+        messages: list[Message] = []
+        built: dict[int, Message] = {}
+        timestamp = float(stamp) if stamp else 0.0
+        duplicates = 0
+        for (event, payload, meta), place in zip(checked, places, strict=True):
+            if isinstance(place, bytes):  # b"n<k>": the k-th new message
+                offset = int(first) + int(place[1:])
+                message = built.get(offset)
+                if message is None:
+                    message = built[offset] = (
+                        tuple.__new__(cls, (event, payload, offset, timestamp))
+                        if meta is None
+                        else tuple.__new__(cls, (event, payload, offset, timestamp, meta))
+                    )
+                else:
+                    duplicates += 1  # a repeat of an earlier draft of this call
+                messages.append(message)
+                continue
+            duplicates += 1
+            if place[1] is None:  # the original is trimmed: the retry's message, at its offset and time
+                offset, at = int(place[0]), float(place[3])
+                messages.append(
+                    tuple.__new__(cls, (event, payload, offset, at))
+                    if meta is None
+                    else tuple.__new__(cls, (event, payload, offset, at, meta))
+                )
+            else:
+                messages.append(self._message(place))
+        with self._lock:
+            self.duplicates += duplicates
+            if built and self._waiters:
+                for event in {m[0] for m in built.values()}:
                     self._waiters.wake_event(event)
         return messages
 
@@ -1244,7 +1323,9 @@ class RedisQueue:
                     )
                 )
             waiters = len(self._waiters)
-        return QueueSnapshot(_config_from(stored), int(start), int(end), tuple(figures), waiters)
+        with self._lock:
+            duplicates = self.duplicates
+        return QueueSnapshot(_config_from(stored), int(start), int(end), tuple(figures), waiters, 0, duplicates)
 
     def _all_local(self) -> list[Cursor]:
         """This broker's named cursors and its consumers' ephemeral ones (``_lock`` held)."""

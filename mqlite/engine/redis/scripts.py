@@ -266,19 +266,20 @@ end
 """
 
 _OPEN = r"""
--- ARGV: retention, max_messages, overflow, max_age, queues-registry key, queue name
+-- ARGV: retention, max_messages, overflow, max_age, dedup_window, dedup_max_ids, queues-registry key, queue name
 if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'retention', ARGV[1], 'max_messages', ARGV[2], 'overflow', ARGV[3],
-    'max_age', ARGV[4], 'start', 0, 'end', 0, 'trimmed', 0)
-  redis.call('HSET', ARGV[5], ARGV[6], '1')
+    'max_age', ARGV[4], 'dedup_window', ARGV[5], 'dedup_max_ids', ARGV[6], 'start', 0, 'end', 0, 'trimmed', 0)
+  redis.call('HSET', ARGV[7], ARGV[8], '1')
 end
-local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
+local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age', 'dedup_window', 'dedup_max_ids')
 return r
 """
 
 _CONFIGURE = r"""
--- ARGV: now, retention, max_messages, overflow, max_age
-redis.call('HSET', meta, 'retention', ARGV[2], 'max_messages', ARGV[3], 'overflow', ARGV[4], 'max_age', ARGV[5])
+-- ARGV: now, retention, max_messages, overflow, max_age, dedup_window, dedup_max_ids
+redis.call('HSET', meta, 'retention', ARGV[2], 'max_messages', ARGV[3], 'overflow', ARGV[4], 'max_age', ARGV[5],
+  'dedup_window', ARGV[6], 'dedup_max_ids', ARGV[7])
 housekeep(tonumber(ARGV[1]))
 return 1
 """
@@ -643,7 +644,7 @@ for _, c in ipairs(ids) do
     tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), tonumber(h[6]),
     redis.call('HGETALL', ck(c, ':mem'))}
 end
-local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
+local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age', 'dedup_window', 'dedup_max_ids')
 return {'ok', s, stop, r, rows}
 """
 
@@ -767,6 +768,68 @@ end
 return out
 """
 
+# publish with dedup ids: the publish body above, run on the drafts whose ids are new, between a
+# check of the queue's duplicate window and the recording of the new ids. The window is two
+# structures under the queue's prefix: ``dd`` hash (id -> "offset time") and ``ddz`` zset (id by
+# time of its first publish), pruned here past the window and past the bound.
+_DEDUP_CHECK = r"""
+-- ARGV: now, count, window, max ids, then per message: event, payload, key, headers, dedup id ('' for none).
+local dd, ddz = prefix .. 'dd', prefix .. 'ddz'
+local now0, total = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window, maxids = tonumber(ARGV[3]), tonumber(ARGV[4])
+local fresh = {ARGV[1], 0}
+local newids = {}  -- index among the fresh drafts (from 0) -> id
+local first = {}  -- id -> index among the fresh drafts, for a repeat within the call
+local places = {}  -- per draft: 'n' .. index among the fresh, or the original's entry
+for i = 0, total - 1 do
+  local b = 5 + i * 5
+  local id = ARGV[b + 4]
+  local place = false
+  if id ~= '' then
+    if first[id] then
+      place = 'n' .. first[id]
+    else
+      local v = redis.call('HGET', dd, id)
+      if v then
+        local sep = string.find(v, ' ', 1, true)
+        local o, at = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
+        if tonumber(at) + window > now0 then
+          place = entry(o) or {o, false, false, at, false, false}
+        end
+      end
+    end
+  end
+  if not place then
+    local k = fresh[2]
+    fresh[2] = k + 1
+    for f = 0, 3 do fresh[#fresh + 1] = ARGV[b + f] end
+    if id ~= '' then first[id] = k; newids[k] = id end
+    place = 'n' .. k
+  end
+  places[i + 1] = place
+end
+local stop, ts = -1, ''
+if fresh[2] > 0 then
+  local r = publish(fresh)
+  if r.err then return r end
+  stop, ts = r[1], r[2]
+  for k, id in pairs(newids) do
+    redis.call('HSET', dd, id, (stop + k) .. ' ' .. ts)
+    redis.call('ZADD', ddz, ts, id)
+  end
+end
+local old = redis.call('ZRANGEBYSCORE', ddz, '-inf', fmt(now0 - window), 'LIMIT', 0, 64)
+local size = redis.call('ZCARD', ddz) - #old
+if size > maxids then
+  for _, id in ipairs(redis.call('ZRANGE', ddz, #old, #old + size - maxids - 1)) do old[#old + 1] = id end
+end
+if #old > 0 then
+  redis.call('HDEL', dd, unpack(old))
+  redis.call('ZREM', ddz, unpack(old))
+end
+return {stop, ts, places}
+"""
+
 _BODIES = {
     "pending": _PENDING,
     "dead_sent": _DEAD_SENT,
@@ -791,6 +854,9 @@ _BODIES = {
     "unsettled": _UNSETTLED,
     "next_due": _NEXT_DUE,
 }
+
+# The publish body as a function of its arguments (Redis 7 forbids assigning the global ARGV).
+_BODIES["publish_once"] = "local function publish(A)\n" + _PUBLISH.replace("ARGV", "A") + "\nend\n" + _DEDUP_CHECK
 
 SCRIPTS: dict[str, str] = {name: _PRELUDE + body for name, body in _BODIES.items()}
 """Each operation's full script: the shared helpers, then its body."""
