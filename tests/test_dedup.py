@@ -35,8 +35,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import mqlite
 from mqlite.testing import VirtualClock
 
-
-
 spawn = multiprocessing.get_context("spawn")
 
 START = 1_700_000_000.0  # VirtualClock's default start
