@@ -210,7 +210,8 @@ def fanout_scenario(mode: Mode) -> Scenario:
         title="Push fanout",
         about=(
             "Time per publish until every one of N callbacks (each bumps a counter) has run. mqlite: N "
-            "push subscriptions on the default thread dispatcher; publish M messages, then "
+            "push subscriptions on the default thread dispatcher (a pool of delivery threads shared by "
+            "the subscriptions); publish M messages, then "
             "`broker.drain()`; the clock stops when drain returns. Peers call their receivers "
             "synchronously inside `send`/`emit`/`sendMessage`; the floor is a Python loop over a list "
             "of callables. Two shapes for mqlite: burst (M = calls // N messages, so at N = 100 the "

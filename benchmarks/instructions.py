@@ -12,7 +12,9 @@ valgrind runs.
 
 from __future__ import annotations
 
+import functools
 import gc
+import importlib.util
 import os
 import re
 import shutil
@@ -127,6 +129,62 @@ def _drain_push10_idle(count: int) -> None:
     broker.close()
 
 
+class _Tally:
+    """The fanout benchmark's callback: it counts (``benchmarks.fanout.Tally``, without importing it)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def hit(self, *args: object, **kwargs: object) -> None:
+        self.calls += 1
+
+
+def _publish_push_tally(subscriptions: int, count: int) -> None:
+    """The fanout benchmark's work on one thread: ``subscriptions`` push subscriptions whose
+    callback is ``Tally.hit``, delivered by a ManualDispatcher every 1,000 publishes (batches
+    the size the sustained shape's threads take)."""
+    import mqlite
+
+    dispatcher = mqlite.ManualDispatcher()
+    broker = mqlite.Broker(dispatcher=dispatcher)
+    tallies = [_Tally() for _ in range(subscriptions)]
+    for tally in tallies:
+        broker.subscribe("q", callback=tally.hit)
+    payload = {"id": 1}
+    publish = broker.publish
+    for i in range(count):
+        publish("q", "e", payload)
+        if i % 1000 == 999:
+            dispatcher.run_ready()
+    dispatcher.run_ready()
+    assert sum(t.calls for t in tallies) == subscriptions * count
+    broker.close()
+
+
+def _loop(callables: int, count: int) -> None:
+    """The fanout floor: a loop over ``callables`` callables, per message (``loop over callables``)."""
+    callbacks = [_Tally().hit for _ in range(callables)]
+    payload = {"id": 1}
+    for _ in range(count):
+        for callback in callbacks:
+            callback(payload)
+
+
+def _pyee(receivers: int, count: int) -> None:
+    """pyee's ``emit`` to ``receivers`` receivers, per message (the fanout peer)."""
+    import pyee
+
+    emitter = pyee.EventEmitter()
+    for _ in range(receivers):
+        emitter.on("e", _Tally().hit)
+    payload = {"id": 1}
+    emit = emitter.emit
+    for _ in range(count):
+        emit("e", payload)
+
+
 SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish": _publish,
     "get": _get,
@@ -134,6 +192,17 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish+10 push": _publish_push10,
     "drain 10 push, 1 msg": _drain_push10,
     "drain 10 push, idle": _drain_push10_idle,
+    # The fanout scenario's three systems, per publish, at N = 1, 10 and 100: the floor, the peer,
+    # and mqlite's own work on one thread. (Not the thread dispatcher: valgrind runs one thread at
+    # a time on its own schedule, so its batch sizes, and the count, differ from run to run.)
+    "pyee 1": functools.partial(_pyee, 1),
+    "publish+1 push tally": functools.partial(_publish_push_tally, 1),
+    "loop 10": functools.partial(_loop, 10),
+    "pyee 10": functools.partial(_pyee, 10),
+    "publish+10 push tally": functools.partial(_publish_push_tally, 10),
+    "loop 100": functools.partial(_loop, 100),
+    "pyee 100": functools.partial(_pyee, 100),
+    "publish+100 push tally": functools.partial(_publish_push_tally, 100),
 }
 
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
@@ -178,6 +247,9 @@ def main(argv: list[str]) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     for name in argv or list(SCENARIOS):
+        if name.startswith("pyee") and importlib.util.find_spec("pyee") is None:
+            print(f"{name:<22} skipped: pyee is not installed (pip install -e '.[bench]')", flush=True)
+            continue
         print(f"{name:<22} {per_operation(name):>10,.0f} instructions per operation", flush=True)
 
 
