@@ -85,7 +85,8 @@ class Broker:
             unsafe for files you did not write.
         clock: Where time comes from (default: the system clock). Pass a
             :class:`~mqlite.ManualClock` in tests to control timeouts and retries.
-        dispatcher: What runs push callbacks (default: one thread per push subscription). Pass a
+        dispatcher: What runs push callbacks (default: a :class:`~mqlite.ThreadDispatcher`, a
+            small pool of threads shared by this broker's push subscriptions). Pass a
             :class:`~mqlite.ManualDispatcher` in tests to run them when you choose.
         faults: For tests: a :class:`mqlite.testing.Faults` that injects seeded faults
             (duplicates, delays, lost acks, consumer crashes, restarts) into this broker.
