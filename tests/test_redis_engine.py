@@ -552,3 +552,68 @@ def test_a_long_run_with_limits_keeps_the_stream_itself_bounded(brokers: RedisBr
         client.close()
     assert len(queue) == 100
     assert longest <= 100 + 100 + 64, "the trim runs every 64 offsets: at most a batch and 64 over the limit"
+
+
+# -- the fast paths: scripts that define only the helpers they use, bulk calls, the script caller ----
+
+
+def test_each_script_defines_every_prelude_helper_it_calls() -> None:
+    import re
+
+    from mqlite.engine.redis import scripts
+
+    helpers = set().union(*(defined for defined, _, _ in scripts._HELPERS))
+    for name, script in scripts.SCRIPTS.items():
+        code = re.sub(r"--.*$", "", script, flags=re.MULTILINE)
+        defined = {
+            found[0] or found[1] for found in re.findall(r"^local (?:function (\w+)|(\w+) =)", code, re.MULTILINE)
+        }
+        defined |= {"meta", "log", "cursors", "events", "sig"}
+        missing = (set(re.findall(r"[A-Za-z_]\w*", code)) & helpers) - defined
+        assert not missing, f"script {name!r} uses helpers it does not define: {sorted(missing)}"
+
+
+def test_a_batch_larger_than_one_bulk_slice_is_taken_acked_and_redelivered_whole(brokers: RedisBrokers) -> None:
+    # The scripts pass offsets to variadic commands in slices of 4,000 arguments (2,000 pairs).
+    broker = brokers.open()
+    sub = broker.subscribe("q", name="w", ack="manual", start="earliest")
+    broker.queue("q").publish_many([("e", i) for i in range(4500)])
+    taken = sub.poll(4500, WAIT)
+    assert [m.payload for m in taken] == list(range(4500))
+    assert sub.pending == 4500
+    sub.ack(*taken[:4200])
+    assert sub.pending == 300
+    with pytest.raises(mqlite.NotPending):
+        sub.ack(*taken[4100:4300])  # 100 of them were acked already: nothing changes
+    assert sub.pending == 300
+    sub.nack(taken[4200], delay=0)
+    again = sub.poll(1, WAIT)
+    assert [(m.offset, m.attempt) for m in again] == [(4200, 2)]
+
+
+def test_a_script_cache_flushed_on_the_server_is_loaded_again(brokers: RedisBrokers) -> None:
+    broker = brokers.open()
+    queue = broker.queue("q", retention="limits")
+    assert queue.publish("e", 1).offset == 0
+    client = redis_client(brokers.server)
+    try:
+        client.script_flush()
+    finally:
+        client.close()
+    assert queue.publish("e", 2).offset == 1
+    assert [m.payload for m in broker.subscribe("q", start="earliest").poll(2, WAIT)] == [1, 2]
+
+
+def test_an_ack_of_a_run_with_a_gap_in_the_middle_refuses_all_of_it(brokers: RedisBrokers) -> None:
+    # A run of consecutive offsets is checked with one ZCOUNT; a run that is not all pending
+    # falls back to checking each offset, and names the first one that is not.
+    broker = brokers.open()
+    sub = broker.subscribe("q", name="w", ack="manual", start="earliest")
+    broker.queue("q").publish_many([("e", i) for i in range(5)])
+    taken = sub.poll(5, WAIT)
+    sub.ack(taken[2])
+    with pytest.raises(mqlite.NotPending, match="offset 2 "):
+        sub.ack(*taken)
+    assert sub.pending == 4
+    sub.ack(*taken[:2], *taken[3:])
+    assert sub.pending == 0

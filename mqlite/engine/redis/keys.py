@@ -22,7 +22,7 @@ def encode_part(name: str) -> str:
 class QueueKeys:
     """The keys of one queue. Immutable, so thread-safe."""
 
-    __slots__ = ("cursors", "events", "log", "meta", "prefix", "sig")
+    __slots__ = ("all", "cursors", "events", "log", "meta", "prefix", "sig")
 
     def __init__(self, namespace: str, queue: str) -> None:
         self.prefix = f"{namespace}:{{{encode_part(queue)}}}:"
@@ -31,11 +31,8 @@ class QueueKeys:
         self.cursors = self.prefix + "cursors"
         self.events = self.prefix + "events"
         self.sig = self.prefix + "sig"
-
-    @property
-    def all(self) -> list[str]:
+        self.all = (self.meta, self.log, self.cursors, self.events, self.sig)
         """The KEYS of every script, in the order the scripts read them."""
-        return [self.meta, self.log, self.cursors, self.events, self.sig]
 
 
 def named_cursor(name: str) -> str:
