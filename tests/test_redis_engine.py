@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -448,6 +450,49 @@ def test_a_unix_socket_url_opens(tmp_path: Path) -> None:
             assert engine.queues() == []
         finally:
             engine.close()
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by openssl (skips without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for a TLS redis-server")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert),
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_a_rediss_url_opens_a_tls_connection_and_the_broker_works_over_it(tmp_path: Path) -> None:
+    require_redis()
+    cert, key = _self_signed_certificate(tmp_path)
+    tls_port = _free_port()
+    options = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    options += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    with redis_server(tmp_path, *options) as plain_url:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        with mqlite.Broker(url, namespace="tls") as broker:
+            sub = broker.subscribe("q", name="n", ack="manual")
+            first = broker.publish("q", "e", {"over": "tls"}, dedup_id="once")
+            assert broker.publish("q", "e", {"over": "tls"}, dedup_id="once") == first
+            message = sub.get(timeout=5)
+            assert message == first
+            sub.ack(message)
+            assert broker.info().subscription("q", "n").acked == 1
+        # The same data, read back over the plain port: the TLS broker talked to this server.
+        with mqlite.Broker(plain_url, namespace="tls") as plain:
+            assert plain.queue("q").end_offset == 1
+        # A client that does not trust the certificate is refused, as a StorageError.
+        with pytest.raises(mqlite.StorageError):
+            mqlite.Broker(f"rediss://127.0.0.1:{tls_port}/0", namespace="tls")
 
 
 # -- dead letters --------------------------------------------------------------------------------
