@@ -662,3 +662,28 @@ def test_an_ack_of_a_run_with_a_gap_in_the_middle_refuses_all_of_it(brokers: Red
     assert sub.pending == 4
     sub.ack(*taken[:2], *taken[3:])
     assert sub.pending == 0
+
+
+@pytest.mark.parametrize("step", ["push_and_watch", "push_or_wait"])
+def test_a_push_take_that_loses_its_cursor_to_a_close_reports_the_subscription_closed(
+    brokers: RedisBrokers, step: str
+) -> None:
+    broker = brokers.open()
+    sub = broker.subscribe("q")
+    engine: Any = broker._engines["q"]
+
+    def take_as_the_close_deletes_the_cursor(consumer: Any, max_messages: int) -> Any:
+        consumer._mark_closed("closed meanwhile")
+        raise mqlite.StorageError("the subscription's cursor is gone from the server")
+
+    engine._push_batch = take_as_the_close_deletes_the_cursor
+    attempt = getattr(engine, step)(sub, 10, lambda: None)
+    assert attempt.value is None  # closed: the worker stops quietly, no thread dies of it
+    sub._reopen()
+
+    def take_that_fails(consumer: Any, max_messages: int) -> Any:
+        raise mqlite.StorageError("the server went away")
+
+    engine._push_batch = take_that_fails
+    with pytest.raises(mqlite.StorageError, match="went away"):
+        getattr(engine, step)(sub, 10, lambda: None)  # an open subscription's failure is raised

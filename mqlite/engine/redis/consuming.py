@@ -321,7 +321,12 @@ class Consuming:
             return Attempt(True, None, None, None)
         with self._lock:
             seen = self._changes
-        batch, due = self._push_batch(consumer, max_messages)
+        try:
+            batch, due = self._push_batch(consumer, max_messages)
+        except StorageError:
+            if consumer.closed:  # closed meanwhile: its detach may have deleted the cursor under the take
+                return Attempt(True, None, None, None)
+            raise
         if batch:
             return Attempt(True, batch, None, None)
         return Attempt(False, batch, self._add_waiter(consumer._cursor, wake, seen), self._bound(due))
@@ -340,7 +345,12 @@ class Consuming:
         with self._lock:
             seen = self._changes
             members = len(consumer._cursor.members)
-        batch, due = self._push_batch(consumer, max_messages)
+        try:
+            batch, due = self._push_batch(consumer, max_messages)
+        except StorageError:
+            if consumer.closed:  # closed meanwhile: its detach may have deleted the cursor under the take
+                return Attempt(True, None, None, None)
+            raise
         if len(batch) >= policy.push_batch_size(max_messages, members):
             return Attempt(True, batch, None, None)
         waiter = self._add_waiter(consumer._cursor, wake, seen)
