@@ -8,7 +8,12 @@ also bounded by a count: past ``max_ids`` ids the oldest are forgotten first, so
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mqlite.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from mqlite.message import Message
 
 __all__ = ["DedupWindow", "check_dedup_id"]
 
@@ -33,10 +38,13 @@ def check_dedup_id(dedup_id: object) -> str:
 class DedupWindow:
     """The dedup ids one queue remembers. Not thread-safe: used under its queue's lock.
 
-    ``ids`` maps each id to ``(offset, first published at)``, in the order they were first
+    ``ids`` maps each id to the message first published with it, in the order they were first
     published: a dict keeps insertion order, so the oldest are at its front and forgetting the
-    expired ones needs no second structure. The memory publish path adds to ``ids`` itself, as
-    :meth:`add` does; an id is added only once :meth:`find` said it is not (or no longer) there.
+    expired ones needs no second structure. A value is the message itself (no allocation per
+    publish), or, for an id loaded from storage, a mark of the same shape whose event is None:
+    ``value[2]`` is always the offset and ``value[3]`` the time of the first publish. The memory
+    publish path adds to ``ids`` itself, as :meth:`add` does; an id is added only once
+    :meth:`find` said it is not (or no longer) there.
     """
 
     __slots__ = ("forgot", "ids", "max_ids", "window")
@@ -44,15 +52,15 @@ class DedupWindow:
     def __init__(self, window: float, max_ids: int) -> None:
         self.window = window
         self.max_ids = max_ids
-        self.ids: dict[str, tuple[int, float]] = {}
+        self.ids: dict[str, Message] = {}
         # Whether an id was forgotten since the owner last pruned its stored ids (it clears this).
         self.forgot = False
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def find(self, dedup_id: str, now: float) -> tuple[int, float] | None:
-        """``(offset, at)`` of ``dedup_id`` if it was published within the window before ``now``.
+    def find(self, dedup_id: str, now: float) -> Message | None:
+        """The first message (or mark) of ``dedup_id``, if it was published within the window before ``now``.
 
         An id whose window ended is forgotten here, so that adding it again puts it last.
         """
@@ -60,18 +68,18 @@ class DedupWindow:
         found = ids.get(dedup_id)
         if found is None:
             return None
-        if found[1] + self.window <= now:
+        if found[3] + self.window <= now:
             del ids[dedup_id]
             self.forgot = True
             return None
         return found
 
-    def add(self, dedup_id: str, offset: int, at: float) -> None:
-        """Remember that ``dedup_id`` (not remembered now) was first published at ``offset`` at time ``at``."""
+    def add(self, dedup_id: str, first: Message) -> None:
+        """Remember that ``dedup_id`` (not remembered now) was first published as ``first`` (a message or a mark)."""
         ids = self.ids
-        ids[dedup_id] = (offset, at)
+        ids[dedup_id] = first
         if len(ids) > self.max_ids:
-            self.expire(at)
+            self.expire(first[3])
 
     def expire(self, now: float) -> None:
         """Forget the ids whose window ended by ``now``, and the oldest past ``max_ids``.
@@ -83,8 +91,8 @@ class DedupWindow:
         cutoff = now - self.window
         excess = len(ids) - self.max_ids
         gone: list[str] = []
-        for dedup_id, (_, at) in ids.items():
-            if at > cutoff and len(gone) >= excess:
+        for dedup_id, first in ids.items():
+            if first[3] > cutoff and len(gone) >= excess:
                 break
             gone.append(dedup_id)
         for dedup_id in gone:
@@ -94,7 +102,8 @@ class DedupWindow:
 
     def oldest_offset(self) -> int | None:
         """The offset of the oldest id still remembered (None if none is)."""
-        for offset, _ in self.ids.values():
+        for first in self.ids.values():
+            offset: int = first[2]
             return offset
         return None
 

@@ -203,7 +203,7 @@ class QueueCore:
                     postings.append(message)
                 if dedup_id is not None:  # DedupWindow.add, inlined: a frame is 10% of a dedup publish
                     ids = self._dedup_ids
-                    ids[dedup_id] = (offset, message[3])
+                    ids[dedup_id] = message
                     if len(ids) > self._config.dedup_max_ids:
                         self._dedup.expire(message[3])
                 if self._waiters:
@@ -243,7 +243,7 @@ class QueueCore:
                     self._write_locked([message], [fields])
                 else:
                     self._write_locked([message], [fields], [(dedup_id, offset, message[3])])
-                    self._dedup.add(dedup_id, offset, message[3])  # a frame is little beside the write
+                    self._dedup.add(dedup_id, message)  # a frame is little beside the write
                 self._end = offset + 1
                 if postings is not None:
                     postings.append(message)
@@ -255,9 +255,7 @@ class QueueCore:
             return self._append_drafts([(event, payload, None, None)], None if dedup_id is None else [dedup_id])[0]
         return message
 
-    def _duplicate_locked(
-        self, dedup_id: str, event: str, payload: Any, found: tuple[int, float] | None
-    ) -> Message | None:
+    def _duplicate_locked(self, dedup_id: str, event: str, payload: Any, found: Message | None) -> Message | None:
         """The first message published with ``dedup_id`` within the window, if there was one.
 
         The fast paths come here with a str id that is empty or that the window holds (``found``:
@@ -278,7 +276,7 @@ class QueueCore:
         if found is None:
             return None
         self.duplicates += 1
-        return self._original_locked(found[0], found[1], (event, payload, None))
+        return self._original_locked(found, (event, payload, None))
 
     def publish_many(
         self,
@@ -434,7 +432,7 @@ class QueueCore:
                     continue
                 found = window.find(dedup_id, now)
                 if found is not None:
-                    places.append(self._original_locked(found[0], found[1], checked[i]))
+                    places.append(self._original_locked(found, checked[i]))
                     continue
                 first_in_call[dedup_id] = len(fresh)
             places.append(len(fresh))
@@ -448,12 +446,16 @@ class QueueCore:
         self.duplicates += duplicates
         return [messages[place] if type(place) is int else place for place in places]  # type: ignore[misc]  # an int indexes, a Message is itself
 
-    def _original_locked(self, offset: int, at: float, draft: tuple[str, Any, MessageMeta | None]) -> Message:
-        """The message first published at ``offset`` (at time ``at``) with a dedup id seen again.
+    def _original_locked(self, found: Message, draft: tuple[str, Any, MessageMeta | None]) -> Message:
+        """The message first published with a dedup id seen again (``found``, from the window).
 
-        The retained message if there is one; else, retention having dropped it, the retry's own
+        The window holds the message itself, unless the id was loaded from storage: then the
+        retained message, or the stored one; else, retention having dropped it, the retry's own
         event and payload at the original offset and time (a retry carries the same message).
         """
+        if found[0] is not None:
+            return found
+        offset, at = found[2], found[3]
         log = self._log
         if log.first_offset <= offset < self._end:
             return log.get(offset)
@@ -506,8 +508,9 @@ class QueueCore:
         self._write_locked(messages, encoded, dedup)
         if dedup:
             add = self._dedup.add
-            for dedup_id, offset, at in dedup:
-                add(dedup_id, offset, at)
+            first = messages[0][2]
+            for dedup_id, offset, _ in dedup:
+                add(dedup_id, messages[offset - first])
         self._end = messages[-1][2] + 1
         events = self._events
         wanted = {message[0] for message in messages}

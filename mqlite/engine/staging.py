@@ -78,7 +78,7 @@ class TransactionalCore(DeliveryCore):
             found = self._dedup.find(dedup, now)
             if found is not None:
                 part.duplicates += 1
-                return self._original_locked(found[0], found[1], draft)
+                return self._original_locked(found, draft)
         encoded = self._encode(checked)  # a serializer that raises stages nothing
         count = len(part.messages) + 1
         end = self._end

@@ -133,9 +133,10 @@ class SqliteQueue(TransactionalCore):
     def _load_dedup_locked(self, rows: list[tuple[str, int, float]]) -> None:
         """Remember the dedup ids the file holds that memory does not have yet."""
         ids = self._dedup.ids
+        cls = self._message_class
         for dedup_id, offset, at in rows:
             ids.pop(dedup_id, None)  # an older window of the same id, not pruned yet
-            ids[dedup_id] = (offset, at)
+            ids[dedup_id] = tuple.__new__(cls, (None, None, offset, at))  # a mark: see DedupWindow
         if len(ids) > self._dedup.max_ids:
             self._dedup.expire(self._time())
         self._dedup_loaded = True
