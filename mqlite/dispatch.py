@@ -15,7 +15,7 @@ import logging
 import operator
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from mqlite._delivery.waiters import Waiter
@@ -548,6 +548,27 @@ def _note_all(owed: dict[Callable[[], None], None]) -> None:
         note()
 
 
+def _queue_due(slots: Iterable[_PoolSlot | _Slot], ready: collections.deque[Any], next_due: float) -> float | None:
+    """Put in ``ready`` the live ``slots`` whose timer is due (if ``next_due`` has come); returns
+    when the next timer falls due. Called under the dispatcher's lock, which guards the slots."""
+    now = time.monotonic()
+    if now < next_due:
+        return next_due
+    soonest: float | None = None
+    for slot in slots:
+        due = slot.due
+        if due is None or not slot.live:
+            continue
+        if due <= now:
+            slot.due = None
+            if not slot.queued:
+                slot.queued = True
+                ready.append(slot)
+        elif soonest is None or due < soonest:
+            soonest = due
+    return soonest
+
+
 class ThreadDispatcher:
     """A small pool of daemon threads shared by the push subscriptions it runs. Thread-safe.
 
@@ -865,23 +886,8 @@ class ThreadDispatcher:
 
     def _queue_due_locked(self) -> None:
         """Queue the slots whose timer is due: a real clock's timers wake nobody."""
-        now = time.monotonic()
-        next_due = self._next_due
-        if next_due is None or now < next_due:
-            return
-        next_due = None
-        for slot in self._slots:
-            due = slot.due
-            if due is None:
-                continue
-            if due <= now:
-                slot.due = None
-                if not slot.queued:
-                    slot.queued = True
-                    self._ready.append(slot)
-            elif next_due is None or due < next_due:
-                next_due = due
-        self._next_due = next_due
+        if self._next_due is not None:
+            self._next_due = _queue_due(self._slots, self._ready, self._next_due)
 
     def _forget_locked(self, slot: _PoolSlot) -> None:
         """Its subscription closed (or its worker stopped): step it no more."""
@@ -1092,23 +1098,8 @@ class ManualDispatcher:
 
     def _queue_due_locked(self) -> None:
         """Queue the slots whose timer is due: a real clock's timers wake nobody."""
-        now = time.monotonic()
-        next_due = self._next_due
-        if next_due is None or now < next_due:
-            return
-        next_due = None
-        for slot in self._slots:
-            due = slot.due
-            if due is None or not slot.live:
-                continue
-            if due <= now:
-                slot.due = None
-                if not slot.queued:
-                    slot.queued = True
-                    self._ready.append(slot)
-            elif next_due is None or due < next_due:
-                next_due = due
-        self._next_due = next_due
+        if self._next_due is not None:
+            self._next_due = _queue_due(self._slots, self._ready, self._next_due)
 
     def _forget(self, slot: _Slot) -> None:
         """Its subscription closed: stop stepping it."""

@@ -302,6 +302,18 @@ class Consuming:
                 self._took.notify_all()
         return batch, due
 
+    def _push_batch_unless_closed(
+        self, consumer: Consumer, max_messages: int
+    ) -> tuple[list[Message], float | None] | None:
+        """:meth:`_push_batch`, or None if the consumer was closed meanwhile: its detach may have
+        deleted the cursor under the take, which then fails; that is no error of the server's."""
+        try:
+            return self._push_batch(consumer, max_messages)
+        except StorageError:
+            if consumer.closed:
+                return None
+            raise
+
     def _quiet_state_locked(self, cursor: Cursor) -> tuple[int, int] | None:
         """``(inflight, push epoch)`` once no push take of ``cursor`` is on its way (``_lock`` held).
 
@@ -321,12 +333,10 @@ class Consuming:
             return Attempt(True, None, None, None)
         with self._lock:
             seen = self._changes
-        try:
-            batch, due = self._push_batch(consumer, max_messages)
-        except StorageError:
-            if consumer.closed:  # closed meanwhile: its detach may have deleted the cursor under the take
-                return Attempt(True, None, None, None)
-            raise
+        taken = self._push_batch_unless_closed(consumer, max_messages)
+        if taken is None:
+            return Attempt(True, None, None, None)
+        batch, due = taken
         if batch:
             return Attempt(True, batch, None, None)
         return Attempt(False, batch, self._add_waiter(consumer._cursor, wake, seen), self._bound(due))
@@ -345,12 +355,10 @@ class Consuming:
         with self._lock:
             seen = self._changes
             members = len(consumer._cursor.members)
-        try:
-            batch, due = self._push_batch(consumer, max_messages)
-        except StorageError:
-            if consumer.closed:  # closed meanwhile: its detach may have deleted the cursor under the take
-                return Attempt(True, None, None, None)
-            raise
+        taken = self._push_batch_unless_closed(consumer, max_messages)
+        if taken is None:
+            return Attempt(True, None, None, None)
+        batch, due = taken
         if len(batch) >= policy.push_batch_size(max_messages, members):
             return Attempt(True, batch, None, None)
         waiter = self._add_waiter(consumer._cursor, wake, seen)
