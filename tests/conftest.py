@@ -25,6 +25,7 @@ import pytest
 
 import mqlite
 from mqlite.testing import VirtualClock
+from tests.helpers import WAIT
 from tests.redis_server import redis_server, require_redis
 
 
@@ -121,6 +122,17 @@ def make_broker(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
 def broker(make_broker: Callable[..., mqlite.Broker]) -> mqlite.Broker:
     """A broker with the real clock and one thread per push subscription."""
     return make_broker()
+
+
+@pytest.fixture
+def children() -> Iterator[list[Any]]:
+    """Processes a test starts: killed and joined at teardown whatever happened."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        if process.is_alive():
+            process.kill()
+        process.join(WAIT)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mqlite
@@ -30,25 +31,42 @@ def consume(path: str, acks: Any, ready: Any, stop: Any, nack_every: int) -> Non
     Waits at the ``ready`` barrier once subscribed. Puts ``(pid, payload)`` on ``acks`` for each
     message acked, and ``("done", count)`` once ``stop`` is set and nothing is left to read.
     """
+    with mqlite.Broker(path) as broker:
+        compete(broker, acks, ready, stop, nack_every, lambda message: message.payload, poll=0.05)
+
+
+def compete(
+    broker: mqlite.Broker,
+    acks: Any,
+    ready: Any,
+    stop: Any,
+    nack_every: int,
+    report: Callable[[mqlite.Message], object],
+    *,
+    poll: float,
+) -> None:
+    """The body of every competing-consumer child, whatever its broker: see :func:`consume`.
+
+    Puts ``(pid, report(message))`` on ``acks`` for each message acked; reads with ``get(timeout=poll)``.
+    """
     count = 0
     nacked: set[int] = set()
     deadline = time.monotonic() + DEADLINE
-    with mqlite.Broker(path) as broker:
-        sub = broker.subscribe("q", name="workers", ack="manual")
-        ready.wait(DEADLINE)
-        while time.monotonic() < deadline:
-            message = sub.get(timeout=0.05)
-            if message is None:
-                if stop.is_set():
-                    break
-                continue
-            if nack_every and message.offset % nack_every == 0 and message.offset not in nacked:
-                nacked.add(message.offset)
-                sub.nack(message)
-                continue
-            sub.ack(message)
-            count += 1
-            acks.put((os.getpid(), message.payload))
+    sub = broker.subscribe("q", name="workers", ack="manual")
+    ready.wait(DEADLINE)
+    while time.monotonic() < deadline:
+        message = sub.get(timeout=poll)
+        if message is None:
+            if stop.is_set():
+                break
+            continue
+        if nack_every and message.offset % nack_every == 0 and message.offset not in nacked:
+            nacked.add(message.offset)
+            sub.nack(message)
+            continue
+        sub.ack(message)
+        count += 1
+        acks.put((os.getpid(), report(message)))
     acks.put(("done", count))
 
 

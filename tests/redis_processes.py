@@ -7,12 +7,12 @@ instead of leaving a process.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
 import mqlite
+from tests.processes import compete
 
 DEADLINE = 30.0
 
@@ -23,26 +23,8 @@ def consume(url: str, namespace: str, acks: Any, ready: Any, stop: Any, nack_eve
     Waits at ``ready`` once subscribed. Puts ``(pid, offset)`` on ``acks`` for each message acked,
     and ``("done", count)`` once ``stop`` is set and nothing is left to read.
     """
-    count = 0
-    nacked: set[int] = set()
-    deadline = time.monotonic() + DEADLINE
     with mqlite.Broker(url, namespace=namespace) as broker:
-        sub = broker.subscribe("q", name="workers", ack="manual")
-        ready.wait(DEADLINE)
-        while time.monotonic() < deadline:
-            message = sub.get(timeout=0.1)
-            if message is None:
-                if stop.is_set():
-                    break
-                continue
-            if nack_every and message.offset % nack_every == 0 and message.offset not in nacked:
-                nacked.add(message.offset)
-                sub.nack(message)
-                continue
-            sub.ack(message)
-            count += 1
-            acks.put((os.getpid(), message.offset))
-    acks.put(("done", count))
+        compete(broker, acks, ready, stop, nack_every, lambda message: message.offset, poll=0.1)
 
 
 def wait_for_one(url: str, namespace: str, ready: Any, results: Any) -> None:

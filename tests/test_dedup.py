@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +49,6 @@ def vclock() -> VirtualClock:
 @pytest.fixture
 def path(tmp_path: Path) -> str:
     return str(tmp_path / "dedup.mqlite")
-
-
-@pytest.fixture
-def children() -> Iterator[list[Any]]:
-    """Processes a test starts: killed and joined at teardown whatever happened."""
-    started: list[Any] = []
-    yield started
-    for process in started:
-        if process.is_alive():
-            process.kill()
-        process.join(WAIT)
 
 
 def _duplicates(broker: mqlite.Broker, queue: str = "q") -> int:

@@ -9,7 +9,6 @@ import sqlite3
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,6 @@ spawn = multiprocessing.get_context("spawn")
 @pytest.fixture
 def path(tmp_path: Path) -> str:
     return str(tmp_path / "shared.mqlite")
-
-
-@pytest.fixture
-def children() -> Iterator[list[Any]]:
-    """Processes a test starts: killed and joined at teardown whatever happened."""
-    started: list[Any] = []
-    yield started
-    for process in started:
-        if process.is_alive():
-            process.kill()
-        process.join(WAIT)
 
 
 def _start(children: list[Any], target: Any, *args: Any) -> Any:
