@@ -252,20 +252,18 @@ class Broker:
         ``tx.ack`` and ``tx.nack`` calls all or none, on one queue or several.
 
         Every call checks at once what the plain call checks. The changes are applied when the
-        block ends, or forgotten if it raises; in memory no other thread sees half of them, and on
-        a file they are one SQLite transaction. See :class:`~mqlite.transaction.Transaction` for
-        what the block may do, and ``docs/one-time-delivery.md``.
+        block ends, or forgotten if it raises; in memory no other thread sees half of them, on a
+        file they are one SQLite transaction, and on Redis one script. See
+        :class:`~mqlite.transaction.Transaction` for what the block may do, and
+        ``docs/one-time-delivery.md``.
 
         Raises:
             TransactionError: (on entering the block) this thread is already inside a transaction,
-                or the broker's storage has no transactions (Redis, for now).
+                or the broker's storage has no transactions (an engine whose capabilities say so).
             BrokerClosed: the broker was closed.
         """
         if not self._engine.capabilities.transactions:
-            raise TransactionError(
-                "this broker's storage does not offer transactions yet (the Redis engine); "
-                "see docs/one-time-delivery.md for what it offers instead"
-            )
+            raise TransactionError(f"this broker's storage ({type(self._engine).__name__}) does not offer transactions")
         return Transaction(self)
 
     def _check_open(self, verb: str) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "SerializationError",
     "StorageError",
     "SubscriptionClosed",
+    "TransactionConflict",
     "TransactionError",
     "WouldDeadlock",
     "WrongEventLoop",
@@ -72,6 +73,15 @@ class TransactionError(MqliteError, RuntimeError):
     or a call inside its block that must go through it (``tx.publish``, ``tx.ack``, ``tx.nack``).
 
     The call that raises changed nothing.
+    """
+
+
+class TransactionConflict(TransactionError):
+    """On Redis, a transaction needed a queue that an older transaction (of any broker) holds,
+    while holding another queue itself: waiting could deadlock, so the younger one gives way.
+
+    Raised by the ``tx.publish`` that needed the queue, which staged nothing; let it leave the
+    block, so the transaction is discarded, and run it again. ``mqlite.transform`` does that itself.
     """
 
 

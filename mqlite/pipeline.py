@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mqlite.errors import AckModeError, InvalidArgument
+from mqlite.errors import AckModeError, InvalidArgument, TransactionConflict
 from mqlite.message import Message
 from mqlite.subscription import Subscription
 from mqlite.transaction import Transaction
@@ -43,6 +43,10 @@ def transform(
     ``handle`` runs inside the transaction's block, which holds the queues it touches: keep it
     quick, and make every broker call in it through ``tx``.
 
+    On Redis, a transaction that gives way to an older one (``TransactionConflict``) is discarded
+    and run again, ``handle`` included, without nacking: so ``handle`` must do nothing but
+    compute and call ``tx``.
+
     Returns how many messages were handled: 0 if none came within ``timeout`` seconds (None
     waits for ever, 0 does not wait).
 
@@ -61,12 +65,16 @@ def transform(
     if not batch:
         return 0
     try:
-        with broker.transaction() as tx:
-            for message in batch:
-                handle(tx, message)
-            tx.ack(subscription, *batch)
+        while True:
+            try:
+                with broker.transaction() as tx:
+                    for message in batch:
+                        handle(tx, message)
+                    tx.ack(subscription, *batch)
+            except TransactionConflict:
+                continue  # on Redis an older transaction holds a queue this one needs: it was discarded, run it again
+            return len(batch)
     except BaseException:
         for message in batch:
             subscription.nack(message)
         raise
-    return len(batch)

@@ -21,7 +21,7 @@ from mqlite.subscription import Subscription
 
 if TYPE_CHECKING:
     from mqlite.broker import Broker
-    from mqlite.engine.locking import TransactionScope
+    from mqlite.engine.locking import Scope
     from mqlite.engine.staging import TransactionalCore
 
 __all__ = ["Transaction", "in_transaction"]
@@ -45,13 +45,18 @@ class Transaction:
     the broker). Calls other than the transaction's own on the queues it touched raise
     :class:`~mqlite.errors.TransactionError` instead of waiting for the transaction itself.
 
+    On Redis it holds only the queues it publishes to (other publishes there wait, a plain one
+    of its own thread raises), and its commit checks its acks and nacks again, raising
+    ``NotPending`` with nothing applied if another consumer settled one meanwhile; see
+    :mod:`mqlite.engine.redis.transaction`.
+
     Raises (of every method):
         TransactionError: the transaction is used outside its block, or from another thread.
     """
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._scope: TransactionScope | None = None
+        self._scope: Scope | None = None
         self._state = "new"  # "new", then "open" inside the block, then "done"
         self._thread = 0
 
@@ -86,7 +91,7 @@ class Transaction:
         for queue, letters in scope.commit():  # no scope is held any more: dead letters publish as usual
             queue._send_dead_letters(letters)
 
-    def _open_scope(self, verb: str) -> TransactionScope:
+    def _open_scope(self, verb: str) -> Scope:
         scope = self._scope
         if scope is not None and threading.get_ident() == self._thread:
             return scope
@@ -150,7 +155,7 @@ class Transaction:
         engine = self._engine_of(subscription)
         engine._tx_nack_locked(scope.part(engine), subscription, message, float(delay))
 
-    def _queue(self, scope: TransactionScope, name: str) -> TransactionalCore:
+    def _queue(self, scope: Scope, name: str) -> TransactionalCore:
         broker = self._broker
         engine = broker._engines.get(name) if isinstance(name, str) else None
         if engine is None:

@@ -27,7 +27,7 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import mqlite
 from mqlite.testing.model import ReferenceModel
@@ -36,7 +36,7 @@ from tests.helpers import WAIT, Worker, offsets, payloads, pull_all, wait_for
 
 spawn = multiprocessing.get_context("spawn")
 
-KINDS = ("memory", "file", "batch")
+KINDS = ("memory", "file", "batch", "redis")
 CHILD = Path(transaction_processes.__file__)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mqlite.__file__).parent.parent), *sys.path])}
 
@@ -46,15 +46,19 @@ class Boom(Exception):
 
 
 class Storage:
-    """Where a test's brokers live: memory, a shared file or a batched file. Closes them at teardown."""
+    """Where a test's brokers live: memory, a shared file, a batched file or a Redis server (a
+    namespace of its own). Closes them at teardown."""
 
-    def __init__(self, kind: str, folder: Path) -> None:
+    def __init__(self, kind: str, folder: Path, redis_url: str = "") -> None:
         self.kind = kind
         self.folder = folder
+        self.redis_url = redis_url
+        self.namespace = f"tx{uuid.uuid4().hex[:12]}"
         self.brokers: list[mqlite.Broker] = []
 
     @property
     def on_file(self) -> bool:
+        """Whether what the brokers write outlives them (a file, or Redis)."""
         return self.kind != "memory"
 
     def path(self, name: str = "tx") -> Path:
@@ -64,6 +68,8 @@ class Storage:
         """A broker on this storage; on a file, ``name`` picks the file (the same name, the same file)."""
         if self.kind == "memory":
             broker = mqlite.Broker(**kwargs)
+        elif self.kind == "redis":
+            broker = mqlite.Broker(self.redis_url, namespace=f"{self.namespace}-{name}", **kwargs)
         else:
             broker = mqlite.Broker(self.path(name), commit="batch" if self.kind == "batch" else "each", **kwargs)
         self.brokers.append(broker)
@@ -78,7 +84,8 @@ class Storage:
 
 @pytest.fixture(params=KINDS)
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    where = Storage(request.param, tmp_path)
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""  # skips without a server
+    where = Storage(request.param, tmp_path, url)
     yield where
     for broker in where.brokers:
         broker.close()
@@ -108,12 +115,14 @@ def _blocked_on_a_held_queue(thread: threading.Thread) -> bool:
     """Whether ``thread`` waits in mqlite for a queue (or file) that a transaction holds.
 
     A queue a transaction holds has a guard as its lock (``locking._Held.acquire``); on a shared
-    file another thread's operation backs off and waits in ``SqliteStore.wait_owned``.
+    file another thread's operation backs off and waits in ``SqliteStore.wait_owned``; on Redis a
+    publish polls the held queue in ``Transacting._publishing``, a transaction's in ``RedisScope.hold``.
     """
     frame = sys._current_frames().get(thread.ident or -1)
     while frame is not None:
         code = frame.f_code
-        if code.co_name in ("acquire", "wait_owned") and f"{os.sep}mqlite{os.sep}engine" in code.co_filename:
+        waiting = code.co_name in ("acquire", "wait_owned", "_publishing", "hold")
+        if waiting and f"{os.sep}mqlite{os.sep}engine" in code.co_filename:
             return True
         frame = frame.f_back
     return False
@@ -636,22 +645,16 @@ def _plain_calls(scene: Scene) -> dict[str, Callable[[], object]]:
     }
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        "broker.publish",
-        "queue.publish",
-        "queue.publish_many",
-        "sub.get",
-        "sub.poll",
-        "sub.ack",
-        "sub.nack",
-        "another sub.get on the queue",
-    ],
-)
+PLAIN_PUBLISHES = ["broker.publish", "queue.publish", "queue.publish_many"]
+PLAIN_CONSUMING = ["sub.get", "sub.poll", "sub.ack", "sub.nack", "another sub.get on the queue"]
+
+
+@pytest.mark.parametrize("call", PLAIN_PUBLISHES + PLAIN_CONSUMING)
 def test_a_plain_call_on_a_queue_the_transaction_touched_raises_at_once_and_changes_nothing(
     storage: Storage, call: str
 ) -> None:
+    if storage.kind == "redis" and call in PLAIN_CONSUMING:
+        pytest.skip("on Redis a transaction holds only the queues it publishes to (the next test)")
     broker = storage.open()
     scene = Scene(broker)
     plain = _plain_calls(scene)[call]
@@ -717,15 +720,36 @@ def test_closing_the_broker_inside_the_block_is_refused_and_the_transaction_comm
         pass
 
 
-def test_redis_says_it_has_no_transactions(redis_url: str) -> None:
-    with mqlite.Broker(redis_url, namespace=f"t{uuid.uuid4().hex[:12]}") as broker:
-        assert broker._engine.capabilities.transactions is False  # the engine's own word
-        with pytest.raises(mqlite.TransactionError, match="does not offer transactions"):
-            broker.transaction()
-        broker.publish("q", "e", 1)  # and the broker is fine
+@pytest.mark.parametrize("storage", ["redis"], indirect=True)
+def test_on_redis_consuming_calls_inside_the_block_work_and_the_commit_checks_the_acks_again(
+    storage: Storage,
+) -> None:
+    broker = storage.open()
+    scene = Scene(broker)
+    with broker.transaction() as tx:
+        tx.publish("invoices", "invoice", "staged")
+        tx.ack(scene.orders, scene.taken[0])
+        # Nothing waits: a transaction on Redis holds only the queues it publishes to.
+        assert payloads(scene.orders.poll(10, timeout=0)) == [3]
+        scene.orders.ack(scene.taken[1])
+        assert scene.others.get(timeout=0) is not None
+    assert _invoices(broker, "invoices") == [(0, "old"), (1, "staged")]
+    assert [o for o, _, _ in _pending(broker, "orders", "workers")] == [2, 3]
+
+    # A plain ack of a message the transaction acks, in the block, is seen by the commit's checks.
+    def with_a_plain_ack_of_the_same_message() -> None:
+        with broker.transaction() as tx:
+            tx.publish("invoices", "invoice", "lost")
+            tx.ack(scene.orders, scene.taken[2])
+            scene.orders.ack(scene.taken[2])
+
+    with pytest.raises(mqlite.NotPending, match="nothing was applied"):
+        with_a_plain_ack_of_the_same_message()
+    assert _invoices(broker, "invoices") == [(0, "old"), (1, "staged")], "the commit applied nothing"
+    assert broker.publish("invoices", "invoice", "plain").offset == 2, "and let go of the queue"
 
 
-def test_memory_and_files_say_they_have_transactions(storage: Storage) -> None:
+def test_every_engine_says_it_has_transactions(storage: Storage) -> None:
     assert storage.open()._engine.capabilities.transactions is True
 
 
@@ -735,6 +759,8 @@ def test_memory_and_files_say_they_have_transactions(storage: Storage) -> None:
 def test_another_thread_reading_a_held_queue_waits_for_the_commit_and_then_sees_all_of_it(
     storage: Storage, workers: Callable[[Callable[[], Any]], Worker]
 ) -> None:
+    if storage.kind == "redis":
+        pytest.skip("on Redis a reader does not wait; it sees none of the block until the commit (the next test)")
     broker = storage.open()
     scene = Scene(broker)
     audit = broker.subscribe("invoices", name="audit")
@@ -749,6 +775,24 @@ def test_another_thread_reading_a_held_queue_waits_for_the_commit_and_then_sees_
         tx.nack(scene.orders, scene.taken[1])
     assert reader.join(WAIT) == (["first", "second"], 2)
     assert (first.offset, second.offset) == (1, 2)
+
+
+@pytest.mark.parametrize("storage", ["redis"], indirect=True)
+def test_on_redis_another_thread_reading_sees_none_of_the_block_and_then_all_of_it(
+    storage: Storage, workers: Callable[[Callable[[], Any]], Worker]
+) -> None:
+    broker = storage.open()
+    scene = Scene(broker)
+    audit = broker.subscribe("invoices", name="audit")
+    with broker.transaction() as tx:
+        tx.publish("invoices", "invoice", "first")
+        tx.ack(scene.orders, scene.taken[0])
+        during = workers(lambda: (payloads(audit.poll(10, timeout=0)), scene.orders.pending))
+        assert during.join(WAIT) == ([], 3)
+        tx.publish("invoices", "invoice", "second")
+        tx.nack(scene.orders, scene.taken[1])
+    after = workers(lambda: (payloads(audit.poll(10, timeout=0)), scene.orders.pending))
+    assert after.join(WAIT) == (["first", "second"], 2)
 
 
 def test_another_thread_publishing_to_a_held_queue_waits_and_gets_the_offset_after_the_transaction(
@@ -801,6 +845,90 @@ def test_offsets_from_transactions_stay_right_while_other_threads_publish_to_the
         at = [m.offset for m in returned if m.payload[1] == number]
         assert at == [at[0], at[0] + 1, at[0] + 2], "a transaction's publishes are appended together"
     assert sum(counts) > 0, "the publishers ran"
+
+
+@pytest.mark.parametrize("storage", ["redis"], indirect=True)
+def test_on_redis_a_younger_transaction_holding_nothing_waits_for_the_older_one_and_publishes_after_it(
+    storage: Storage, workers: Callable[[Callable[[], Any]], Worker]
+) -> None:
+    broker = storage.open()
+    _limits(broker, "invoices")
+    younger_began = threading.Event()
+
+    def younger() -> list[int]:
+        with broker.transaction() as tx:
+            younger_began.set()
+            return [tx.publish("invoices", "invoice", "younger").offset]
+
+    with broker.transaction() as tx:  # older: begun first
+        first = tx.publish("invoices", "invoice", "older")
+        waiter = workers(younger)
+        assert younger_began.wait(WAIT)
+        wait_for(lambda: _blocked_on_a_held_queue(waiter.thread))
+        second = tx.publish("invoices", "invoice", "older again")
+    assert waiter.join(WAIT) == [2]
+    assert (first.offset, second.offset) == (0, 1)
+    assert _invoices(broker) == [(0, "older"), (1, "older again"), (2, "younger")]
+
+
+@pytest.mark.parametrize("storage", ["redis"], indirect=True)
+def test_on_redis_two_transactions_wanting_each_others_queue_do_not_deadlock_the_younger_gives_way(
+    storage: Storage, workers: Callable[[Callable[[], Any]], Worker]
+) -> None:
+    broker = storage.open()
+    other = storage.open()  # another broker on the same queues: another process, as it were
+    _limits(broker, "A", "B")
+    older_holds_a, younger_holds_b = threading.Event(), threading.Event()
+
+    def older_transaction() -> list[int]:
+        with broker.transaction() as tx:
+            a = tx.publish("A", "e", "older")
+            older_holds_a.set()
+            assert younger_holds_b.wait(WAIT)
+            b = tx.publish("B", "e", "older")  # waits: the younger one holds B
+            return [a.offset, b.offset]
+
+    older = workers(older_transaction)
+    assert older_holds_a.wait(WAIT)
+
+    def younger_transaction() -> None:
+        with other.transaction() as tx:  # begun after the older one
+            tx.publish("B", "e", "younger")
+            younger_holds_b.set()
+            wait_for(lambda: _blocked_on_a_held_queue(older.thread))
+            tx.publish("A", "e", "younger")  # the older one holds A: waiting could deadlock
+
+    with pytest.raises(mqlite.TransactionConflict, match="older transaction"):
+        younger_transaction()
+    assert older.join(WAIT) == [0, 0], "the older one went on once the younger one gave way"
+    assert _invoices(broker, "A") == [(0, "older")]
+    assert _invoices(broker, "B") == [(0, "older")], "nothing of the younger transaction was applied"
+    with other.transaction() as tx:  # run again, it commits
+        assert (tx.publish("B", "e", "younger").offset, tx.publish("A", "e", "younger").offset) == (1, 1)
+
+
+@pytest.mark.parametrize("storage", ["redis"], indirect=True)
+def test_on_redis_a_hold_whose_release_failed_is_released_by_the_retry(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = storage.open()
+    engine = broker._engine
+    real = engine.run_on
+
+    def release_fails(script: str, keys: Any, args: Any) -> Any:
+        if script == "tx_release":
+            raise mqlite.StorageError("the server is gone (planted)")
+        return real(script, keys, args)
+
+    monkeypatch.setattr(engine, "run_on", release_fails)
+    with pytest.raises(mqlite.StorageError, match="planted"):
+        _discard(broker, lambda tx: tx.publish("invoices", "invoice", "lost"))
+    meta = broker.queue("invoices")._engine._keys.meta  # type: ignore[attr-defined]  # a RedisQueue's
+    assert engine._client.hget(meta, "tx") is not None, "the hold is still there"
+    monkeypatch.undo()
+    engine.retry_releases()  # what the watcher does once per heartbeat TTL
+    assert engine._client.hget(meta, "tx") is None
+    assert broker.publish("invoices", "invoice", "plain").offset == 0
 
 
 # -- transform --------------------------------------------------------------------------------------
@@ -1054,7 +1182,7 @@ class Child:
 
 
 def _killed_pipeline(
-    path: Path, mode: str, orders: int, rounds: list[int | None]
+    path: Path | str, mode: str, orders: int, rounds: list[int | None]
 ) -> tuple[Counter[Any], list[Any], int]:
     """Run the ``pipeline`` child in ``mode`` once per round and SIGKILL it: a round ``k`` kills it
     right after the invoice of its ``k``-th order is published (it says ``inside``); a round None
@@ -1064,7 +1192,7 @@ def _killed_pipeline(
     orders the killed children acked.
     """
     rng = random.Random(0x7A5)
-    with mqlite.Broker(path) as broker:
+    with transaction_processes.open_broker(str(path)) as broker:
         _limits(broker, "orders", "invoices")
         broker.subscribe("orders", name="workers", ack="manual").close()
         broker.subscribe("invoices", name="audit").close()
@@ -1091,20 +1219,30 @@ def _killed_pipeline(
         assert drainer.proc.returncode == 0
     finally:
         drainer.close()
-    with mqlite.Broker(path) as broker:
+    with transaction_processes.open_broker(str(path)) as broker:
         invoices = Counter(payloads(pull_all(broker.subscribe("invoices", name="audit"))))
         workers = _sub_info(broker, "orders", "workers")
         assert (workers.pending, workers.lag) == (0, 0), "every order was handled"
     return invoices, killed_inside, acked
 
 
+@pytest.fixture(params=["file", "redis"])
+def pipeline_at(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the SIGKILL pipeline runs: a file, or a Redis namespace (``URL|NAMESPACE``) whose
+    brokers' heartbeat is short, so that a killed worker's hold and messages are let go soon."""
+    if request.param == "file":
+        return str(tmp_path / "pipeline.mqlite")
+    url = request.getfixturevalue("redis_url")
+    return f"{url}?heartbeat=0.3|pipe{uuid.uuid4().hex[:12]}"
+
+
 def test_a_transform_pipeline_killed_at_random_and_inside_its_transaction_makes_exactly_one_invoice_per_order(
-    tmp_path: Path,
+    pipeline_at: str,
 ) -> None:
     rng = random.Random(0xFEED)
     rounds: list[int | None] = [None] * 16 + [rng.randint(0, 4) for _ in range(8)]
     rng.shuffle(rounds)
-    invoices, killed_inside, acked = _killed_pipeline(tmp_path / "pipeline.mqlite", "tx", 300, rounds)
+    invoices, killed_inside, acked = _killed_pipeline(pipeline_at, "tx", 300, rounds)
     assert len(killed_inside) == 8
     assert acked >= 60, f"the killed workers handled only {acked} orders: the kills came too early"
     duplicated = {order: count for order, count in invoices.items() if count != 1}
@@ -1113,11 +1251,11 @@ def test_a_transform_pipeline_killed_at_random_and_inside_its_transaction_makes_
 
 
 def test_without_the_transaction_the_same_pipeline_killed_between_publish_and_ack_makes_duplicates(
-    tmp_path: Path,
+    pipeline_at: str,
 ) -> None:
     # The control: it proves the test above would see duplicates if the transaction let them be.
     rounds: list[int | None] = [0, 2, None, 1, None, 3]
-    invoices, killed_inside, _ = _killed_pipeline(tmp_path / "pipeline.mqlite", "plain", 100, rounds)
+    invoices, killed_inside, _ = _killed_pipeline(pipeline_at, "plain", 100, rounds)
     assert set(invoices) == set(range(100)), "at least once: no order is lost"
     assert len(killed_inside) == 4
     for order in killed_inside:
@@ -1204,6 +1342,7 @@ class TransactionMachine(RuleBasedStateMachine):
     """
 
     backend = "memory"
+    redis_url = ""  # the server of the redis backend (set by its test, from the session's fixture)
     QUEUES = ("q0", "q1")
     SUBSCRIPTIONS = (("q0", "w"), ("q0", "w"), ("q1", "v"))
 
@@ -1213,6 +1352,8 @@ class TransactionMachine(RuleBasedStateMachine):
         options: dict[str, Any] = {"clock": mqlite.ManualClock(), "dispatcher": mqlite.ManualDispatcher()}
         if self.backend == "memory":
             self.broker = mqlite.Broker(**options)
+        elif self.backend == "redis":
+            self.broker = mqlite.Broker(self.redis_url, namespace=f"txm{uuid.uuid4().hex[:12]}", **options)
         else:
             import tempfile
 
@@ -1331,6 +1472,10 @@ class FileTransactionMachine(TransactionMachine):
     backend = "file"
 
 
+class RedisTransactionMachine(TransactionMachine):
+    backend = "redis"
+
+
 TransactionMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -1339,3 +1484,13 @@ FileTransactionMachine.TestCase.settings = settings(
 )
 test_transactions_match_the_reference_model = TransactionMachine.TestCase
 test_transactions_on_a_file_match_the_reference_model = FileTransactionMachine.TestCase
+
+
+def test_transactions_on_redis_match_the_reference_model(redis_url: str) -> None:
+    RedisTransactionMachine.redis_url = redis_url
+    run_state_machine_as_test(
+        RedisTransactionMachine,
+        settings=settings(
+            max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        ),
+    )

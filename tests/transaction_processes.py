@@ -1,4 +1,5 @@
-"""Child-process bodies for the transaction tests (tests/test_transactions.py), on a file shared with the parent.
+"""Child-process bodies for the transaction tests (tests/test_transactions.py), on a file (or a Redis
+namespace) shared with the parent.
 
 Kept apart from the test module so a child imports only mqlite, not pytest and hypothesis.
 Every wait here is bounded, so a bug makes the parent's assertions fail instead of leaving a
@@ -6,7 +7,8 @@ process behind.
 
 Run as a script it is a SIGKILL test's child, which reports its steps on stdout:
 
-- ``python tests/transaction_processes.py pipeline PATH MODE HANG_AT DRAIN``: see :func:`pipeline`;
+- ``python tests/transaction_processes.py pipeline WHERE MODE HANG_AT DRAIN``: see :func:`pipeline`
+  (WHERE as :func:`open_broker` takes it);
 - ``python tests/transaction_processes.py triples PATH FIRST HANG_AT COMMIT``: see :func:`triples`.
 """
 
@@ -21,6 +23,12 @@ import mqlite
 
 # No child runs longer than this, whatever happens.
 DEADLINE = 30.0
+
+
+def open_broker(where: str, **kwargs: Any) -> mqlite.Broker:
+    """A broker on ``where``: a file's path, or ``URL|NAMESPACE`` for a Redis server."""
+    url, bar, namespace = where.partition("|")
+    return mqlite.Broker(url, namespace=namespace, **kwargs) if bar else mqlite.Broker(where, **kwargs)
 
 
 def _say(line: str) -> None:
@@ -84,7 +92,7 @@ def pipeline(path: str, mode: str, hang_at: int, drain: bool) -> None:
     writes ``inside ORDER`` instead of ``in ORDER`` and waits to be killed, right there. With
     ``drain``, it writes ``idle`` and exits once no order is left unread or pending.
     """
-    broker = mqlite.Broker(path)
+    broker = open_broker(path)
     sub = broker.subscribe("orders", name="workers", ack="manual")
     _say("ready")
     seen = 0

@@ -31,7 +31,7 @@ from mqlite.message import Message
 
 if TYPE_CHECKING:
     from mqlite._delivery.cursor import Cursor
-    from mqlite.engine.locking import TransactionScope
+    from mqlite.engine.locking import Scope
 
 __all__ = [
     "Attempt",
@@ -329,7 +329,7 @@ class StorageEngine(Protocol):
         """Open (creating if new, with ``config``) the queue ``name``."""
         ...
 
-    def begin_transaction(self) -> TransactionScope:
+    def begin_transaction(self) -> Scope:
         """The scope of a new transaction (see :mod:`mqlite.engine.locking`); only if
         ``capabilities.transactions``."""
         ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -32,12 +32,27 @@ if TYPE_CHECKING:
     from mqlite.engine.sqlite.sharing import FileLock
     from mqlite.engine.sqlite.store import SqliteStore
 
-__all__ = ["FileScope", "LockScope", "TransactionScope"]
+__all__ = ["FileScope", "LockScope", "Scope", "TransactionScope"]
 
 _INSIDE = (
     "inside a transaction, publish, ack and nack through the transaction (tx.publish, tx.ack, tx.nack); "
     "other calls on the queues it touched would wait for the transaction itself"
 )
+
+
+class Scope(Protocol):
+    """What a transaction needs of its engine's scope: :class:`TransactionScope` here, or the
+    Redis engine's ``RedisScope``. Each ``part`` is what the queue's ``_tx_*`` methods stage into."""
+
+    def part(self, queue: Any) -> Any: ...
+
+    def opening(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def opened(self, name: str) -> None: ...
+
+    def commit(self) -> list[tuple[Any, list[DeadLetter]]]: ...
+
+    def rollback(self) -> None: ...
 
 
 class _Held:

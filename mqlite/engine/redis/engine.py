@@ -28,13 +28,13 @@ from mqlite.clock import Clock
 from mqlite.config import QueueConfig
 from mqlite.engine.base import Capabilities, DeadLetterSink
 from mqlite.engine.codec import JsonSerializer, Serializer
-from mqlite.engine.locking import TransactionScope
 from mqlite.engine.redis.connection import ScriptCaller
 from mqlite.engine.redis.keys import QueueKeys, encode_part
 from mqlite.engine.redis.queue import RedisQueue
+from mqlite.engine.redis.transaction import RedisScope
 from mqlite.engine.redis.watcher import Watcher
 from mqlite.engine.redis.wire import CONFIG_FIELDS, ScriptRefusal, config_from, redis_error, text
-from mqlite.errors import BrokerClosed, InvalidArgument, StorageError, TransactionError
+from mqlite.errors import BrokerClosed, InvalidArgument, StorageError
 
 __all__ = ["RedisEngine", "RedisQueue"]
 
@@ -48,12 +48,10 @@ _SAFE_POLICIES = frozenset({"noeviction"})
 
 class RedisEngine:
     """Storage on a Redis server, for one broker. Thread-safe: redis-py's pool is, and ``_lock``
-    guards ``_queues``, ``_closed`` and the watcher's ``_watching``."""
+    guards ``_queues``, ``_unreleased``, ``_closed`` and the watcher's ``_watching``."""
 
     # Filters are applied in the scripts (Python classifies each event name once per filter).
-    capabilities = Capabilities(
-        shared=True, persistent=True, blocking_io=True, event_filter="server", transactions=False
-    )
+    capabilities = Capabilities(shared=True, persistent=True, blocking_io=True, event_filter="server")
 
     def __init__(
         self,
@@ -114,6 +112,7 @@ class RedisEngine:
             raise
         self._lock = threading.Lock()
         self._queues: dict[str, RedisQueue] = {}
+        self._unreleased: list[tuple[list[str], str]] = []  # transactions' holds a release failed to end
         self._closed = False
         self._watcher = Watcher(self)
         self._watcher.start()
@@ -174,13 +173,37 @@ class RedisEngine:
             self._queues[name] = queue
         return queue
 
-    def begin_transaction(self) -> TransactionScope:
-        """Not offered yet (``capabilities.transactions`` is False): always raises.
+    def begin_transaction(self) -> RedisScope:
+        """The scope of a new transaction: it holds the queues it publishes to, and commits in one script."""
+        return RedisScope(self)
+
+    def release_holds(self, keys: list[str], holder: str) -> None:
+        """End the holds of transaction ``holder`` on the queues of ``keys``.
+
+        If the server cannot be reached, they are kept and :meth:`retry_releases` (the watcher,
+        once per heartbeat TTL) tries again: while this broker lives, nothing else would end them.
 
         Raises:
-            TransactionError: always.
+            StorageError: the server could not be reached (the release will be retried).
         """
-        raise TransactionError("the Redis engine does not offer transactions yet")
+        try:
+            self.run_on("tx_release", keys, [holder])
+        except StorageError:
+            with self._lock:
+                self._unreleased.append((keys, holder))
+            raise
+
+    def retry_releases(self) -> None:
+        """Retry the releases that failed (see :meth:`release_holds`); those that fail again stay."""
+        with self._lock:
+            pending, self._unreleased = self._unreleased, []
+        for index, (keys, holder) in enumerate(pending):
+            try:
+                self.run_on("tx_release", keys, [holder])
+            except StorageError:
+                with self._lock:
+                    self._unreleased.extend(pending[index:])
+                raise
 
     def flush(self, timeout: float | None) -> bool:
         """Every script returned after the server applied it: nothing to wait for."""
@@ -204,21 +227,25 @@ class RedisEngine:
         self._client.close()
 
     def run(self, script: str, keys: QueueKeys, args: Sequence[Any]) -> Any:
-        """Run one operation's script; server errors become mqlite's exceptions.
+        """Run one operation's script on one queue; server errors become mqlite's exceptions.
 
         Raises:
             StorageError: the server is unreachable, timed out, or refused the write (OOM, READONLY).
-            NotPending, QueueFull, InvalidArgument: the script refused the operation (changing nothing).
+            ScriptRefusal: the script refused the operation (changing nothing).
         """
+        return self.run_on(script, keys.all, args)
+
+    def run_on(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """:meth:`run` on the keys of any number of queues (``QueueKeys.all`` of each, in a row)."""
         try:
-            return self._call(script, keys.all, args)
+            return self._call(script, keys, args)
         except redis.exceptions.ResponseError as error:
             code, _, detail = str(error).partition(" ")
             if code == "NOCURSOR":
                 raise StorageError(
                     "the subscription's cursor is gone from the server (deleted by another broker?)"
                 ) from None
-            if code in {"NOTPENDING", "WAITING", "QUEUEFULL", "BADOFFSET", "CONFLICT"}:
+            if code in _REFUSALS:
                 raise ScriptRefusal(code, detail) from None
             redis_error(self._url, error)
         except redis.exceptions.RedisError as error:
@@ -232,6 +259,9 @@ class RedisEngine:
         """A waiter registered on queue ``name``: make the watcher read it."""
         self._watcher.watch_queue(name)
 
+
+_REFUSALS = frozenset({"NOTPENDING", "WAITING", "QUEUEFULL", "BADOFFSET", "CONFLICT", "TXBUSY", "TXLOST"})
+"""The error codes by which a script refuses an operation, having changed nothing (``ScriptRefusal``)."""
 
 _URL_OPTIONS = ("heartbeat", "socket_timeout")  # query parameters the engine reads, not redis-py
 

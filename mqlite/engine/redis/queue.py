@@ -20,8 +20,8 @@ from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
 from mqlite.engine.base import Consumer, CursorFigures, CursorStats, DeadLetterSink, QueueSnapshot, drain_buffer
 from mqlite.engine.codec import encode_fields
-from mqlite.engine.redis.consuming import Consuming
 from mqlite.engine.redis.keys import QueueKeys, ephemeral_cursor, named_cursor
+from mqlite.engine.redis.transaction import Transacting
 from mqlite.engine.redis.wire import (
     CONFIG_FIELDS,
     ScriptRefusal,
@@ -29,7 +29,6 @@ from mqlite.engine.redis.wire import (
     config_from,
     decode_name,
     members_of,
-    optional_field,
     redis_error,
     settings_args,
     start_args,
@@ -38,7 +37,7 @@ from mqlite.engine.redis.wire import (
 from mqlite.errors import BrokerClosed, ConfigConflict, InvalidArgument, QueueFull, StorageError
 from mqlite.filters import check_event_name
 from mqlite.info import PendingMessage
-from mqlite.message import Message, MessageMeta, check_header_names, make_meta, message_class
+from mqlite.message import Message, MessageMeta, message_class
 
 if TYPE_CHECKING:
     from mqlite.engine.redis.engine import RedisEngine
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisQueue"]
 
 
-class RedisQueue(Consuming):
+class RedisQueue(Transacting):
     """One queue on a Redis server. Thread-safe: the server serializes every script.
 
     ``_lock`` guards ``_cursors``, ``_cursor_ids``, ``_consumers``, the local cursors' members and
@@ -110,7 +109,7 @@ class RedisQueue(Consuming):
             if self._closed:
                 raise BrokerClosed(f"cannot publish to {self.name!r}: the broker is closed")
         try:
-            first, stamp = self._run("publish", self._now(), 1, name, stored, b"", b"")
+            first, stamp = self._publishing("publish", 1, name, stored, b"", b"")
         except ScriptRefusal as refusal:
             raise self._queue_full(refusal, 1) from None
         message: Message = tuple.__new__(self.message_class, (name, payload, int(first), float(stamp)))
@@ -147,20 +146,9 @@ class RedisQueue(Consuming):
         checked: list[tuple[str, Any, MessageMeta | None]] = []
         args: list[Any] = []
         for event, payload, key, headers in drafts:
-            name = str.__str__(check_event_name(event))
-            meta = None if key is None and headers is None else make_meta(self.name, key, headers)
-            if meta is not None and meta.headers:
-                check_header_names(meta.headers)
-            fields = encode_fields(
-                self._serializer,
-                self.name,
-                name,
-                payload,
-                None if meta is None else meta.key,
-                {} if meta is None else meta.headers,
-            )
-            checked.append((name, payload, meta))
-            args += [name, fields[0], optional_field(fields[1]), optional_field(fields[2])]
+            draft, fields = self._draft(event, payload, key, headers)
+            checked.append(draft)
+            args += fields
         if not checked:
             return []
         with self._lock:
@@ -169,7 +157,7 @@ class RedisQueue(Consuming):
         if ids is not None:
             return self._publish_once(checked, args, ids)
         try:
-            first, stamp = self._run("publish", self._now(), len(checked), *args)
+            first, stamp = self._publishing("publish", len(checked), *args)
         except ScriptRefusal as refusal:
             raise self._queue_full(refusal, len(checked)) from None
         timestamp = float(stamp)
@@ -196,9 +184,8 @@ class RedisQueue(Consuming):
         for i, dedup_id in enumerate(ids):
             with_ids += [*args[i * 4 : i * 4 + 4], "" if dedup_id is None else dedup_id]
         try:
-            first, stamp, places = self._run(
+            first, stamp, places = self._publishing(
                 "publish_once",
-                self._now(),
                 len(checked),
                 repr(float(config.dedup_window)),
                 config.dedup_max_ids,
@@ -229,15 +216,7 @@ class RedisQueue(Consuming):
                 messages.append(message)
                 continue
             duplicates += 1
-            if place[1] is None:  # the original is trimmed: the retry's message, at its offset and time
-                offset, at = int(place[0]), float(place[3])
-                messages.append(
-                    tuple.__new__(cls, (event, payload, offset, at))
-                    if meta is None
-                    else tuple.__new__(cls, (event, payload, offset, at, meta))
-                )
-            else:
-                messages.append(self._message(place))
+            messages.append(self._original(place, (event, payload, meta)))
         with self._lock:
             self.duplicates += duplicates
             if built and self._waiters:

@@ -40,6 +40,13 @@ local function fmt(x) return string.format('%.17g', x) end
 local function ck(c, part) return prefix .. 'c:' .. c .. part end
 local function num(x, d) if x == false or x == nil or x == '' then return d end return tonumber(x) end
 local function signal() redis.call('XADD', sig, 'MAXLEN', '~', '64', '*', 's', '1') end
+-- A transaction's hold on a queue, meta's ``tx`` field: '<age> <id> <heartbeat key of its broker>'.
+-- While it is set, only that transaction's commit publishes to the queue; it lapses with the
+-- holder's broker (its heartbeat key expires).
+local function holder_alive(h)
+  local live = string.match(h, '^%S+ %S+ (.*)$')
+  return live ~= nil and redis.call('EXISTS', live) == 1
+end
 
 local function cfg()
   local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age')
@@ -304,6 +311,44 @@ local function consumer_alive(live, who)
   local bid = string.match(who, '^([^/]*)/')
   return bid == nil or broker_alive(live, bid)
 end
+-- Why offset o of cursor c cannot be acked (or, with ``nack``, nacked) now: 'NOTPENDING' (not
+-- held, or a dead letter in transit), 'WAITING' (a nack of one not out to a consumer), or nil.
+local function unsettleable(c, o, nack)
+  if not redis.call('ZSCORE', ck(c, ':held'), o) or redis.call('HEXISTS', ck(c, ':dit'), o) == 1 then
+    return 'NOTPENDING'
+  end
+  if nack and redis.call('HEXISTS', ck(c, ':own'), o) == 0 then return 'WAITING' end
+  return nil
+end
+-- The duplicate window is two structures under the queue's prefix: ``dd`` hash (id -> "offset
+-- time") and ``ddz`` zset (id by time of its first publish), pruned past the window and the bound.
+-- dedup_find: the entry first published with ``id`` within the window (a stub if it is trimmed), or nil.
+local function dedup_find(id, window, now)
+  local v = redis.call('HGET', prefix .. 'dd', id)
+  if not v then return nil end
+  local sep = string.find(v, ' ', 1, true)
+  local o, at = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
+  if tonumber(at) + window <= now then return nil end
+  return entry(o) or {o, false, false, at, false, false}
+end
+-- Record ``ids`` (index from 0 among messages published from offset ``stop`` at ``ts`` -> id) and
+-- prune the window.
+local function dedup_remember(ids, stop, ts, now, window, maxids)
+  local dd, ddz = prefix .. 'dd', prefix .. 'ddz'
+  for k, id in pairs(ids) do
+    redis.call('HSET', dd, id, (stop + k) .. ' ' .. ts)
+    redis.call('ZADD', ddz, ts, id)
+  end
+  local old = redis.call('ZRANGEBYSCORE', ddz, '-inf', fmt(now - window), 'LIMIT', 0, 64)
+  local size = redis.call('ZCARD', ddz) - #old
+  if size > maxids then
+    for _, id in ipairs(redis.call('ZRANGE', ddz, #old, #old + size - maxids - 1)) do old[#old + 1] = id end
+  end
+  if #old > 0 then
+    redis.call('HDEL', dd, unpack(old))
+    redis.call('ZREM', ddz, unpack(old))
+  end
+end
 local function drop_cursor(c)
   redis.call('DEL', ck(c, ''), ck(c, ':held'), ck(c, ':att'), ck(c, ':own'), ck(c, ':tmo'), ck(c, ':due'),
     ck(c, ':rdy'), ck(c, ':names'), ck(c, ':mem'), ck(c, ':dit'), ck(c, ':sin'))
@@ -339,7 +384,11 @@ _PUBLISH = r"""
 -- and the script defined every helper, 51 us now; a bare XADD takes 4-5 us).
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
-local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age', 'start', 'end', 'last_t')
+local r = redis.call('HMGET', meta, 'retention', 'max_messages', 'overflow', 'max_age', 'start', 'end', 'last_t', 'tx')
+if r[8] then
+  if holder_alive(r[8]) then return redis.error_reply('TXBUSY ' .. r[8]) end
+  redis.call('HDEL', meta, 'tx')  -- the holder's broker is gone: so is its hold
+end
 local c = {retention = r[1], max = num(r[2], nil), overflow = r[3], age = num(r[4], nil)}
 local start, stop = num(r[5], 0), num(r[6], 0)
 if c.overflow == 'reject' and c.max then
@@ -604,10 +653,8 @@ _NACK = r"""
 local c, o = ARGV[1], ARGV[2]
 local cur = loadcur(c)
 if not cur then return redis.error_reply('NOCURSOR ' .. c) end
-if not redis.call('ZSCORE', ck(c, ':held'), o) or redis.call('HEXISTS', ck(c, ':dit'), o) == 1 then
-  return redis.error_reply('NOTPENDING ' .. o)
-end
-if redis.call('HEXISTS', ck(c, ':own'), o) == 0 then return redis.error_reply('WAITING ' .. o) end
+local why = unsettleable(c, o, true)
+if why then return redis.error_reply(why .. ' ' .. o) end
 local dead = {}
 fail(c, cur, o, ARGV[5], tonumber(ARGV[3]), nil, tonumber(ARGV[4]), dead, ARGV[6])
 signal()
@@ -887,12 +934,10 @@ return out
 """
 
 # publish with dedup ids: the publish body above, run on the drafts whose ids are new, between a
-# check of the queue's duplicate window and the recording of the new ids. The window is two
-# structures under the queue's prefix: ``dd`` hash (id -> "offset time") and ``ddz`` zset (id by
-# time of its first publish), pruned here past the window and past the bound.
+# check of the queue's duplicate window and the recording of the new ids (``dedup_find`` and
+# ``dedup_remember`` in the prelude).
 _DEDUP_CHECK = r"""
 -- ARGV: now, count, window, max ids, then per message: event, payload, key, headers, dedup id ('' for none).
-local dd, ddz = prefix .. 'dd', prefix .. 'ddz'
 local now0, total = tonumber(ARGV[1]), tonumber(ARGV[2])
 local window, maxids = tonumber(ARGV[3]), tonumber(ARGV[4])
 local fresh = {ARGV[1], 0}
@@ -907,14 +952,7 @@ for i = 0, total - 1 do
     if first[id] then
       place = 'n' .. first[id]
     else
-      local v = redis.call('HGET', dd, id)
-      if v then
-        local sep = string.find(v, ' ', 1, true)
-        local o, at = tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)
-        if tonumber(at) + window > now0 then
-          place = entry(o) or {o, false, false, at, false, false}
-        end
-      end
+      place = dedup_find(id, window, now0) or false
     end
   end
   if not place then
@@ -931,21 +969,148 @@ if fresh[2] > 0 then
   local r = publish(fresh)
   if r.err then return r end
   stop, ts = r[1], r[2]
-  for k, id in pairs(newids) do
-    redis.call('HSET', dd, id, (stop + k) .. ' ' .. ts)
-    redis.call('ZADD', ddz, ts, id)
+end
+dedup_remember(newids, stop, ts, now0, window, maxids)
+return {stop, ts, places}
+"""
+
+# Transactions (``mqlite.engine.redis.transaction``). A transaction holds each queue it publishes
+# to from its first publish there until it ends (meta's ``tx``), so the offsets it hands out are
+# final; its acks and nacks are checked at each call and again, with everything else, by the
+# commit, which changes nothing unless all of it can be applied.
+_TX_HOLD = r"""
+-- ARGV: holder, now, the default dedup window and max ids. Hold the queue for the transaction
+-- ``holder``: {0, other holder} if another live transaction holds it, else {1, start, end, last
+-- publish time, overflow, max_messages, dedup window, dedup max ids}.
+local holder = ARGV[1]
+local r = redis.call('HMGET', meta, 'tx', 'overflow', 'max_messages', 'start', 'end', 'last_t', 'dedup_window',
+  'dedup_max_ids')
+if r[1] and r[1] ~= holder and holder_alive(r[1]) then return {0, r[1]} end
+redis.call('HSET', meta, 'tx', holder)
+local s, stop = num(r[4], 0), num(r[5], 0)
+if r[2] == 'reject' and num(r[3], nil) then s, stop = housekeep(tonumber(ARGV[2])) end
+return {1, s, stop, r[6] or '', r[2] or '', r[3] or '', r[7] or ARGV[3], r[8] or ARGV[4]}
+"""
+
+_TX_DEDUP = r"""
+-- ARGV: dedup id, window, now: the entry first published with the id within the window, or false.
+return dedup_find(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])) or false
+"""
+
+_TX_CHECK = r"""
+-- ARGV: cursor, 'ack' or 'nack', offsets...: refuse as the ack or nack script would, changing nothing.
+local c = ARGV[1]
+if not redis.call('HGET', ck(c, ''), 'pos') then return redis.error_reply('NOCURSOR ' .. c) end
+for i = 3, #ARGV do
+  local why = unsettleable(c, ARGV[i], ARGV[2] == 'nack')
+  if why then return redis.error_reply(why .. ' ' .. ARGV[i]) end
+end
+return 1
+"""
+
+_TX_COMMIT = r"""
+-- KEYS: the five keys of each queue of the transaction. ARGV: now, holder, then per queue:
+-- held ('1'/'0'), end when held, publish time, dedup window, dedup max ids; publish count and per
+-- publish (event, payload, key, headers, dedup id or ''); ack group count and per group (cursor,
+-- count, offsets...); nack count and per nack (cursor, offset, delay, consumer).
+-- Every check comes before the first change: a refusal changes nothing, and once the checks
+-- pass nothing below can fail. Replies per queue {first offset or -1, time, {{cursor, consumer,
+-- dead letters}...}}.
+local now, holder = tonumber(ARGV[1]), ARGV[2]
+local function use(q)  -- rebind the prelude's keys (and so every helper) to the q-th queue
+  local b = (q - 1) * 5
+  meta, log, cursors, events, sig = KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5]
+  prefix = string.sub(meta, 1, #meta - 4)
+end
+local parts, at = {}, 3
+for q = 1, #KEYS / 5 do
+  local part = {held = ARGV[at] == '1', stop = tonumber(ARGV[at + 1]), ts = ARGV[at + 2],
+    window = tonumber(ARGV[at + 3]), maxids = tonumber(ARGV[at + 4]), pubs = {}, acks = {}, nacks = {}}
+  at = at + 5
+  for i = 1, tonumber(ARGV[at]) do
+    part.pubs[i] = {ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]}
+    at = at + 5
+  end
+  at = at + 1
+  for i = 1, tonumber(ARGV[at]) do
+    local offsets = {}
+    for j = 1, tonumber(ARGV[at + 2]) do offsets[j] = ARGV[at + 2 + j] end
+    part.acks[i] = {ARGV[at + 1], offsets}
+    at = at + 2 + #offsets
+  end
+  at = at + 1
+  for i = 1, tonumber(ARGV[at]) do
+    part.nacks[i] = {ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3]), ARGV[at + 4]}
+    at = at + 4
+  end
+  at = at + 1
+  parts[q] = part
+end
+for q, part in ipairs(parts) do
+  use(q)
+  if part.held then
+    local r = redis.call('HMGET', meta, 'tx', 'end', 'overflow', 'max_messages')
+    if r[1] ~= holder or num(r[2], 0) ~= part.stop then return redis.error_reply('TXLOST ' .. (q - 1)) end
+    local max = num(r[4], nil)
+    if #part.pubs > 0 and r[3] == 'reject' and max then
+      local s, stop = housekeep(now)
+      if stop + #part.pubs - s > max then return redis.error_reply('QUEUEFULL ' .. (q - 1) .. ' ' .. (stop - s)) end
+    end
+  end
+  for _, group in ipairs(part.acks) do
+    local c = group[1]
+    if not redis.call('HGET', ck(c, ''), 'pos') then return redis.error_reply('NOCURSOR ' .. c) end
+    for _, o in ipairs(group[2]) do
+      local why = unsettleable(c, o, false)
+      if why then return redis.error_reply(why .. ' ' .. (q - 1) .. ' ' .. o) end
+    end
+  end
+  for _, n in ipairs(part.nacks) do
+    if not redis.call('HGET', ck(n[1], ''), 'pos') then return redis.error_reply('NOCURSOR ' .. n[1]) end
+    local why = unsettleable(n[1], n[2], true)
+    if why then return redis.error_reply(why .. ' ' .. (q - 1) .. ' ' .. n[2]) end
   end
 end
-local old = redis.call('ZRANGEBYSCORE', ddz, '-inf', fmt(now0 - window), 'LIMIT', 0, 64)
-local size = redis.call('ZCARD', ddz) - #old
-if size > maxids then
-  for _, id in ipairs(redis.call('ZRANGE', ddz, #old, #old + size - maxids - 1)) do old[#old + 1] = id end
+local out = {}
+for q, part in ipairs(parts) do
+  use(q)
+  local first, ts = -1, ''
+  if part.held then
+    redis.call('HDEL', meta, 'tx')
+    if #part.pubs > 0 then
+      local A, ids = {part.ts, #part.pubs}, {}
+      for i, p in ipairs(part.pubs) do
+        for f = 1, 4 do A[#A + 1] = p[f] end
+        if p[5] ~= '' then ids[i - 1] = p[5] end
+      end
+      local r = publish(A)
+      first, ts = r[1], r[2]
+      if next(ids) then dedup_remember(ids, first, ts, now, part.window, part.maxids) end
+    end
+  end
+  for _, group in ipairs(part.acks) do
+    forget_all(group[1], group[2])
+    redis.call('HINCRBY', ck(group[1], ''), 'acked', #group[2])
+  end
+  local letters = {}
+  for _, n in ipairs(part.nacks) do
+    local dead = {}
+    fail(n[1], loadcur(n[1]), n[2], 'nack', n[3], nil, now, dead, n[4])
+    letters[#letters + 1] = {n[1], n[4], dead}
+  end
+  if #part.nacks > 0 then signal() end
+  out[q] = {first, ts, letters}
 end
-if #old > 0 then
-  redis.call('HDEL', dd, unpack(old))
-  redis.call('ZREM', ddz, unpack(old))
+return out
+"""
+
+_TX_RELEASE = r"""
+-- KEYS: the five keys of each queue; ARGV: holder. End the transaction's holds that are still its own.
+for q = 1, #KEYS / 5 do
+  local m = KEYS[(q - 1) * 5 + 1]
+  if redis.call('HGET', m, 'tx') == ARGV[1] then redis.call('HDEL', m, 'tx') end
 end
-return {stop, ts, places}
+return 1
 """
 
 _BODIES = {
@@ -971,6 +1136,10 @@ _BODIES = {
     "snapshot": _SNAPSHOT,
     "unsettled": _UNSETTLED,
     "next_due": _NEXT_DUE,
+    "tx_hold": _TX_HOLD,
+    "tx_dedup": _TX_DEDUP,
+    "tx_check": _TX_CHECK,
+    "tx_release": _TX_RELEASE,
 }
 
 _DEFINES = re.compile(r"^local (?:function (\w+)|([\w, ]+?) =)")
@@ -1028,7 +1197,9 @@ def _with_prelude(body: str, helpers: list[tuple[frozenset[str], frozenset[str],
 _HELPERS = _helpers(_PRELUDE)
 
 # The publish body as a function of its arguments (Redis 7 forbids assigning the global ARGV).
-_BODIES["publish_once"] = "local function publish(A)\n" + _PUBLISH.replace("ARGV", "A") + "\nend\n" + _DEDUP_CHECK
+_PUBLISH_FUNCTION = "local function publish(A)\n" + _PUBLISH.replace("ARGV", "A") + "\nend\n"
+_BODIES["publish_once"] = _PUBLISH_FUNCTION + _DEDUP_CHECK
+_BODIES["tx_commit"] = _PUBLISH_FUNCTION + _TX_COMMIT
 
 SCRIPTS: dict[str, str] = {name: _with_prelude(body, _HELPERS) for name, body in _BODIES.items()}
 """Each operation's full script: the shared helpers it uses, then its body."""

@@ -53,7 +53,8 @@ class Watcher:
         One connection blocks in ``XREAD`` on every open queue's log and signal streams, from the
         last entry it saw, so nothing published after a queue opened goes unseen. Between reads
         it refreshes the heartbeat (every third of its TTL) and, once per TTL, releases what dead
-        brokers' consumers held on the open queues.
+        brokers' consumers held on the open queues, and the transactions' holds whose release
+        failed.
         """
         engine = self._engine
         reader = redis.Redis.from_url(engine._server_url, socket_timeout=engine._socket_timeout + self._block_ms / 1000)
@@ -68,6 +69,7 @@ class Watcher:
                         engine._beat()
                         last_beat = now
                     if now - last_reap >= engine._heartbeat:
+                        engine.retry_releases()
                         for queue in queues:
                             try:
                                 queue.reap()
