@@ -109,6 +109,26 @@ def test_a_failed_publish_is_recorded_with_its_error(make_broker: MakeBroker) ->
     assert "QueueFull" in (failed[0].error or "")
 
 
+def test_a_publish_that_the_duplicate_window_refuses_is_no_publish_op(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    broker.queue("q", retention="limits")
+    history = record(broker)
+    sub = broker.subscribe("q", name="s", start="earliest")
+    broker.publish("q", "e", "first", dedup_id="a")
+    broker.publish("q", "e", "retry", dedup_id="a")  # refused: returns offset 0
+    broker.queue("q").publish("e", "retry again", dedup_id="a")
+    batch = broker.queue("q").publish_many(
+        [("e", "b", None, None, "b"), ("e", "b again", None, None, "b"), ("e", "c", None, None, "a")]
+    )
+    assert [m.offset for m in batch] == [1, 1, 0]
+    with broker.transaction() as tx:
+        tx.publish("q", "e", "in tx", dedup_id="a")
+        tx.publish("q", "e", "d", dedup_id="d")
+    assert [(op.offset, op.payload) for op in history.filter(type="publish")] == [(0, "first"), (1, "b"), (2, "d")]
+    assert len(sub.poll(10, timeout=0)) == 3
+    checkers.total_queue(history, "s", exactly_once=True).assert_valid()
+
+
 def test_join_and_leave_record_the_new_filter_from_the_position(make_broker: MakeBroker) -> None:
     broker = make_broker()
     history = record(broker)

@@ -54,7 +54,7 @@ from mqlite.engine.base import Consumer, DeadLetterSink, QueueEngine
 from mqlite.engine.cursors import CursorCore
 from mqlite.engine.delivery import DeliveryCore
 from mqlite.engine.staging import Staged, TransactionalCore
-from mqlite.message import Message
+from mqlite.message import Message, MessageMeta
 from mqlite.testing.faults import lost_acks
 from mqlite.testing.history import History, Op, OpType
 
@@ -184,6 +184,11 @@ class _RecordingBuffer(deque[Message]):
         return unread
 
 
+# Per thread, the offsets of the originals that the duplicate window returned during the
+# publish call in progress (None between calls): those publishes wrote nothing.
+_refused = threading.local()
+
+
 class _RecordingQueue(TransactionalCore):
     """Mixed into an engine's own class (before it) to record what the queue does.
 
@@ -222,9 +227,11 @@ class _RecordingQueue(TransactionalCore):
         headers: Mapping[str, Any] | None = None,
         dedup_id: str | None = None,
     ) -> Message:
+        _refused.offsets = set()
         try:
             message = super().publish(event, payload, key, headers, dedup_id)
         except Exception as error:
+            _refused.offsets = None
             self._publish_failed(event, payload, key, error)
             raise
         self._published((message,))
@@ -235,17 +242,36 @@ class _RecordingQueue(TransactionalCore):
         drafts: Sequence[tuple[str, Any, Any, Mapping[str, Any] | None]],
         dedup_ids: Sequence[str | None] | None = None,
     ) -> list[Message]:
+        _refused.offsets = set()
         try:
             messages = super().publish_many(drafts, dedup_ids)
         except Exception as error:
+            _refused.offsets = None
             for event, payload, key, _ in drafts:
                 self._publish_failed(event, payload, key, error)
             raise
         self._published(messages)
         return messages
 
+    def _original_locked(self, found: Message, draft: tuple[str, Any, MessageMeta | None]) -> Message:
+        # A duplicate the window refused: its publish wrote nothing, so it is no publish op.
+        message = super()._original_locked(found, draft)
+        offsets: set[int] | None = getattr(_refused, "offsets", None)
+        if offsets is not None:
+            offsets.add(message[2])
+        return message
+
     def _published(self, messages: Iterable[Message]) -> None:
+        """Record the publish of each message appended: not a duplicate the window refused (the
+        original's offset), nor a repeat of an id earlier in the same call (the same offset)."""
+        refused: set[int] = getattr(_refused, "offsets", None) or set()
+        _refused.offsets = None
+        seen: set[int] = set()
         for message in messages:
+            offset = message[2]
+            if offset in refused or offset in seen:
+                continue
+            seen.add(offset)
             self._recorder.emit(
                 "publish",
                 queue=self.name,
