@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ import pytest
 from helpers import WAIT, Worker, offsets, payloads, pull_all
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import mqlite
 from mqlite.testing import VirtualClock
@@ -727,10 +728,12 @@ class DedupMachine(RuleBasedStateMachine):
     newest ``MAX_IDS`` such ids are kept."""
 
     backend = "memory"
+    redis_url = ""  # the server of the redis backend (set by its test, from the session's fixture)
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = VirtualClock(START, autojump=False)
+        self.namespace = f"dd{uuid.uuid4().hex[:12]}"
         self.folder = tempfile.mkdtemp(prefix="mqlite-dedup-") if self.backend == "file" else None
         self.path = None if self.folder is None else os.path.join(self.folder, "machine.mqlite")
         self.broker = self._open()
@@ -741,6 +744,8 @@ class DedupMachine(RuleBasedStateMachine):
         self.payload = 0
 
     def _open(self) -> mqlite.Broker:
+        if self.backend == "redis":
+            return mqlite.Broker(self.redis_url, namespace=self.namespace, clock=self.clock)
         return mqlite.Broker(self.path, clock=self.clock) if self.path else mqlite.Broker(clock=self.clock)
 
     def _next_payload(self) -> int:
@@ -816,7 +821,7 @@ class DedupMachine(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
-    @precondition(lambda self: self.backend == "file")
+    @precondition(lambda self: self.backend != "memory")
     @rule()
     def reopen(self) -> None:
         self.broker.close()
@@ -862,3 +867,19 @@ FileDedupMachine.TestCase.settings = settings(
 )
 test_dedup_matches_the_model_in_memory = DedupMachine.TestCase
 test_dedup_matches_the_model_on_a_file = FileDedupMachine.TestCase
+
+
+class RedisDedupMachine(DedupMachine):
+    """The same machine on a namespace of its own on the session's redis-server, with reopens."""
+
+    backend = "redis"
+
+
+def test_dedup_matches_the_model_on_redis(redis_url: str) -> None:
+    RedisDedupMachine.redis_url = redis_url
+    run_state_machine_as_test(
+        RedisDedupMachine,
+        settings=settings(
+            max_examples=30, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        ),
+    )

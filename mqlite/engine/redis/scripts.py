@@ -321,7 +321,9 @@ local function unsettleable(c, o, nack)
   return nil
 end
 -- The duplicate window is two structures under the queue's prefix: ``dd`` hash (id -> "offset
--- time") and ``ddz`` zset (id by time of its first publish), pruned past the window and the bound.
+-- time" of its first publish) and ``ddz`` zset (the ids in the order of their first publish, by a
+-- sequence number from meta's ``ddseq``: by time alone, ids published at one instant would be
+-- evicted in the order of their names), pruned past the window and the bound.
 -- dedup_find: the entry first published with ``id`` within the window (a stub if it is trimmed), or nil.
 local function dedup_find(id, window, now)
   local v = redis.call('HGET', prefix .. 'dd', id)
@@ -331,15 +333,31 @@ local function dedup_find(id, window, now)
   if tonumber(at) + window <= now then return nil end
   return entry(o) or {o, false, false, at, false, false}
 end
--- Record ``ids`` (index from 0 among messages published from offset ``stop`` at ``ts`` -> id) and
--- prune the window.
+-- Record ``ids`` (index from 0 among messages published from offset ``stop`` at ``ts`` -> id), in
+-- order, and prune the window: up to 16 expired ids (the oldest first: a queue's times never run
+-- back, so the expired ones lead the order), and the oldest beyond ``maxids``.
 local function dedup_remember(ids, stop, ts, now, window, maxids)
   local dd, ddz = prefix .. 'dd', prefix .. 'ddz'
-  for k, id in pairs(ids) do
-    redis.call('HSET', dd, id, (stop + k) .. ' ' .. ts)
-    redis.call('ZADD', ddz, ts, id)
+  local order = {}
+  for k in pairs(ids) do order[#order + 1] = k end
+  table.sort(order)
+  if #order > 0 then
+    local seq = redis.call('HINCRBY', meta, 'ddseq', #order) - #order
+    for i, k in ipairs(order) do
+      redis.call('HSET', dd, ids[k], (stop + k) .. ' ' .. ts)
+      redis.call('ZADD', ddz, seq + i, ids[k])
+    end
   end
-  local old = redis.call('ZRANGEBYSCORE', ddz, '-inf', fmt(now - window), 'LIMIT', 0, 64)
+  local old = {}
+  local first = redis.call('ZRANGE', ddz, 0, 15)
+  if #first > 0 then
+    local at = redis.call('HMGET', dd, unpack(first))
+    for i, id in ipairs(first) do
+      local v = at[i]
+      if v and tonumber(string.sub(v, string.find(v, ' ', 1, true) + 1)) + window > now then break end
+      old[#old + 1] = id
+    end
+  end
   local size = redis.call('ZCARD', ddz) - #old
   if size > maxids then
     for _, id in ipairs(redis.call('ZRANGE', ddz, #old, #old + size - maxids - 1)) do old[#old + 1] = id end
