@@ -11,6 +11,7 @@ flushes the database before it exits, so rounds do not grow the server.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import shutil
 import socket
@@ -35,6 +36,7 @@ CHILD_TIMEOUT = 300.0
 PUBLISH = "publish, 1 per call"
 BATCHED = f"publish, batches of {BATCH}"
 CONSUME = f"take {BATCH} + ack them"
+PUBLISH_ACK = "publish 1 + ack 1 (taken before)"
 
 # -- the server, shared by every case of the run ----------------------------------------------
 
@@ -176,6 +178,34 @@ def _mqlite_consume(url: str, count: int) -> Figures:
         return {CONSUME: _rate(count, time.perf_counter() - start)}
 
 
+def _mqlite_settle_loop(url: str, count: int, transaction: bool) -> Figures:
+    """Per message taken beforehand: publish its result to ``out`` and ack it, by two calls or in
+    one transaction (taking the queue, checking the ack, one commit script: three round trips)."""
+    import mqlite
+
+    with mqlite.Broker(url, namespace="bench") as broker:
+        broker.queue("out", retention="limits")
+        sub = broker.subscribe("q", name="workers", ack="manual")
+        publish_many = broker.queue("q").publish_many
+        for size in chunks(count, BATCH):
+            publish_many([("e", PAYLOAD)] * size)
+        taken: list[mqlite.Message] = []
+        while len(taken) < count:
+            taken += sub.poll(BATCH, TIMEOUT)
+        publish, ack = broker.publish, sub.ack
+        start = time.perf_counter()
+        if transaction:
+            for message in taken:
+                with broker.transaction() as tx:
+                    tx.publish("out", "e", PAYLOAD)
+                    tx.ack(sub, message)
+        else:
+            for message in taken:
+                publish("out", "e", PAYLOAD)
+                ack(message)
+        return {PUBLISH_ACK: _rate(count, time.perf_counter() - start)}
+
+
 def _fields(offset: int) -> dict[str, Any]:
     """What mqlite stores per message (event, payload, time), so both sides write the same bytes."""
     return {"e": "e", "p": json.dumps(PAYLOAD), "t": repr(time.time())}
@@ -275,6 +305,8 @@ CHILD_CASES: dict[str, Callable[[str, int], Figures]] = {
     "raw_consume": _raw_consume,
     "walrus_publish": _walrus_publish,
     "walrus_consume": _walrus_consume,
+    "mqlite_publish_ack": functools.partial(_mqlite_settle_loop, transaction=False),
+    "mqlite_transaction": functools.partial(_mqlite_settle_loop, transaction=True),
 }
 
 
@@ -311,6 +343,8 @@ def redis_scenario(mode: Mode) -> Scenario:
         return cases
 
     cases = [*variants("mqlite", "mqlite"), *variants("redis-py", "raw")]
+    for system, case in (("mqlite", "mqlite_publish_ack"), ("mqlite transaction", "mqlite_transaction")):
+        cases.append(Case(system, _child(case, n, "hiredis" if hiredis else "python")))
     if peers._optional("walrus") is None:
         cases.append(Case("walrus", None, peers.missing("walrus")))
     else:
@@ -352,9 +386,12 @@ def redis_scenario(mode: Mode) -> Scenario:
             f"in one non-transactional pipeline, `XREADGROUP COUNT {BATCH}` + `json.loads` of each "
             "payload + one `XACK`. **walrus** (consumer groups): `Stream.add`, and "
             f"`ConsumerGroupStream.read(count={BATCH})` + `ack(*ids)`. `+ hiredis`: the same with "
-            "redis-py's C parser; without it, hiredis is unimportable in the child."
+            "redis-py's C parser; without it, hiredis is unimportable in the child. "
+            f"`{PUBLISH_ACK}`: per message taken beforehand, `broker.publish` to another queue and "
+            "`sub.ack`, against the same in one `broker.transaction()` (issue 17), with hiredis if "
+            "installed; no target, a transaction takes three round trips where the calls take two."
         ),
-        units={PUBLISH: "msgs/s", BATCHED: "msgs/s", CONSUME: "msgs/s"},
+        units={PUBLISH: "msgs/s", BATCHED: "msgs/s", CONSUME: "msgs/s", PUBLISH_ACK: "msgs/s"},
         cases=cases,
         targets=targets,
         skip="needs " + " and ".join(missing) if missing else "",
