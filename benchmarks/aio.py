@@ -121,8 +121,13 @@ def asyncio_scenario(mode: Mode) -> Scenario:
         units={"same loop": "msgs/s", "producer in a thread": "msgs/s"},
         cases=cases,
         targets=[
+            # Issue 18: at least 0.8x, 1x the goal (docs/benchmarks.md shows what bounds the rest).
             Target(
-                "asyncio same loop: mqlite >= 1x asyncio.Queue", "same loop", ">=", 1, ("same loop", "asyncio.Queue")
+                "asyncio same loop: mqlite >= 0.8x asyncio.Queue",
+                "same loop",
+                ">=",
+                0.8,
+                ("same loop", "asyncio.Queue"),
             ),
             Target(
                 "asyncio cross-thread: mqlite >= 5x janus",

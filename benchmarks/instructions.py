@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 SMALL = 2_000
 LARGE = 12_000
@@ -185,6 +186,96 @@ def _pyee(receivers: int, count: int) -> None:
         emit("e", payload)
 
 
+def _same_loop_mqlite(count: int) -> None:
+    """The asyncio scenario's same-loop case: a producer task publishes, yielding every 100; ``async for`` reads."""
+    import asyncio
+
+    import mqlite
+
+    async def main() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("q")
+            publish = broker.publish
+
+            async def consume() -> int:
+                got = 0
+                async for _ in sub:
+                    got += 1
+                    if got == count:
+                        break
+                return got
+
+            consumer = asyncio.create_task(consume())
+            for i in range(count):
+                publish("q", "e", i)
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            assert await consumer == count
+
+    asyncio.run(main())
+
+
+def _same_loop_queue(count: int) -> None:
+    """The same-loop peer: ``asyncio.Queue`` ``put_nowait`` and ``await get()``, yielding every 100."""
+    import asyncio
+
+    async def main() -> None:
+        q: asyncio.Queue[int] = asyncio.Queue()
+
+        async def consume() -> int:
+            get = q.get
+            for _ in range(count):
+                await get()
+            return count
+
+        consumer = asyncio.create_task(consume())
+        put = q.put_nowait
+        for i in range(count):
+            put(i)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        assert await consumer == count
+
+    asyncio.run(main())
+
+
+# The selective scenario's reads, on a queue of 10 interleaved event types rather than 100: a
+# read's instructions do not depend on how far apart its matches lie (its time does, through the
+# cache), and filling a queue ten times the size would take minutes under valgrind. Every run
+# fills the queue with LARGE matches, so that the set-up is the same at SMALL and LARGE, and
+# reads ``count`` of them, 1,000 at a time.
+def _selective(events: str | None) -> Any:
+    import mqlite
+
+    broker = mqlite.Broker()
+    sub = broker.subscribe("q", events=events)
+    queue = broker.queue("q")
+    pairs = [(f"e{i % 10}", None) for i in range(10_000)]
+    for _ in range(LARGE * 10 // 10_000):
+        queue.publish_many(pairs)
+    return broker, sub
+
+
+def _poll_selective(count: int) -> None:
+    """``poll(1000, 0)`` of a subscription to 1 event type of the queue's 10, per matching message."""
+    broker, sub = _selective("e7")
+    poll = sub.poll
+    got = 0
+    while got < count:
+        got += len(poll(1000 if count - got > 1000 else count - got, 0))
+    broker.close()
+
+
+def _slice_selective(count: int) -> None:
+    """The selective floor: slicing a plain list of the same messages, 1,000 at a time, per message."""
+    broker, sub = _selective(None)
+    wanted = [m for m in sub.poll(LARGE * 10, 0) if m[0] == "e7"]
+    got = 0
+    while got < count:
+        got += len(wanted[got : got + (1000 if count - got > 1000 else count - got)])
+    broker.close()
+
+
 SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish": _publish,
     "get": _get,
@@ -195,6 +286,12 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     # The fanout scenario's three systems, per publish, at N = 1, 10 and 100: the floor, the peer,
     # and mqlite's own work on one thread. (Not the thread dispatcher: valgrind runs one thread at
     # a time on its own schedule, so its batch sizes, and the count, differ from run to run.)
+    # The asyncio scenario's same-loop case and its peer, per message.
+    "same loop": _same_loop_mqlite,
+    "asyncio.Queue same loop": _same_loop_queue,
+    # The selective scenario, per matching message: mqlite and the floor.
+    "poll 1 of 10": _poll_selective,
+    "slice 1 of 10": _slice_selective,
     "pyee 1": functools.partial(_pyee, 1),
     "publish+1 push tally": functools.partial(_publish_push_tally, 1),
     "loop 10": functools.partial(_loop, 10),

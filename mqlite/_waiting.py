@@ -112,12 +112,13 @@ def _wait_virtual(
         waiting.close()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[Any], woken: bool = True) -> None:
+    """Resolve a wait's future: True when its waiter's waker calls (which removed the waiter), False at its timer."""
     if not future.done():
-        future.set_result(None)
+        future.set_result(woken)
 
 
-def loop_waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Callable[[], None]:
+def loop_waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[], None]:
     """A wake function for ``future``; must be made on ``loop``'s thread.
 
     It may be called from any thread, under a queue lock: it only schedules, never runs user code.
@@ -158,7 +159,7 @@ async def await_(
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     while True:
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[bool] = loop.create_future()
         wake = loop_waker(loop, future)
         if run is None:
             result = attempt(wake)
@@ -173,13 +174,17 @@ async def await_(
                 remove(result.waiter)
                 return result
         bound = _bounded(result.wait_at_most, remaining)
-        timer = loop.call_later(capped(bound), _resolve, future) if bound is not None else None
+        timer = loop.call_later(capped(bound), _resolve, future, False) if bound is not None else None
+        woken = False
         try:
-            await future
+            woken = await future
         finally:
             if timer is not None:
                 timer.cancel()
-            remove(result.waiter)
+            if not woken:
+                # Whoever wakes a waiter removes it; only a wait that timed out or was cancelled
+                # removes its own (a removal costs a lock round trip).
+                remove(result.waiter)
 
 
 async def _await_virtual(
@@ -191,7 +196,7 @@ async def _await_virtual(
     try:
         deadline = None if timeout is None else waiting.now() + timeout
         while True:
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[bool] = loop.create_future()
             wake = waiting.arm(loop_waker(loop, future))
             result = attempt(wake) if run is None else await run(functools.partial(attempt, wake))
             if result.done:

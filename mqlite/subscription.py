@@ -148,8 +148,11 @@ class Subscription:
         Returns None when the timeout passes. Raises SubscriptionClosed if the subscription or
         its broker is (or becomes) closed.
         """
-        self._check_pull()
-        timeout = check_timeout(timeout)
+        # Each check is a plain test first, and a call only for what it might refuse (see poll).
+        if self._is_push:
+            self._check_pull()
+        if timeout is not None and (type(timeout) is not int or timeout):
+            timeout = check_timeout(timeout)
         messages = self._engine.try_pull(self, 1, 0)
         if not messages and timeout != 0:
             messages = self._wait(1, timeout, 0)
@@ -161,9 +164,16 @@ class Subscription:
         Waits up to ``timeout`` seconds for the first one (0, the default: do not wait; None:
         wait until one arrives). Returns an empty list when nothing came in time.
         """
-        self._check_pull()
-        _check_max(max_messages)
-        timeout = check_timeout(timeout)
+        # Each check is a plain test first, and a call only for what it might refuse: a push
+        # subscription, an argument that is not a positive int, a timeout other than 0 or None.
+        # The three calls were about 4,200 instructions of each poll (and the two of get's about
+        # 2,050 of each get(0): 12% of a publish and a get), measured with callgrind.
+        if self._is_push:
+            self._check_pull()
+        if type(max_messages) is not int or max_messages < 1:
+            _check_max(max_messages)
+        if timeout is not None and (type(timeout) is not int or timeout):
+            timeout = check_timeout(timeout)
         messages = self._engine.try_pull(self, max_messages, 0)
         if not messages and timeout != 0:
             messages = self._wait(max_messages, timeout, 0)
@@ -235,18 +245,21 @@ class Subscription:
             # Before binding: a closed subscription is never bound to the loop that asked.
             raise SubscriptionClosed(self._closed_reason())
         self._bind_loop()
-        engine = self._engine
-        off_loop = self._off_loop
-        if off_loop is None:
+        if self._off_loop is None:
             # The fast path takes what is there without creating a future.
-            messages = engine.try_pull(self, max_messages, read_ahead)
+            messages = self._engine.try_pull(self, max_messages, read_ahead)
             if messages or timeout == 0:
                 return messages
-            run = None
-        else:
-            run = self._run_off_loop
-            if timeout == 0:
-                return await run(lambda: engine.try_pull(self, max_messages, read_ahead))
+        elif timeout == 0:
+            engine = self._engine
+            return await self._run_off_loop(lambda: engine.try_pull(self, max_messages, read_ahead))
+        return await self._await_pull(max_messages, timeout, read_ahead)
+
+    async def _await_pull(self, max_messages: int, timeout: float | None, read_ahead: int) -> list[Message]:
+        """Wait on the loop until a pull gets something or ``timeout`` passes (from :meth:`_apull`,
+        and from ``async for`` once it found nothing), taking in the I/O thread if there is one."""
+        engine = self._engine
+        run = None if self._off_loop is None else self._run_off_loop
         result = await await_(
             lambda wake: engine.pull_or_wait(self, max_messages, read_ahead, wake), engine.remove_waiter, timeout, run
         )
@@ -461,6 +474,20 @@ class _AsyncIteration:
             self._refills = 0
             await asyncio.sleep(0)
         try:
+            loop = sub._asyncio_loop
+            if (
+                loop is not None
+                and loop._thread_id == get_ident()  # type: ignore[attr-defined]  # as above
+                and sub._off_loop is None
+                and not sub._is_push
+            ):
+                # A refill on the bound loop, from an engine that never blocks: the take of
+                # _apull without its coroutine and its checks, which the test above has made.
+                # Only a take that finds nothing pays for the wait (a future, a waiter).
+                messages = sub._engine.try_pull(sub, 1, READ_AHEAD)
+                if messages:
+                    return messages[0]
+                return (await sub._await_pull(1, None, READ_AHEAD))[0]
             return (await sub._apull(1, None, READ_AHEAD))[0]
         except SubscriptionClosed:
             raise StopAsyncIteration from None

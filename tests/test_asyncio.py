@@ -161,6 +161,51 @@ def test_async_with_closes_the_subscription() -> None:
     run(body)
 
 
+def waiters(broker: mqlite.Broker) -> int:
+    return broker.info().queue("orders").waiters
+
+
+def test_an_aget_that_times_out_leaves_no_waiter_behind() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            assert await sub.aget(timeout=0.01) is None
+            assert waiters(broker) == 0
+
+    run(body)
+
+
+def test_an_aget_woken_by_a_publish_leaves_no_waiter_behind() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            task = asyncio.ensure_future(sub.aget(timeout=TIMEOUT))
+            while not waiters(broker):
+                await asyncio.sleep(0)
+            broker.publish("orders", "created", 1)
+            message = await task
+            assert message is not None
+            assert message.payload == 1
+            assert waiters(broker) == 0
+
+    run(body)
+
+
+def test_a_cancelled_aget_leaves_no_waiter_behind() -> None:
+    async def body() -> None:
+        with mqlite.Broker() as broker:
+            sub = broker.subscribe("orders")
+            task = asyncio.ensure_future(sub.aget(timeout=TIMEOUT))
+            while not waiters(broker):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert waiters(broker) == 0
+
+    run(body)
+
+
 def test_read_ahead_of_async_for_is_handed_back_on_close() -> None:
     async def body() -> None:
         with mqlite.Broker() as broker:

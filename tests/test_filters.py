@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from helpers import WAIT, Worker, offsets, pull_all, wait_until_blocked
 
@@ -171,3 +173,42 @@ def test_a_filter_change_is_seen_by_a_blocked_get(broker: mqlite.Broker) -> None
         message = worker.join()
     assert message is not None
     assert message.event == "b"
+
+
+# -- a filtered read starts where the last one ended, unless the index moved under it -----------------
+
+
+def test_a_filtered_read_after_a_seek_back_starts_at_the_seek(broker: mqlite.Broker) -> None:
+    broker.queue("q", retention="limits")  # keeps what was read, for the seek back
+    sub = broker.subscribe("q", events="a")
+    for _ in range(10):
+        publish_events(broker, "a", "b")
+    assert offsets(sub.poll(max_messages=3)) == [0, 2, 4]
+    sub.seek("earliest")
+    assert offsets(sub.poll(max_messages=100)) == list(range(0, 20, 2))
+
+
+def test_a_filtered_read_after_a_filter_change_reads_the_new_events_from_the_position(broker: mqlite.Broker) -> None:
+    sub = broker.subscribe("q", events="a")
+    for _ in range(10):
+        publish_events(broker, "a", "b")
+    assert offsets(sub.poll(max_messages=3)) == [0, 2, 4]
+    sub.join("b")
+    sub.leave("a")
+    assert offsets(sub.poll(max_messages=100)) == list(range(5, 20, 2))
+
+
+def test_a_filtered_reader_keeping_up_gets_every_match_while_retention_trims_the_index(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    broker = make_broker()
+    broker.queue("q", retention="limits", max_messages=1000)
+    sub = broker.subscribe("q", events="a")
+    queue = broker.queue("q")
+    received = []
+    for round_ in range(12):  # 12,000 messages: the log, and each event's index list, are trimmed twice
+        queue.publish_many([("a" if i % 2 == 0 else "b", round_ * 1000 + i) for i in range(1000)])
+        while batch := sub.poll(max_messages=200):
+            received += batch
+    assert [m.payload for m in received] == list(range(0, 12_000, 2))
+    assert sub.missed == 0

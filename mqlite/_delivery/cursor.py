@@ -34,6 +34,9 @@ class Cursor:
         # names: the known event names that pass the filter, or None for "every event".
         self.names: set[str] | None = None
         self.position = position
+        # Where in its one event's index list the last filtered read ended: the next read's
+        # first guess, which the index checks before it trusts it (see EventIndex.read).
+        self.index_hint = 0
         self.configure(settings)
         self.members: list[Consumer] = []
         self.pending: dict[int, Pending] = {}
