@@ -2,21 +2,25 @@
 
 ``Broker.drain`` and ``Broker.adrain`` are one loop, which differs only in how it waits: look (run
 what a manual dispatcher has ready, then check whether every push subscription has handled
-everything published before the call), and if not, wait for progress, then look again.
+everything published before the call), and if not, wait for progress, then look again. The first
+look (:func:`begin`) ends at once when every queue knows, without looking at its cursors, that
+nothing was left to handle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from mqlite._delivery.cursor import Cursor
 from mqlite._waiting import LONGEST_WAIT, capped, jumping_clock, loop_waker
 from mqlite.engine.base import QueueEngine
+from mqlite.errors import WouldDeadlock
 
-__all__ = ["Drain", "Progress"]
+__all__ = ["Drain", "Progress", "begin"]
 
 
 class Progress:
@@ -141,7 +145,7 @@ class Progress:
 
 
 class Drain:
-    """One call of drain or adrain: what must be handled, and by when.
+    """One call of drain or adrain, past its first run: what must be handled, and by when.
 
     Not thread-safe: it belongs to the call that made it.
     """
@@ -152,26 +156,26 @@ class Drain:
         self,
         run_ready: Callable[[], object],
         progress: Progress,
-        engines: list[QueueEngine],
-        timeout: float | None,
+        targets: list[tuple[QueueEngine, int, list[Cursor] | None]],
+        deadline: float | None,
     ) -> None:
         self._run_ready = run_ready
         self._progress = progress
         # Each queue, its end when the drain began, and its push cursors still unsettled at the
         # last look (None: not looked at yet), so each settled cursor is checked once.
-        self._targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = [
-            (engine, _end_offset(engine), None) for engine in engines
-        ]
-        self.deadline = None if timeout is None else progress.now() + capped(timeout)
+        self._targets = targets
+        self.deadline = deadline
         self.seen = 0  # the progress count at the last look
 
     def look(self) -> bool | None:
-        """Run what a manual dispatcher has ready, then check.
-
-        Returns True once everything is handled, False if the broker is closed or the deadline
-        has passed, None to wait for progress after :attr:`seen` (or the deadline) and look again.
-        """
+        """Run what a manual dispatcher has ready, then :meth:`check`."""
         self._run_ready()
+        return self.check()
+
+    def check(self) -> bool | None:
+        """The rest of a look: True once everything is handled, False if the broker is closed or
+        the deadline has passed, None to wait for progress after :attr:`seen` (or the deadline)
+        and look again."""
         self.seen, stopped = self._progress.look()
         if stopped:
             return False  # a closed broker's push subscriptions are gone, finished or not
@@ -193,7 +197,49 @@ class Drain:
         return True
 
 
-def _end_offset(engine: QueueEngine) -> int:
-    """The queue's end offset; cheaper than ``bounds()`` where the engine has ``end_offset()``."""
-    end_offset = getattr(engine, "end_offset", None)  # engine/core.py's queues have it
-    return engine.bounds()[1] if end_offset is None else int(end_offset())
+def begin(
+    run_ready: Callable[[], object],
+    progress: Progress,
+    engines: Iterable[QueueEngine],
+    timeout: float | None,
+    own_callback: Callable[[], str | None],
+) -> Drain | None:
+    """Begin one call of drain or adrain, and run what a manual dispatcher has ready.
+
+    Notes each queue's end, and refuses a call from inside a callback of the broker's
+    (``own_callback`` names it) while a push batch is out: only then can one be running. Returns
+    None if that was all: every queue knew that its push cursors had handled everything, and the
+    run delivered nothing (it ran a timer that fell due, say, or nothing at all). Otherwise the
+    :class:`Drain` whose :meth:`~Drain.check` ends this first look.
+
+    Raises:
+        WouldDeadlock: called inside a callback of the broker's own.
+    """
+    targets: list[tuple[QueueEngine, int, list[Cursor] | None]] = []
+    quiet = True
+    out = False
+    for engine in engines:
+        end, settled, batch_out = engine.drain_start()
+        targets.append((engine, end, None))
+        if not settled:
+            quiet = False
+        if batch_out:
+            out = True
+    label = own_callback() if out else None
+    if label is not None:
+        raise WouldDeadlock(
+            f"drain() called inside a callback of subscription {label} would wait for that callback "
+            "to return: drain from outside the broker's push callbacks"
+        )
+    if timeout is None:
+        deadline = None
+    elif timeout:
+        deadline = progress.now() + capped(timeout)
+    else:
+        deadline = -math.inf  # already passed, whatever the clock says: one look, and no clock read
+    delivered = run_ready()
+    if quiet and targets and not delivered:
+        # Settled as the drain began (the broker open: its queues close before its progress
+        # stops), and nothing the run did can have undone that.
+        return None
+    return Drain(run_ready, progress, targets, deadline)

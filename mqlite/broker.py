@@ -18,7 +18,7 @@ import attrs
 from mqlite._checks import check_broker_arguments, check_path, check_subscribe, close_deadline
 from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.entries import DeadLetter
-from mqlite._draining import Drain, Progress
+from mqlite._draining import Progress, begin
 from mqlite._waiting import capped
 from mqlite.clock import Clock, SystemClock
 from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, dead_letter_queue_name
@@ -31,7 +31,7 @@ from mqlite.dispatch import (
     stop_async_workers,
 )
 from mqlite.engine.base import QueueEngine, StorageEngine
-from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, TransactionError, WouldDeadlock
+from mqlite.errors import BrokerClosed, InvalidArgument, MqliteError, StorageError, TransactionError
 from mqlite.filters import check_event_name, check_name
 from mqlite.info import BrokerInfo, PendingMessage, SubscriptionInfo
 from mqlite.message import Message, check_header_names
@@ -126,8 +126,9 @@ class Broker:
         """The rest of ``__init__``, once the engine is open; the engine is closed if it raises."""
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._dispatcher: Dispatcher = dispatcher if dispatcher is not None else ThreadDispatcher()
-        # _lock guards _closed, _async_workers, _push_workers and writes of _queues. _queues is copy-on-write:
-        # it is replaced, never mutated, so publish can look a queue up without taking the lock.
+        # _lock guards _closed, _async_workers, _push_workers and writes of _queues and _engines. Both
+        # are copy-on-write: replaced, never mutated, so publish can look a queue up and drain go
+        # through the engines without taking the lock.
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
         self._engines: dict[str, QueueEngine] = {}
@@ -485,28 +486,37 @@ class Broker:
         even with nothing to wake it, it returns True. Every look first runs what a
         :class:`~mqlite.ManualDispatcher` has ready, on the calling thread.
         """
-        drain = self._drain(timeout)
-        while (done := drain.look()) is None:
+        drain = begin(
+            self._dispatcher.run_ready,
+            self._progress,
+            self._engines.values(),
+            check_timeout(timeout),
+            self._running_own_callback,
+        )
+        if drain is None:
+            return True
+        done = drain.check()
+        while done is None:
             self._progress.wait(drain.seen, drain.deadline)
+            done = drain.look()
         return done
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for asyncio code: the same looks, waiting without blocking the event loop."""
-        drain = self._drain(timeout)
-        while (done := drain.look()) is None:
+        drain = begin(
+            self._dispatcher.run_ready,
+            self._progress,
+            self._engines.values(),
+            check_timeout(timeout),
+            self._running_own_callback,
+        )
+        if drain is None:
+            return True
+        done = drain.check()
+        while done is None:
             await self._progress.await_(drain.seen, drain.deadline)
+            done = drain.look()
         return done
-
-    def _drain(self, timeout: object) -> Drain:
-        """Check drain's arguments and where it is called from, and begin it."""
-        seconds = check_timeout(timeout)
-        label = self._running_own_callback()
-        if label is not None:
-            raise WouldDeadlock(
-                f"drain() called inside a callback of subscription {label} would wait for that callback "
-                "to return: drain from outside the broker's push callbacks"
-            )
-        return Drain(self._dispatcher.run_ready, self._progress, list(self._engines.values()), seconds)
 
     def _running_own_callback(self) -> str | None:
         """The label of the push subscription of this broker whose callback the caller is in, if any."""

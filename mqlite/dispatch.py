@@ -90,15 +90,18 @@ class _BatchRunner:
 
     __slots__ = ("_batch", "_consumer", "_failures", "_finished", "_queue", "_rest")
 
-    def __init__(self, queue: QueueEngine, consumer: Consumer, batch: list[Message]) -> None:
+    def __init__(
+        self, queue: QueueEngine, consumer: Consumer, batch: list[Message], rest: Iterator[Message] | None = None
+    ) -> None:
         self._queue = queue
         self._consumer = consumer
         self._batch = batch
         self._failures: list[tuple[Message, BaseException]] = []
         # A plain list iterator, not a generator: this loop runs for every message of every push
         # subscription, and resuming a generator costs about 320 more instructions per message
-        # (callgrind, CPython 3.11). Its length hint says exactly how far it got.
-        self._rest = iter(batch)
+        # (callgrind, CPython 3.11). Its length hint says exactly how far it got. ``rest`` is one
+        # a worker began on its own (see PushWorker._deliver).
+        self._rest = iter(batch) if rest is None else rest
         self._finished = False
 
     def __iter__(self) -> Iterator[Message]:
@@ -125,42 +128,59 @@ class _BatchRunner:
             # Stopped early: the last message taken from the iterator was in hand, not handled.
             taken = len(batch) - operator.length_hint(self._rest)
             unprocessed = batch[taken - 1 if taken else 0 :]
-        consumer = self._consumer
+        _settle(self._queue, self._consumer, batch, self._failures, unprocessed)
+
+
+def _settle(
+    queue: QueueEngine,
+    consumer: Consumer,
+    batch: list[Message],
+    failures: list[tuple[Message, BaseException]],
+    unprocessed: list[Message],
+) -> None:
+    """Report a push batch to the queue (see :meth:`_BatchRunner.settle`)."""
+    try:
+        queue.push_done(consumer, batch, failures, unprocessed)
+    except StorageError as error:
+        if not queue.atomic:
+            raise  # it may have settled part of the batch: making it again could count twice
+        _settle_again(queue, consumer, batch, failures, unprocessed, error)
+
+
+def _settle_again(
+    queue: QueueEngine,
+    consumer: Consumer,
+    batch: list[Message],
+    failures: list[tuple[Message, BaseException]],
+    unprocessed: list[Message],
+    error: StorageError,
+) -> None:
+    """Settling failed on a write error and changed nothing: try again, for a while.
+
+    The callbacks ran, so giving the batch back is not an option; until it is settled its
+    messages stay held by this broker (a restart delivers them again). Tries for up to
+    SETTLE_RETRY_FOR seconds, backing off, and gives up at once when the subscription closes:
+    then the error goes up and the worker stops.
+    """
+    _log.warning(
+        "could not settle a push batch of subscription %s (%s); retrying for up to %g s",
+        consumer._label,
+        error,
+        SETTLE_RETRY_FOR,
+    )
+    give_up = time.monotonic() + SETTLE_RETRY_FOR
+    pause = SETTLE_RETRY_FIRST
+    while not consumer.closed and time.monotonic() + pause < give_up:
+        time.sleep(pause)  # a back-off between retries, not a synchronisation
+        pause = min(pause * 2, SETTLE_RETRY_MAX)
         try:
-            self._queue.push_done(consumer, batch, self._failures, unprocessed)
-        except StorageError as error:
-            if not self._queue.atomic:
-                raise  # it may have settled part of the batch: making it again could count twice
-            self._settle_again(unprocessed, error)
-
-    def _settle_again(self, unprocessed: list[Message], error: StorageError) -> None:
-        """Settling failed on a write error and changed nothing: try again, for a while.
-
-        The callbacks ran, so giving the batch back is not an option; until it is settled its
-        messages stay held by this broker (a restart delivers them again). Tries for up to
-        SETTLE_RETRY_FOR seconds, backing off, and gives up at once when the subscription
-        closes: then the error goes up and the worker stops.
-        """
-        consumer = self._consumer
-        _log.warning(
-            "could not settle a push batch of subscription %s (%s); retrying for up to %g s",
-            consumer._label,
-            error,
-            SETTLE_RETRY_FOR,
-        )
-        give_up = time.monotonic() + SETTLE_RETRY_FOR
-        pause = SETTLE_RETRY_FIRST
-        while not consumer.closed and time.monotonic() + pause < give_up:
-            time.sleep(pause)  # a back-off between retries, not a synchronisation
-            pause = min(pause * 2, SETTLE_RETRY_MAX)
-            try:
-                self._queue.push_done(consumer, self._batch, self._failures, unprocessed)
-            except StorageError as again:
-                error = again
-            else:
-                _log.warning("settled the push batch of subscription %s after all", consumer._label)
-                return
-        raise error
+            queue.push_done(consumer, batch, failures, unprocessed)
+        except StorageError as again:
+            error = again
+        else:
+            _log.warning("settled the push batch of subscription %s after all", consumer._label)
+            return
+    raise error
 
 
 def _log_failure(consumer: Consumer, message: Message, error: BaseException) -> None:
@@ -248,11 +268,17 @@ class PushWorker:
         return self._on_progress
 
     def _deliver(self, batch: list[Message], note: bool) -> None:
-        """Hand ``batch`` to the callback, one message at a time, and settle it."""
+        """Hand ``batch`` to the callback, one message at a time, and settle it.
+
+        The batch's :class:`_BatchRunner` is made only once it is needed, when a callback
+        raises or the batch stops early: a batch whose every callback returns is settled
+        without one (3,100 of the 38,000 instructions of a one-message step, callgrind).
+        """
         consumer = self.consumer
         callback = self.callback
-        runner = _BatchRunner(self.queue, consumer, batch)
-        rest = iter(runner)
+        rest = iter(batch)
+        runner: _BatchRunner | None = None
+        handled = False
         message = None
         self.running_on = _get_ident()  # once per batch
         try:
@@ -265,14 +291,23 @@ class PushWorker:
                             break
                         callback(message)
                     else:
-                        runner.all_handled()
+                        handled = True
                     break
                 except Exception as error:  # noqa: BLE001  # a failed delivery: failed() logs it, the batch goes on
                     assert message is not None
+                    if runner is None:
+                        runner = _BatchRunner(self.queue, consumer, batch, rest)
                     runner.failed(message, error)
         finally:
             self.running_on = None
-            runner.settle()
+            if runner is None and handled:
+                _settle(self.queue, consumer, batch, [], [])
+            else:
+                if runner is None:
+                    runner = _BatchRunner(self.queue, consumer, batch, rest)
+                if handled:
+                    runner.all_handled()
+                runner.settle()
             if note:
                 self._on_progress()
 

@@ -111,6 +111,14 @@ class QueueCore:
         self._check_at = 0
         self._closed = False
         self._outbox: list[DeadLetter] = []
+        # What lets a drain with nothing to do look at no cursor (see push_unsettled). _push_out
+        # counts the push batches taken and not yet settled, of every cursor, attached or not.
+        # _push_settled_to is an offset below which every push cursor was found to have handled
+        # everything, with nothing since that could give one work again; -1: not known. Whatever
+        # can (a push take, a failed delivery, a give-back, a seek, a filter, an attach, a reload)
+        # sets it to -1; a publish need not, as what it adds lies above.
+        self._push_out = 0
+        self._push_settled_to = -1
         # This queue's own Message subclass: every message it builds is one, which is how ack
         # and nack tell a message of this broker from an equal-looking one of another.
         self._message_class = self.message_class = message_class(name)
@@ -628,13 +636,20 @@ class QueueCore:
             self._housekeep_locked()
             return self._start, self._end
 
-    def end_offset(self) -> int:
-        """The next offset to assign: ``bounds()[1]``, without the retention pass ``bounds`` makes.
-
-        What a drain needs when it begins (on a shared file the queue's scope reloads it).
+    def drain_start(self) -> tuple[int, bool, bool]:
+        """What a drain needs as it begins, in one lock section (on a shared file the queue's
+        scope reloads first): the end offset (``bounds()[1]``, without the retention pass
+        ``bounds`` makes); whether every push cursor is known to have handled everything below
+        it, without looking at each (see :meth:`push_unsettled`); and whether a push batch is
+        out, so that one of this queue's callbacks may be running.
         """
-        with self._lock:
-            return self._end
+        lock = self._lock
+        lock.acquire()
+        try:
+            end = self._end
+            return end, end <= self._push_settled_to and not self._closed, self._push_out > 0
+        finally:
+            lock.release()
 
     def _resolve_locked(self, target: Start) -> int:
         """The offset ``target`` names: ``"earliest"``, ``"latest"``, an offset or a datetime."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from mqlite._delivery import policy
 from mqlite._delivery.cursor import Cursor
 from mqlite._delivery.entries import OUT, SETTLED, WAITING, Pending
+from mqlite._delivery.waiters import Waiter
 from mqlite.config import Start
 from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot, offset_to_settle
 from mqlite.engine.cursors import CursorCore
@@ -104,7 +105,11 @@ class DeliveryCore(CursorCore):
         lock = self._lock
         lock.acquire()
         try:
-            batch = None if consumer.closed else self._push_batch_locked(consumer, max_messages)
+            if consumer.closed:
+                batch = None
+            else:
+                size = policy.push_batch_size(max_messages, len(consumer._cursor.members))
+                batch = self._push_batch_locked(consumer, size)
             dead = self._outbox
             if dead:
                 self._outbox = []
@@ -127,7 +132,8 @@ class DeliveryCore(CursorCore):
             if consumer.closed:
                 done = True
             else:
-                batch = self._push_batch_locked(consumer, max_messages)
+                size = policy.push_batch_size(max_messages, len(consumer._cursor.members))
+                batch = self._push_batch_locked(consumer, size)
                 done = bool(batch)
                 if not done:
                     waiter, bound = self._register_waiter_locked(consumer._cursor, wake)
@@ -149,6 +155,9 @@ class DeliveryCore(CursorCore):
         callbacks run wakes it. A full batch registers nothing (``waiter`` None): there may be
         more. The value is None once the consumer is closed.
         """
+        # A dispatcher steps every push subscription this way, once per batch: the batch size is
+        # found once, the waiter made (and its bound found) here rather than in
+        # _register_waiter_locked, and the outbox looked at in place, four calls fewer a step.
         waiter = None
         bound = None
         batch: list[Message] | None = None
@@ -156,11 +165,17 @@ class DeliveryCore(CursorCore):
         lock.acquire()
         try:
             if not consumer.closed:
-                batch = self._push_batch_locked(consumer, max_messages)  # what recorders and faults hook
                 cursor = consumer._cursor
-                if len(batch) < policy.push_batch_size(max_messages, len(cursor.members)):
-                    waiter, bound = self._register_waiter_locked(cursor, wake)
-            dead = self._take_outbox_locked()
+                size = policy.push_batch_size(max_messages, len(cursor.members))
+                batch = self._push_batch_locked(consumer, size)  # what recorders and faults hook
+                if len(batch) < size:
+                    waiter = Waiter(cursor.names, wake)
+                    self._waiters.append(waiter)
+                    if cursor.pending:
+                        bound = self._due_bound_locked(cursor)
+            dead = self._outbox
+            if dead:
+                self._outbox = []
         finally:
             lock.release()
         if dead:
@@ -168,10 +183,9 @@ class DeliveryCore(CursorCore):
         attempt: Attempt[list[Message] | None] = _tuple_new(Attempt, (waiter is None, batch, waiter, bound))
         return attempt
 
-    def _push_batch_locked(self, consumer: Consumer, max_messages: int) -> list[Message]:
-        cursor = consumer._cursor
-        size = policy.push_batch_size(max_messages, len(cursor.members))
-        return self._take_locked(consumer, cursor, size, True)
+    def _push_batch_locked(self, consumer: Consumer, size: int) -> list[Message]:
+        """Up to ``size`` messages (the push batch size) for a push consumer."""
+        return self._take_locked(consumer, consumer._cursor, size, True)
 
     def push_done(
         self,
@@ -182,23 +196,27 @@ class DeliveryCore(CursorCore):
     ) -> None:
         """Settle a push batch: successes are acked (auto mode), failures retried or dead-lettered,
         and what was never handed to the callback goes back to the front of the line."""
+        # Every push batch ends here: a batch that every callback handled, the usual case, makes
+        # no set of failed offsets, no give-back call and no outbox call.
         lock = self._lock
         lock.acquire()
         try:
             cursor = consumer._cursor
             cursor.inflight -= 1
+            self._push_out -= 1
             pending = cursor.pending
             manual = cursor.manual_ack
-            failed_offsets = {m[2] for m, _ in failures}
             done = len(batch) - len(unprocessed)
             if not manual:
                 # Redeliveries are pending entries; a new message taken for a push is not (it
                 # becomes one only if it fails), so only a cursor with pending entries looks.
-                for message in batch[:done] if pending else ():
-                    if message[2] not in failed_offsets:
-                        entry = pending.pop(message[2], None)
-                        if entry is not None:
-                            entry.state = SETTLED
+                if pending:
+                    failed_offsets = {m[2] for m, _ in failures}
+                    for message in batch[:done]:
+                        if message[2] not in failed_offsets:
+                            entry = pending.pop(message[2], None)
+                            if entry is not None:
+                                entry.state = SETTLED
                 cursor.acked += done - len(failures)
             for message, error in failures:
                 entry = pending.get(message[2])
@@ -210,15 +228,19 @@ class DeliveryCore(CursorCore):
                 elif entry.state != OUT:
                     continue
                 self._fail_locked(cursor, entry, "callback raised", cursor.backoff.delay(entry.attempts), error)
-            self._give_back_locked(cursor, unprocessed, pulled=False)
+            if unprocessed:
+                self._give_back_locked(cursor, unprocessed, pulled=False)
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, [m[2] for m in batch])
             if unprocessed or failures:
                 self._waiters.wake_all()
-            dead = self._take_outbox_locked()
+            dead = self._outbox
+            if dead:
+                self._outbox = []
         finally:
             lock.release()
-        self._send_dead_letters(dead)
+        if dead:
+            self._send_dead_letters(dead)
 
     # -- taking -------------------------------------------------------------------------------
 
@@ -263,6 +285,8 @@ class DeliveryCore(CursorCore):
                 cursor.acked += len(out)
             if push:
                 cursor.inflight += 1
+                self._push_out += 1
+                self._push_settled_to = -1  # a batch out is unsettled, whatever its offsets
             if self.durable and cursor.name is not None:
                 self._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
         return out
@@ -412,6 +436,7 @@ class DeliveryCore(CursorCore):
             cursor = consumer._cursor
             before = cursor.position
             cursor.position = self._resolve_locked(target)
+            self._push_settled_to = -1
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, (), moved=True)
             self._moved_locked(consumer, cursor, before)
@@ -429,6 +454,7 @@ class DeliveryCore(CursorCore):
                 raise SubscriptionClosed(consumer._closed_reason())
             cursor = consumer._cursor
             self._index.apply_filter(cursor, change(cursor.filter))
+            self._push_settled_to = -1
             self._refresh_unwanted_locked()
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)
@@ -530,16 +556,22 @@ class DeliveryCore(CursorCore):
 
         Checks ``cursors`` (all of this queue's when None) in order and stops at the first one
         still busy, returning it and the unchecked rest: a drain that calls again with the result
-        looks at each settled cursor once, not once per wake-up.
+        looks at each settled cursor once, not once per wake-up. A check of them all that finds
+        none busy, with no push batch out, is remembered up to the end offset (``_push_settled_to``):
+        until something gives a push cursor work again, a drain looks at none.
         """
         # Every drain calls it once per queue, for every cursor: plain loops, no generators, and
         # the count limits looked at only when set (as a take does).
         with self._lock:
+            if offset <= self._push_settled_to:
+                return []
             candidates = self._all_cursors_locked() if cursors is None else cursors
             config = self._config
             start = self._limit_floor_locked() if config.max_messages or config.max_age else self._start
             count = self._index.count
             for index, cursor in enumerate(candidates):
+                if cursor.position >= offset and not cursor.inflight and not cursor.pending:
+                    continue  # the usual case: read up to the offset, nothing out or pending
                 for member in cursor.members:
                     if member._is_push:
                         break
@@ -552,4 +584,6 @@ class DeliveryCore(CursorCore):
                 position = cursor.position if cursor.position > start else start
                 if position < offset and count(cursor, position, offset):
                     return candidates[index:]
+            if cursors is None and offset == self._end and not self._push_out and not self._closed:
+                self._push_settled_to = offset
             return []

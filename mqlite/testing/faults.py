@@ -364,6 +364,7 @@ class _FaultyQueue(DeliveryCore):
         kept = [message for message in out if message[2] not in offsets]
         if push and not kept:
             cursor.inflight -= 1  # the take counted a batch that is now empty
+            self._push_out -= 1
         return kept
 
     def _replay_locked(self, consumer: Consumer, cursor: Cursor, key: str, message: Message) -> None:
@@ -526,6 +527,7 @@ class _FaultyQueue(DeliveryCore):
         with self._lock:
             cursor = consumer._cursor
             cursor.inflight -= 1
+            self._push_out -= 1
             self._give_back_locked(cursor, unprocessed, pulled=False)
             pending = cursor.pending
             for message in handled:

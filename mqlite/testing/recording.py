@@ -346,10 +346,10 @@ class _RecordingQueue(TransactionalCore):
                 buffer.attempts.update((message[2], attempt) for message, attempt in ahead)
         return messages
 
-    def _push_batch_locked(self, consumer: Consumer, max_messages: int) -> list[Message]:
+    def _push_batch_locked(self, consumer: Consumer, size: int) -> list[Message]:
         cursor = consumer._cursor
         before = _before_take(cursor)
-        batch = super()._push_batch_locked(consumer, max_messages)
+        batch = super()._push_batch_locked(consumer, size)
         if batch:
             ops = self._pushed.setdefault(consumer.id, {})
             for message, attempt in zip(batch, _attempts(before, batch), strict=True):
@@ -383,6 +383,7 @@ class _RecordingQueue(TransactionalCore):
                             offset=message[2],
                         )
                     )
+        lost_acks()  # forget what another broker's faults lost on this thread: only this call's count
         try:
             super().push_done(consumer, batch, failures, unprocessed)
         except BaseException:
@@ -396,6 +397,7 @@ class _RecordingQueue(TransactionalCore):
         self._recorder.withdraw([op for given_back in ops[handled:] for op in given_back])
 
     def ack(self, consumer: Consumer, messages: tuple[Message | int, ...]) -> None:
+        lost_acks()  # forget what another broker's faults lost on this thread: only this call's count
         super().ack(consumer, messages)
         lost = lost_acks()
         cursor = consumer._cursor

@@ -260,6 +260,11 @@ class RedisQueue(Transacting):
         start, end = self._run("bounds", self._now())
         return int(start), int(end)
 
+    def drain_start(self) -> tuple[int, bool, bool]:
+        """The end offset, as a drain begins; whether the push cursors are settled is the
+        server's to say (:meth:`push_unsettled` asks), and a push batch may be out."""
+        return self.bounds()[1], False, True
+
     # -- attaching ---------------------------------------------------------------------------------
 
     def attach(self, consumer: Consumer, name: str | None, start: Start, settings: SubscriptionSettings) -> Cursor:

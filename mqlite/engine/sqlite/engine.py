@@ -313,11 +313,12 @@ class SqliteQueue(TransactionalCore):
 
     def _on_begin_locked(self) -> None:
         """An operation begins (shared files): remember what the file cannot restore if it fails."""
-        self._undo.begin(self._cursors, self._ephemeral, self._outbox)
+        self._undo.begin(self._cursors, self._ephemeral, self._outbox, self._push_out)
 
     def _undo_locked(self) -> None:
         """Put back what a failed operation changed that the file does not hold (counters, members)."""
         self._undo.undo(self._cursors, self._ephemeral, self._outbox)
+        self._push_out = self._undo.push_out
         if self._released:
             self._released.clear()
 
@@ -330,6 +331,7 @@ class SqliteQueue(TransactionalCore):
         """
         store = self._file.store
         state = store.changes(self._message_class, -1)
+        self._push_settled_to = -1  # positions, filters and pending entries may all have changed
         self._config = state.config
         self._dedup.resize(state.config.dedup_window, state.config.dedup_max_ids)
         self._dedup.clear()
@@ -367,11 +369,13 @@ class SqliteQueue(TransactionalCore):
             self._check_at = min(self._check_at, self._end)
         self._load_dedup_locked(state.dedup)
         woke = self._load_messages_locked(state)
-        if self._load_cursors_locked(state):
+        moved = self._load_cursors_locked(state)
+        if moved:
             self._refresh_unwanted_locked()
-            woke = True
-        woke = self._load_pending_locked(state) or woke
-        if woke and self._waiters:
+        moved = self._load_pending_locked(state) or moved
+        if moved:
+            self._push_settled_to = -1  # another broker moved, refiltered or gave back for a cursor
+        if (woke or moved) and self._waiters:
             self._waiters.wake_all()
 
     def _load_messages_locked(self, state: QueueState) -> bool:

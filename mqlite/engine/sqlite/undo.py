@@ -34,9 +34,14 @@ class UndoLog:
         # it read ahead into consumers' buffers.
         self.touched: dict[Pending, tuple[Cursor, Any, object | None, int, float]] = {}
         self._buffered: list[tuple[Cursor, list[Message]]] = []
+        # The queue's count of push batches out when the operation began (its _push_out).
+        self.push_out = 0
 
-    def begin(self, cursors: dict[str, Cursor], ephemeral: list[Cursor], outbox: list[DeadLetter]) -> None:
+    def begin(
+        self, cursors: dict[str, Cursor], ephemeral: list[Cursor], outbox: list[DeadLetter], push_out: int
+    ) -> None:
         """An operation begins: remember what the file cannot restore if it fails."""
+        self.push_out = push_out
         self._saved = [
             (
                 cursor,
