@@ -18,7 +18,7 @@ import attrs
 from mqlite._checks import check_broker_arguments, check_path, check_subscribe, close_deadline
 from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.entries import DeadLetter
-from mqlite._draining import Progress, begin
+from mqlite._draining import Drain, Progress, begin
 from mqlite._waiting import capped
 from mqlite.clock import Clock, SystemClock
 from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, dead_letter_queue_name
@@ -486,13 +486,7 @@ class Broker:
         even with nothing to wake it, it returns True. Every look first runs what a
         :class:`~mqlite.ManualDispatcher` has ready, on the calling thread.
         """
-        drain = begin(
-            self._dispatcher.run_ready,
-            self._progress,
-            self._engines.values(),
-            check_timeout(timeout),
-            self._running_own_callback,
-        )
+        drain = self._begin_drain(timeout)
         if drain is None:
             return True
         done = drain.check()
@@ -503,13 +497,7 @@ class Broker:
 
     async def adrain(self, timeout: float | None = None) -> bool:
         """:meth:`drain` for asyncio code: the same looks, waiting without blocking the event loop."""
-        drain = begin(
-            self._dispatcher.run_ready,
-            self._progress,
-            self._engines.values(),
-            check_timeout(timeout),
-            self._running_own_callback,
-        )
+        drain = self._begin_drain(timeout)
         if drain is None:
             return True
         done = drain.check()
@@ -517,6 +505,16 @@ class Broker:
             await self._progress.await_(drain.seen, drain.deadline)
             done = drain.look()
         return done
+
+    def _begin_drain(self, timeout: object) -> Drain | None:
+        """Check drain's timeout and run its first look (see :func:`mqlite._draining.begin`)."""
+        return begin(
+            self._dispatcher.run_ready,
+            self._progress,
+            self._engines.values(),
+            check_timeout(timeout),
+            self._running_own_callback,
+        )
 
     def _running_own_callback(self) -> str | None:
         """The label of the push subscription of this broker whose callback the caller is in, if any."""

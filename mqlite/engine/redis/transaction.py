@@ -57,6 +57,19 @@ Draft = tuple[str, Any, MessageMeta | None]
 """A checked draft: (event, payload, meta or None)."""
 
 
+def _pause(queue: Transacting, pause: float) -> float:
+    """Wait ``pause`` seconds for a transaction to let go of ``queue``; returns the next pause.
+
+    It polls: the holder is another thread or process, and nothing here can wake us sooner.
+
+    Raises:
+        BrokerClosed: the broker was closed meanwhile.
+    """
+    queue._check_open("publish")
+    time.sleep(pause)
+    return min(pause * 2, _LAST_PAUSE)
+
+
 class Part:
     """One queue's staged part of a transaction. Not thread-safe: its transaction's thread only."""
 
@@ -145,9 +158,7 @@ class RedisScope:
                     f"queue {queue.name!r} is held by an older transaction while this one holds another queue; "
                     "nothing was staged: leave the block (discarding the transaction) and run it again"
                 )
-            queue._check_open("publish")
-            time.sleep(pause)  # the holder is another thread or process: nothing here can wake us sooner
-            pause = min(pause * 2, _LAST_PAUSE)
+            pause = _pause(queue, pause)
         _, start, end, last, overflow, max_messages, window, max_ids = reply
         now = float(queue._clock.time())
         part.held = True
@@ -302,9 +313,7 @@ class Transacting(Consuming):
                     f"inside a transaction, publish to {self.name!r} through the transaction (tx.publish): it "
                     "holds that queue, so a plain publish would wait for the transaction itself"
                 )
-            self._check_open("publish")
-            time.sleep(pause)  # the holder is another thread or process: nothing here can wake us sooner
-            pause = min(pause * 2, _LAST_PAUSE)
+            pause = _pause(self, pause)
             try:
                 return self._run(script, self._now(), *args)
             except ScriptRefusal as refusal:
