@@ -91,3 +91,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition did not hold in time"
         pause.wait(0.001)
+
+
+def run_machine_on_redis(machine: Any, redis_url: str, *, max_examples: int, steps: int) -> None:
+    """Run a state machine whose ``redis`` backend opens its brokers on ``redis_url`` (a class
+    attribute it reads, set here: a machine cannot take pytest's session fixture itself)."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    machine.redis_url = redis_url
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=max_examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

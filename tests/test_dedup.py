@@ -28,10 +28,10 @@ from typing import Any
 
 import dedup_processes
 import pytest
-from helpers import WAIT, Worker, offsets, payloads, pull_all
+from helpers import WAIT, Worker, offsets, payloads, pull_all, run_machine_on_redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mqlite
 from mqlite.testing import VirtualClock
@@ -876,10 +876,4 @@ class RedisDedupMachine(DedupMachine):
 
 
 def test_dedup_matches_the_model_on_redis(redis_url: str) -> None:
-    RedisDedupMachine.redis_url = redis_url
-    run_state_machine_as_test(
-        RedisDedupMachine,
-        settings=settings(
-            max_examples=30, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-        ),
-    )
+    run_machine_on_redis(RedisDedupMachine, redis_url, max_examples=30, steps=30)

@@ -27,12 +27,12 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import mqlite
 from mqlite.testing.model import ReferenceModel
 from tests import transaction_processes
-from tests.helpers import WAIT, Worker, offsets, payloads, pull_all, wait_for
+from tests.helpers import WAIT, Worker, offsets, payloads, pull_all, run_machine_on_redis, wait_for
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -1487,10 +1487,4 @@ test_transactions_on_a_file_match_the_reference_model = FileTransactionMachine.T
 
 
 def test_transactions_on_redis_match_the_reference_model(redis_url: str) -> None:
-    RedisTransactionMachine.redis_url = redis_url
-    run_state_machine_as_test(
-        RedisTransactionMachine,
-        settings=settings(
-            max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-        ),
-    )
+    run_machine_on_redis(RedisTransactionMachine, redis_url, max_examples=30, steps=25)

@@ -196,7 +196,6 @@ class RedisQueue(Transacting):
                 f"queue {self.name!r} holds {refusal.detail} of max_messages={config.max_messages}; "
                 f"overflow='reject' refuses the new ones of {len(checked)}"
             ) from None
-        cls = self.message_class
         messages: list[Message] = []
         built: dict[int, Message] = {}
         timestamp = float(stamp) if stamp else 0.0
@@ -206,11 +205,7 @@ class RedisQueue(Transacting):
                 offset = int(first) + int(place[1:])
                 message = built.get(offset)
                 if message is None:
-                    message = built[offset] = (
-                        tuple.__new__(cls, (event, payload, offset, timestamp))
-                        if meta is None
-                        else tuple.__new__(cls, (event, payload, offset, timestamp, meta))
-                    )
+                    message = built[offset] = self._built((event, payload, meta), offset, timestamp)
                 else:
                     duplicates += 1  # a repeat of an earlier draft of this call
                 messages.append(message)
