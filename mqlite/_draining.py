@@ -22,9 +22,13 @@ from mqlite.errors import WouldDeadlock
 
 __all__ = ["Drain", "Progress", "begin"]
 
+_PASSED = -math.inf
+"""The deadline of ``drain(timeout=0)``: already passed, whatever the clock says (one look, no clock read)."""
+
 
 class Progress:
-    """A count that push workers bump after every batch, and the drains waiting for it. Thread-safe.
+    """A count that push workers bump after every batch (a ``ManualDispatcher`` run after each
+    queue's round), and the drains waiting for it. Thread-safe.
 
     ``_cond`` (over ``_lock``) guards ``count``, ``stopped``, ``_drainers`` (threads waiting) and
     ``_async_drainers`` (how to wake the tasks waiting, and the threads waiting on an
@@ -76,8 +80,12 @@ class Progress:
 
     def look(self) -> tuple[int, bool]:
         """The count now, and whether the broker stopped."""
-        with self._cond:
+        lock = self._lock  # the condition's lock, taken directly: a ``with`` of the condition is two frames
+        lock.acquire()
+        try:
             return self.count, self.stopped
+        finally:
+            lock.release()
 
     def wait(self, seen: int, deadline: float | None) -> None:
         """Block until the count moves past ``seen``, the broker stops, or ``deadline`` (:attr:`now`)."""
@@ -236,7 +244,7 @@ def begin(
     elif timeout:
         deadline = progress.now() + capped(timeout)
     else:
-        deadline = -math.inf  # already passed, whatever the clock says: one look, and no clock read
+        deadline = _PASSED
     delivered = run_ready()
     if quiet and targets and not delivered:
         # Settled as the drain began (the broker open: its queues close before its progress

@@ -15,7 +15,7 @@ import logging
 import operator
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from mqlite._delivery.waiters import Waiter
@@ -268,11 +268,25 @@ class PushWorker:
         return self._on_progress
 
     def _deliver(self, batch: list[Message], note: bool) -> None:
-        """Hand ``batch`` to the callback, one message at a time, and settle it.
+        """Hand ``batch`` to the callback, one message at a time, and settle it."""
+        try:
+            if self.handle(batch):
+                _settle(self.queue, self.consumer, batch, [], [])
+        finally:
+            if note:
+                self._on_progress()
+
+    def handle(self, batch: list[Message]) -> bool:
+        """Hand ``batch`` to the callback, one message at a time.
+
+        Returns True if the callback returned for every message: the batch is the caller's to
+        settle as handled (``push_done(consumer, batch, [], [])``, or in a ``push_turn``). If a
+        callback raised, or the subscription closed mid-batch, or a ``BaseException`` goes up,
+        the batch is settled here, and it returns False (or raises).
 
         The batch's :class:`_BatchRunner` is made only once it is needed, when a callback
-        raises or the batch stops early: a batch whose every callback returns is settled
-        without one (3,100 of the 38,000 instructions of a one-message step, callgrind).
+        raises or the batch stops early (3,100 of the 38,000 instructions of a one-message
+        step, callgrind).
         """
         consumer = self.consumer
         callback = self.callback
@@ -300,16 +314,13 @@ class PushWorker:
                     runner.failed(message, error)
         finally:
             self.running_on = None
-            if runner is None and handled:
-                _settle(self.queue, consumer, batch, [], [])
-            else:
+            if runner is not None or not handled:
                 if runner is None:
                     runner = _BatchRunner(self.queue, consumer, batch, rest)
                 if handled:
                     runner.all_handled()
                 runner.settle()
-            if note:
-                self._on_progress()
+        return runner is None
 
     def run(self) -> None:
         """Deliver until the subscription closes (the body of a dispatcher thread)."""
@@ -558,7 +569,7 @@ class _PoolSlot:
         dispatcher's lock, the innermost, and under it only releases a sleeping runner's signal.
         This is the coalescing: while a runner is awake, a publish costs the runners nothing,
         and a worker already in the line is not queued twice. (It runs inside a publish, so the
-        lock is taken as :meth:`_Slot.wake` takes it, without ``with``.)
+        lock is taken as :meth:`_Group.wake` takes it, without ``with``.)
         """
         dispatcher = self._dispatcher
         lock = dispatcher._lock
@@ -583,7 +594,7 @@ def _note_all(owed: dict[Callable[[], None], None]) -> None:
         note()
 
 
-def _queue_due(slots: Iterable[_PoolSlot | _Slot], ready: collections.deque[Any], next_due: float) -> float | None:
+def _queue_due(slots: Iterable[_PoolSlot | _Group], ready: collections.deque[Any], next_due: float) -> float | None:
     """Put in ``ready`` the live ``slots`` whose timer is due (if ``next_due`` has come); returns
     when the next timer falls due. Called under the dispatcher's lock, which guards the slots."""
     now = time.monotonic()
@@ -973,27 +984,47 @@ class ThreadDispatcher:
 
 
 class _Slot:
-    """One worker of a :class:`ManualDispatcher`, with its claim and what says it may have work.
+    """One worker of a :class:`ManualDispatcher`, and its claim: held by the run stepping the worker."""
 
-    ``claim`` is held by the run stepping the worker. ``queued`` (in the dispatcher's ready
-    line), ``waiter`` (registered with the worker's queue and not yet woken), ``due`` (when a
-    timer of the subscription falls due, ``time.monotonic()`` seconds) and ``live`` are guarded
-    by the dispatcher's ``_ready_lock``.
+    __slots__ = ("claim", "consumer", "handle", "worker")
+
+    def __init__(self, worker: PushWorker) -> None:
+        self.worker = worker
+        self.consumer = worker.consumer
+        self.handle = worker.handle
+        self.claim = threading.Lock()
+
+
+class _Group:
+    """Workers that a :class:`ManualDispatcher`'s run steps one after another, as one entry of its line.
+
+    Every push subscription of one queue whose engine takes turns (``push_turn``: the memory and
+    SQLite engines), with one waiter for them all; or one subscription alone, on an engine that
+    does not (Redis) or that watches each settlement (``mqlite.testing``'s recorder and faults).
+
+    ``slots`` and ``consumers`` (theirs, in the same order) are copy-on-write tuples, replaced
+    under the dispatcher's ``_lock`` and read by runs without it. ``queued`` (in the ready line),
+    ``waiter`` (registered with the queue and not yet woken), ``due`` (when a timer of one of the
+    subscriptions falls due, ``time.monotonic()`` seconds) and ``live`` are guarded by its
+    ``_ready_lock``.
     """
 
-    __slots__ = ("_dispatcher", "claim", "due", "live", "queued", "waiter", "worker")
+    __slots__ = ("_dispatcher", "consumers", "due", "live", "note", "queue", "queued", "slots", "turn", "waiter")
 
-    def __init__(self, dispatcher: ManualDispatcher, worker: PushWorker) -> None:
+    def __init__(self, dispatcher: ManualDispatcher, worker: PushWorker, turn: _Turn | None) -> None:
         self._dispatcher = dispatcher
-        self.worker = worker
-        self.claim = threading.Lock()
+        self.queue = worker.queue
+        self.turn = turn
+        self.note = worker.on_progress  # the same for every worker of a queue: its broker's
+        self.slots: tuple[_Slot, ...] = ()
+        self.consumers: tuple[Consumer, ...] = ()
         self.queued = False
         self.waiter: Waiter | None = None
         self.due: float | None = None
         self.live = True
 
     def wake(self) -> None:
-        """The queue says the worker may have work: a run steps it.
+        """The queue says a worker of the group may have work: a run steps them.
 
         The engine calls it from any thread, under the queue's lock: it takes only the
         dispatcher's innermost lock, and calls nothing while it holds it.
@@ -1002,9 +1033,9 @@ class _Slot:
         lock = dispatcher._ready_lock
         lock.acquire()
         try:
-            # Whoever wakes a waiter removes it: the slot's one waiter is gone. (A stale waiter
+            # Whoever wakes a waiter removes it: the group's one waiter is gone. (A stale waiter
             # woken as it was being replaced leaves the new one untracked: that one wakes the
-            # worker once more, for nothing, and is gone too.)
+            # group once more, for nothing, and is gone too.)
             self.waiter = None
             self.due = None
             if self.live and not self.queued:
@@ -1012,6 +1043,20 @@ class _Slot:
                 dispatcher._ready.append(self)
         finally:
             lock.release()
+
+
+_Turn = Callable[
+    [Consumer | None, list[Message], Consumer | None, int, Callable[[], object] | None, Sequence[Consumer]],
+    tuple[bool, list[Message] | None, Waiter | None, float | None],
+]
+"""An engine's ``push_turn`` (see ``mqlite.engine.delivery.DeliveryCore.push_turn``)."""
+
+_Round = tuple[bool, bool, Waiter | None, float | None]
+"""What a round of a group left: whether it delivered anything, whether a batch was full (step
+it again), the waiter registered for it, and when a timer falls due (``time.monotonic()``)."""
+
+_NOTHING: _Round = (False, False, None, None)
+"""What a round that stepped nothing left."""
 
 
 class ManualDispatcher:
@@ -1022,142 +1067,280 @@ class ManualDispatcher:
     order: a subscription whose callback is running, on another thread or further up this one
     (a callback that calls ``run_ready``), is skipped until it returns.
 
-    A run steps only the workers that may have work. A worker that took all there was leaves a
-    waiter with its queue, registered with the take, and the queue wakes it when something
-    arrives or becomes ready for it (a publish, a failed callback, a nack, a seek, the clock
-    moving). A timer that falls due on a real clock wakes nobody, so a run also steps the
-    workers whose timer is due. A run with nothing to do costs one lock section, however many
+    A run steps only the workers that may have work. The push subscriptions of one queue form a
+    group, stepped one after another in the order they started, which leaves one waiter with
+    the queue, registered with the first take; the queue wakes it when something arrives or
+    becomes ready for one of them (a publish, a failed callback, a nack, a seek, the clock
+    moving). A timer that falls due on a real clock wakes nobody, so a run also steps the groups
+    whose timer is due. A run with nothing to do costs one lock section, however many
     subscriptions there are.
     """
 
     def __init__(self) -> None:
-        # _lock guards writes of _slots: each worker's slot, in start order. It is copy-on-write
-        # (replaced, never mutated), so a run reads it without the lock.
+        # _lock guards writes of _groups (in start order, copy-on-write: replaced, never mutated,
+        # so a run reads it without the lock), _by_queue (the group of each queue that takes
+        # turns) and each group's slots and consumers.
         self._lock = threading.Lock()
-        self._slots: tuple[_Slot, ...] = ()
-        # _ready_lock guards _ready (the slots to step, in the order they became ready),
-        # _next_due (no slot's timer falls due before it; None: no slot has one) and each slot's
-        # queued, waiter, due and live. It is the innermost lock: a queue calls _Slot.wake with
-        # its own lock held, so nothing is called while _ready_lock is held.
+        self._groups: tuple[_Group, ...] = ()
+        self._by_queue: dict[QueueEngine, _Group] = {}
+        # _ready_lock guards _ready (the groups to step, in the order they became ready),
+        # _next_due (no group's timer falls due before it; None: no group has one) and each
+        # group's queued, waiter, due and live. It is the innermost lock: a queue calls
+        # _Group.wake with its own lock held, so nothing is called while _ready_lock is held.
         self._ready_lock = threading.Lock()
-        self._ready: collections.deque[_Slot] = collections.deque()
+        self._ready: collections.deque[_Group] = collections.deque()
         self._next_due: float | None = None
+        # The groups that runs are stepping now, on this thread or others; also guarded by
+        # _ready_lock. A run steps them too, as it begins: a callback that calls run_ready finds
+        # the other subscriptions of its own queue not yet stepped, as when each was in the line.
+        self._stepping: list[_Group] = []
 
     def start(self, worker: PushWorker) -> None:
         """Remember ``worker``; it delivers only inside :meth:`run_ready`."""
-        slot = _Slot(self, worker)
+        turn: _Turn | None = getattr(worker.queue, "push_turn", None)
+        slot = _Slot(worker)
         with self._lock:
-            self._slots = (*self._slots, slot)
-        slot.wake()  # a new subscription may start with messages to deliver
+            group = self._by_queue.get(worker.queue) if turn is not None else None
+            if group is None:
+                group = _Group(self, worker, turn)
+                self._groups = (*self._groups, group)
+                if turn is not None:
+                    self._by_queue[worker.queue] = group
+            group.slots = (*group.slots, slot)
+            group.consumers = (*group.consumers, worker.consumer)
+        group.wake()  # a new subscription may start with messages to deliver
 
     def run_ready(self) -> bool:
         """Deliver everything that is ready, until no worker has anything left.
 
         Skips the workers that another call is running. Returns whether this call delivered anything.
         """
-        # A worker is claimed by a non-blocking acquire of its own lock: one C call, where a
-        # section of the dispatcher's lock per step cost "publish+10 push" about 7% (callgrind).
-        # It never waits, so a callback that waits for another subscription's callback on
-        # another thread cannot deadlock: that one is skipped here, and runs where it is.
-        # Slots are taken from the line one at a time, so that a run inside a callback (a
-        # drain of another broker that shares this dispatcher) steps those this one has not.
-        did_any = False
-        busy: list[_Slot] = []
-        slot: _Slot | None = None
-        attempt: Attempt[list[Message] | None] | None = None
-        first = True
+        # Groups are taken from the line one at a time, so that a run inside a callback (a drain
+        # of another broker that shares this dispatcher) steps those this one has not.
         lock = self._ready_lock
+        lock.acquire()
+        try:
+            # The first look only: a timer that leaves nothing to deliver cannot keep a run
+            # going, nor can the groups other runs are stepping.
+            if self._next_due is not None:
+                self._queue_due_locked()
+            if self._stepping:
+                self._queue_stepping_locked()
+            if not self._ready:
+                return False  # a run with nothing to do: this one lock section
+            group, stale = self._pop_locked()
+        finally:
+            lock.release()
+        did_any = False
+        busy: list[_Group] = []
         while True:
-            stale = None
+            try:
+                if stale is not None:
+                    group.queue.remove_waiter(stale)  # a no-op if it was woken meanwhile
+                left = self._round(group, busy) if group.turn is not None else self._step_alone(group, busy)
+            except BaseException:
+                with lock:
+                    self._stepping.remove(group)
+                raise
+            if left[0]:
+                did_any = True
             lock.acquire()
             try:
-                if slot is not None and attempt is not None and slot.live:
-                    self._record_locked(slot, attempt)
-                if first and self._next_due is not None:
-                    # Only the first look of a run: a timer that leaves nothing to deliver
-                    # cannot keep a run going.
-                    self._queue_due_locked()
-                first = False
-                ready = self._ready
-                if not ready:
+                self._stepping.remove(group)
+                if group.live:
+                    self._record_locked(group, left)
+                if not self._ready:
                     break
-                slot = ready.popleft()
-                slot.queued = False
-                stale = slot.waiter  # queued by its timer, or by a run that found it busy
-                if stale is not None:
-                    slot.waiter = None
-                slot.due = None
+                group, stale = self._pop_locked()
             finally:
                 lock.release()
-            if stale is not None:
-                slot.worker.queue.remove_waiter(stale)  # a no-op if it was woken meanwhile
-            claim = slot.claim
-            if not claim.acquire(False):
-                busy.append(slot)  # running in another call, or further up this thread
-                slot = attempt = None
-                continue
-            try:
-                attempt = slot.worker.step_or_watch(slot.wake, True)
-            finally:
-                claim.release()
-            if attempt.value is None:
-                self._forget(slot)
-                slot = attempt = None
-            elif attempt.value:
-                did_any = True
         if busy:
             # Whoever runs them now steps them again if they have more; the next run steps
             # them too, in case they were claimed by a run that will not look again.
             with lock:
-                for slot in busy:
-                    if slot.live and not slot.queued:
-                        slot.queued = True
-                        self._ready.append(slot)
+                for group in busy:
+                    if group.live and not group.queued:
+                        group.queued = True
+                        self._ready.append(group)
         return did_any
 
-    def _record_locked(self, slot: _Slot, attempt: Attempt[list[Message] | None]) -> None:
-        """What a step of ``slot`` left: a waiter to keep (and maybe a timer), or a step to take again."""
-        waiter = attempt.waiter
-        if waiter is None:  # a full batch: there may be more
-            if not slot.queued:
-                slot.queued = True
-                self._ready.append(slot)
-            return
-        slot.waiter = waiter  # kept even if it was woken meanwhile: removing a woken waiter is a no-op
+    def _pop_locked(self) -> tuple[_Group, Waiter | None]:
+        """The next group in the line, now being stepped, and its waiter if one is left to remove."""
+        group = self._ready.popleft()
+        group.queued = False
+        self._stepping.append(group)
+        stale = group.waiter  # queued by its timer, or by a run that found it busy
+        if stale is not None:
+            group.waiter = None
+        group.due = None
+        return group, stale
+
+    def _round(self, group: _Group, busy: list[_Group]) -> _Round:
+        """Step each worker of ``group`` once, in turns that settle one batch and take the next.
+
+        A worker is claimed by a non-blocking acquire of its own lock, and its claim is held
+        until its batch is settled. It never waits, so a callback that waits for another
+        subscription's callback on another thread cannot deadlock: that one is skipped here
+        (the group goes back in the line), and runs where it is.
+        """
+        # A turn settles a batch whose every callback returned and takes the next subscription's
+        # in one lock section of the queue. Between the two no user code runs, so nothing a
+        # callback can see differs from a take and a settlement of each subscription apart:
+        # inside a callback, every other subscription of the queue is as it was, its batch not
+        # yet taken.
+        turn = group.turn
+        assert turn is not None
+        queue = group.queue
+        wake: Callable[[], object] | None = group.wake  # the first turn registers the group's waiter
+        watched = group.consumers
+        held_claim: threading.Lock | None = None  # of a worker whose batch was handled, not yet settled
+        held_consumer: Consumer | None = None
+        held_batch: list[Message] = []
+        waiter = None
+        due = None
+        again = False
+        delivered = False
+        try:
+            for slot in group.slots:
+                claim = slot.claim
+                if not claim.acquire(False):
+                    busy.append(group)  # running in another call, or further up this thread
+                    continue
+                try:
+                    if held_claim is None:
+                        full, batch, registered, bound = turn(
+                            None, held_batch, slot.consumer, PUSH_BATCH, wake, watched
+                        )
+                    else:
+                        try:
+                            full, batch, registered, bound = turn(
+                                held_consumer, held_batch, slot.consumer, PUSH_BATCH, wake, watched
+                            )
+                        except Exception:
+                            if not queue.atomic:
+                                raise  # it may have settled the batch: settling it again could count twice
+                            # Nothing changed: settle it in a step of its own, which retries a
+                            # write error for a while, then take as a step of its own would.
+                            _settle(queue, held_consumer, held_batch, [], [])  # type: ignore[arg-type]  # held
+                            full, batch, registered, bound = turn(None, [], slot.consumer, PUSH_BATCH, wake, watched)
+                        finally:
+                            held_claim.release()
+                            held_claim = None
+                except BaseException:
+                    claim.release()
+                    raise
+                if registered is not None:
+                    waiter = registered
+                    wake = None
+                if full:
+                    again = True  # a full batch: there may be more
+                if bound is not None:
+                    when = time.monotonic() + bound
+                    if due is None or when < due:
+                        due = when
+                if not batch:
+                    claim.release()
+                    if batch is None:  # its subscription closed
+                        self._forget(group, slot)
+                    continue
+                delivered = True
+                try:
+                    handled = slot.handle(batch)
+                except BaseException:
+                    claim.release()
+                    raise
+                if handled:
+                    held_claim = claim
+                    held_consumer = slot.consumer
+                    held_batch = batch
+                else:
+                    claim.release()  # settled already
+        finally:
+            if held_claim is not None:
+                try:
+                    _settle(queue, held_consumer, held_batch, [], [])  # type: ignore[arg-type]  # held
+                finally:
+                    held_claim.release()
+            if delivered:
+                group.note()  # once a round: every batch of it is settled
+        return delivered, again, waiter, due
+
+    def _step_alone(self, group: _Group, busy: list[_Group]) -> _Round:
+        """Step the one worker of a group whose engine takes no turns, as :meth:`_round` would."""
+        slot = group.slots[0]
+        claim = slot.claim
+        if not claim.acquire(False):
+            busy.append(group)
+            return _NOTHING
+        try:
+            attempt = slot.worker.step_or_watch(group.wake, True)
+        finally:
+            claim.release()
+        if attempt.value is None:
+            self._forget(group, slot)
+            return _NOTHING
         bound = attempt.wait_at_most
-        if bound is not None:
-            due = time.monotonic() + bound
-            slot.due = due
+        due = None if bound is None else time.monotonic() + bound
+        return bool(attempt.value), attempt.waiter is None, attempt.waiter, due
+
+    def _record_locked(self, group: _Group, left: _Round) -> None:
+        """What a round of ``group`` left: a waiter to keep (and maybe a timer), or a round to make again."""
+        _, again, waiter, due = left
+        if waiter is not None:
+            group.waiter = waiter  # kept even if it was woken meanwhile: removing a woken waiter is a no-op
+        if again and not group.queued:
+            group.queued = True
+            self._ready.append(group)
+        if due is not None:
+            group.due = due
             if self._next_due is None or due < self._next_due:
                 self._next_due = due
 
     def _queue_due_locked(self) -> None:
-        """Queue the slots whose timer is due: a real clock's timers wake nobody."""
+        """Queue the groups whose timer is due: a real clock's timers wake nobody."""
         if self._next_due is not None:
-            self._next_due = _queue_due(self._slots, self._ready, self._next_due)
+            self._next_due = _queue_due(self._groups, self._ready, self._next_due)
 
-    def _forget(self, slot: _Slot) -> None:
-        """Its subscription closed: stop stepping it."""
+    def _queue_stepping_locked(self) -> None:
+        """Queue the groups other runs are stepping: those runs may be inside a callback of one
+        of their workers, and this run steps the others (the busy ones it skips)."""
+        for group in self._stepping:
+            if group.live and not group.queued:
+                group.queued = True
+                self._ready.append(group)
+
+    def _forget(self, group: _Group, slot: _Slot) -> None:
+        """The subscription of ``slot`` closed: stop stepping it (and its group, if it was the last)."""
         with self._lock:
-            self._slots = tuple(s for s in self._slots if s is not slot)
+            if slot not in group.slots:
+                return  # another run forgot it first
+            kept = [(s, c) for s, c in zip(group.slots, group.consumers, strict=True) if s is not slot]
+            group.slots = tuple(s for s, _ in kept)
+            group.consumers = tuple(c for _, c in kept)
+            if kept:
+                return
+            self._groups = tuple(g for g in self._groups if g is not group)
+            if self._by_queue.get(group.queue) is group:
+                del self._by_queue[group.queue]
         with self._ready_lock:
-            slot.live = False
-            slot.waiter = None
-            slot.due = None
-            if slot.queued:
-                slot.queued = False
-                self._ready.remove(slot)
+            group.live = False
+            group.waiter = None
+            group.due = None
+            if group.queued:
+                group.queued = False
+                self._ready.remove(group)
 
     def close(self, timeout: float) -> bool:
         """Forget every worker; there are no threads to stop."""
         with self._lock:
-            slots, self._slots = self._slots, ()
+            groups, self._groups = self._groups, ()
+            self._by_queue = {}
         with self._ready_lock:
-            for slot in slots:
-                slot.live = False
-                slot.queued = False
-                slot.waiter = None
-                slot.due = None
+            for group in groups:
+                group.live = False
+                group.queued = False
+                group.waiter = None
+                group.due = None
             self._ready.clear()
             self._next_due = None
         return True

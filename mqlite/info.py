@@ -53,7 +53,8 @@ class QueueInfo:
     max_age: float | None
     overflow: str
     waiters: int = 0
-    """How many readers (threads, tasks, push workers) are blocked waiting on this queue."""
+    """How many readers (threads, tasks, push workers) are blocked waiting on this queue. A
+    ``ManualDispatcher`` waits with one for all the push subscriptions of a queue."""
     dropped: int = 0
     """Messages this broker published that no subscription wanted, so that ``retention="interest"``
     dropped them at once (``publish`` still returned them). Always 0 for the other retentions,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 
-__all__ = ["Waiter", "Waiters"]
+__all__ = ["AnyOf", "Waiter", "Waiters"]
 
 
 class Waiter:
@@ -16,9 +16,25 @@ class Waiter:
 
     __slots__ = ("names", "wake")
 
-    def __init__(self, names: set[str] | None, wake: Callable[[], object]) -> None:
+    def __init__(self, names: Container[str] | None, wake: Callable[[], object]) -> None:
         self.names = names
         self.wake = wake
+
+
+class AnyOf:
+    """The event names that any of several cursors wants, for one waiter that wakes for them all.
+
+    Holds their own name sets, not a copy: a set grows when a new event that its cursor's filter
+    matches is published. Not thread-safe: read under the queue's scope, as the sets are.
+    """
+
+    __slots__ = ("_sets",)
+
+    def __init__(self, sets: Iterable[set[str]]) -> None:
+        self._sets = tuple(sets)
+
+    def __contains__(self, event: object) -> bool:
+        return any(event in names for names in self._sets)
 
 
 class Waiters(list[Waiter]):
@@ -28,7 +44,7 @@ class Waiters(list[Waiter]):
     waiter removes it; a waiter that stops waiting for another reason removes itself.
     """
 
-    def add(self, names: set[str] | None, wake: Callable[[], object]) -> Waiter:
+    def add(self, names: Container[str] | None, wake: Callable[[], object]) -> Waiter:
         """Register a one-shot waiter."""
         waiter = Waiter(names, wake)
         self.append(waiter)

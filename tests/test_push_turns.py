@@ -1,0 +1,217 @@
+"""A ManualDispatcher steps the push subscriptions of one queue in turns (issue 14).
+
+Each turn settles one subscription's batch and takes the next one's in one lock section, and one
+waiter watches the whole queue. None of that may show: inside a callback of subscription A, every
+other subscription B of the queue must look as if nothing of this run had touched it yet, so that
+whatever A does to B (a seek, a close, a filter change) or reads of it (``info()``, ``position``)
+comes out as it did when each subscription was stepped on its own. Each test below fails if B's
+batch is taken before A's callbacks return (checked by taking every batch of a round first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import mqlite
+
+MakeBroker = Callable[..., mqlite.Broker]
+
+
+def _manual(make_broker: MakeBroker) -> mqlite.Broker:
+    return make_broker(clock=mqlite.ManualClock(), dispatcher=mqlite.ManualDispatcher())
+
+
+def test_a_seek_of_another_subscription_inside_a_callback_decides_what_it_gets(make_broker: MakeBroker) -> None:
+    broker = _manual(make_broker)
+    seen_b: list[int] = []
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def a(message: mqlite.Message) -> None:
+        if message.offset == 0:
+            subs["b"].seek("latest")  # B has not been handed offset 0: it never will be
+
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", name="b", callback=lambda m: seen_b.append(m.offset))
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    assert seen_b == []
+    broker.publish("q", "e", 1)
+    assert broker.drain(timeout=0)
+    assert seen_b == [1]
+    info = broker.info().subscription("q", "b")
+    assert (info.position, info.delivered, info.redelivered, info.pending) == (2, 1, 0, 0)
+
+
+def test_a_seek_back_of_another_subscription_inside_a_callback_reads_from_there_in_order(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    seen_b: list[int] = []
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def a(message: mqlite.Message) -> None:
+        if message.offset == 2:
+            subs["b"].seek(0)  # B has not been handed offset 2: it reads 0, 1, 2 from here
+
+    broker.queue("q", retention="limits")  # keeps what every subscription has read
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", name="b", callback=lambda m: seen_b.append(m.offset))
+    broker.publish("q", "e", 0)
+    broker.publish("q", "e", 1)
+    assert broker.drain(timeout=0)
+    broker.publish("q", "e", 2)
+    assert broker.drain(timeout=0)
+    assert seen_b == [0, 1, 0, 1, 2]
+    info = broker.info().subscription("q", "b")
+    assert (info.position, info.delivered, info.redelivered) == (3, 5, 0)
+
+
+def test_a_seek_forward_of_another_subscription_inside_a_callback_skips_what_it_had_not_been_handed(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    seen_b: list[int] = []
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def a(message: mqlite.Message) -> None:
+        if message.offset == 0:
+            subs["b"].seek(2)
+
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", name="b", callback=lambda m: seen_b.append(m.offset))
+    for i in range(3):
+        broker.publish("q", "e", i)
+    assert broker.drain(timeout=0)
+    assert seen_b == [2]
+
+
+def test_closing_another_subscription_inside_a_callback_runs_none_of_its_callbacks(make_broker: MakeBroker) -> None:
+    broker = _manual(make_broker)
+    seen_b: list[int] = []
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def a(message: mqlite.Message) -> None:
+        subs["b"].close()
+
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", name="b", callback=lambda m: seen_b.append(m.offset))
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    assert seen_b == []
+    info = broker.info().subscription("q", "b")
+    assert (info.position, info.delivered, info.pending, info.redelivered) == (0, 0, 0, 0)
+    # The named cursor kept its place: the next subscription of the name gets offset 0, first time.
+    again: list[mqlite.Message] = []
+    broker.subscribe("q", name="b", callback=again.append)
+    assert broker.drain(timeout=0)
+    assert [(m.offset, m.attempt) for m in again] == [(0, 1)]
+
+
+def test_a_filter_change_of_another_subscription_inside_a_callback_applies_to_this_message(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    seen_b: list[int] = []
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def a(message: mqlite.Message) -> None:
+        if message.offset == 0:
+            subs["b"].leave("e")
+
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", events=["e", "f"], callback=lambda m: seen_b.append(m.offset))
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    broker.publish("q", "f", 1)
+    assert broker.drain(timeout=0)
+    assert seen_b == [1]
+
+
+def test_another_subscription_read_inside_a_callback_has_not_been_handed_the_message(make_broker: MakeBroker) -> None:
+    broker = _manual(make_broker)
+    subs: dict[str, mqlite.Subscription] = {}
+    seen: list[tuple[int, int, int]] = []
+
+    def a(message: mqlite.Message) -> None:
+        info = broker.info().subscription("q", "b")
+        seen.append((info.position, info.lag, info.delivered))
+
+    broker.subscribe("q", callback=a)
+    subs["b"] = broker.subscribe("q", name="b", callback=lambda m: None)
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    assert seen == [(0, 1, 0)]
+    assert (subs["b"].position, subs["b"].lag) == (1, 0)
+
+
+def test_each_subscription_gets_its_messages_in_order_when_callbacks_publish(make_broker: MakeBroker) -> None:
+    # A callback that publishes to its own queue: the queue's one waiter, registered with the
+    # round's first take, wakes for it, and the same drain delivers it to every subscription.
+    broker = _manual(make_broker)
+    seen: list[list[int]] = [[], [], []]
+
+    def publishing(message: mqlite.Message) -> None:
+        seen[0].append(message.payload)
+        if message.payload < 3:
+            broker.publish("q", "e", message.payload + 1)
+
+    broker.subscribe("q", callback=publishing)
+    broker.subscribe("q", callback=lambda m: seen[1].append(m.payload))
+    broker.subscribe("q", callback=lambda m: seen[2].append(m.payload))
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    assert seen == [[0, 1, 2, 3]] * 3
+
+
+def test_a_failing_callback_is_retried_and_the_others_of_its_queue_are_delivered_once(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    calls: list[tuple[str, int, int]] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(("flaky", message.offset, message.attempt))
+        if message.attempt == 1:
+            raise RuntimeError("first delivery fails")
+
+    broker.subscribe("q", callback=lambda m: calls.append(("before", m.offset, m.attempt)))
+    broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=0.0))
+    broker.subscribe("q", callback=lambda m: calls.append(("after", m.offset, m.attempt)))
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    assert sorted(calls) == [("after", 0, 1), ("before", 0, 1), ("flaky", 0, 1), ("flaky", 0, 2)]
+
+
+def test_a_new_event_a_pattern_matches_wakes_the_queue_of_subscriptions_with_different_filters(
+    make_broker: MakeBroker,
+) -> None:
+    # The queue's one waiter wants what any of its subscriptions wants, from their own name sets:
+    # an event published for the first time joins the set of each pattern that matches it.
+    broker = _manual(make_broker)
+    orders: list[str] = []
+    users: list[str] = []
+    broker.subscribe("q", events="order.*", callback=lambda m: orders.append(m.event))
+    broker.subscribe("q", events="user.*", callback=lambda m: users.append(m.event))
+    assert broker.drain(timeout=0)
+    broker.publish("q", "order.created", 0)
+    assert broker.drain(timeout=0)
+    broker.publish("q", "user.joined", 1)
+    assert broker.drain(timeout=0)
+    assert (orders, users) == (["order.created"], ["user.joined"])
+
+
+@pytest.mark.parametrize("closing", ["first", "last"])
+def test_closing_a_subscription_leaves_the_others_of_its_queue_delivered(make_broker: MakeBroker, closing: str) -> None:
+    broker = _manual(make_broker)
+    seen: list[list[Any]] = [[], [], []]
+    subs = [broker.subscribe("q", callback=seen[i].append) for i in range(3)]
+    broker.publish("q", "e", 0)
+    assert broker.drain(timeout=0)
+    subs[0 if closing == "first" else 2].close()
+    broker.publish("q", "e", 1)
+    assert broker.drain(timeout=0)
+    counts = [len(s) for s in seen]
+    assert counts == ([1, 2, 2] if closing == "first" else [2, 2, 1])
