@@ -998,9 +998,10 @@ class _Slot:
 class _Group:
     """Workers that a :class:`ManualDispatcher`'s run steps one after another, as one entry of its line.
 
-    Every push subscription of one queue whose engine takes turns (``push_turn``: the memory and
-    SQLite engines), with one waiter for them all; or one subscription alone, on an engine that
-    does not (Redis) or that watches each settlement (``mqlite.testing``'s recorder and faults).
+    Every push subscription of one queue that wants every event, on an engine that takes turns
+    (``push_turn``: the memory and SQLite engines), with one waiter for them all; or one
+    subscription alone: a filtered one, or one on an engine that takes no turns (Redis) or that
+    watches each settlement (``mqlite.testing``'s recorder and faults).
 
     ``slots`` and ``consumers`` (theirs, in the same order) are copy-on-write tuples, replaced
     under the dispatcher's ``_lock`` and read by runs without it. ``queued`` (in the ready line),
@@ -1067,8 +1068,9 @@ class ManualDispatcher:
     order: a subscription whose callback is running, on another thread or further up this one
     (a callback that calls ``run_ready``), is skipped until it returns.
 
-    A run steps only the workers that may have work. The push subscriptions of one queue form a
-    group, stepped one after another in the order they started, which leaves one waiter with
+    A run steps only the workers that may have work. The push subscriptions of one queue that
+    want every event form a group (a filtered one is a group of its own, whose waiter wants only
+    its events), stepped one after another in the order they started, which leaves one waiter with
     the queue, registered with the first take; the queue wakes it when something arrives or
     becomes ready for one of them (a publish, a failed callback, a nack, a seek, the clock
     moving). A timer that falls due on a real clock wakes nobody, so a run also steps the groups
@@ -1078,8 +1080,8 @@ class ManualDispatcher:
 
     def __init__(self) -> None:
         # _lock guards writes of _groups (in start order, copy-on-write: replaced, never mutated,
-        # so a run reads it without the lock), _by_queue (the group of each queue that takes
-        # turns) and each group's slots and consumers.
+        # so a run reads it without the lock), _by_queue (each queue's shared group, of its
+        # subscriptions that want every event) and each group's slots and consumers.
         self._lock = threading.Lock()
         self._groups: tuple[_Group, ...] = ()
         self._by_queue: dict[QueueEngine, _Group] = {}
@@ -1098,13 +1100,19 @@ class ManualDispatcher:
     def start(self, worker: PushWorker) -> None:
         """Remember ``worker``; it delivers only inside :meth:`run_ready`."""
         turn: _Turn | None = getattr(worker.queue, "push_turn", None)
+        # Only the subscriptions that want every event share their queue's group: a round steps
+        # every worker of a group, and a filtered one would pay a take (an index read) for each
+        # publish that any of them wants. With a group of its own, its waiter wants only its
+        # events, so a publish it does not want costs it nothing (100 filtered subscriptions, one
+        # of which wants the message: 135 µs a publish and drain, against 722 µs in one group).
+        shared = turn is not None and worker.consumer._cursor.names is None
         slot = _Slot(worker)
         with self._lock:
-            group = self._by_queue.get(worker.queue) if turn is not None else None
+            group = self._by_queue.get(worker.queue) if shared else None
             if group is None:
                 group = _Group(self, worker, turn)
                 self._groups = (*self._groups, group)
-                if turn is not None:
+                if shared:
                     self._by_queue[worker.queue] = group
             group.slots = (*group.slots, slot)
             group.consumers = (*group.consumers, worker.consumer)

@@ -54,7 +54,8 @@ class QueueInfo:
     overflow: str
     waiters: int = 0
     """How many readers (threads, tasks, push workers) are blocked waiting on this queue. A
-    ``ManualDispatcher`` waits with one for all the push subscriptions of a queue."""
+    ``ManualDispatcher`` waits with one for all the push subscriptions of a queue that want every
+    event, and one for each filtered one."""
     dropped: int = 0
     """Messages this broker published that no subscription wanted, so that ``retention="interest"``
     dropped them at once (``publish`` still returned them). Always 0 for the other retentions,

@@ -215,3 +215,23 @@ def test_closing_a_subscription_leaves_the_others_of_its_queue_delivered(make_br
     assert broker.drain(timeout=0)
     counts = [len(s) for s in seen]
     assert counts == ([1, 2, 2] if closing == "first" else [2, 2, 1])
+
+
+def test_the_subscriptions_that_want_every_event_share_one_waiter_and_a_filtered_one_waits_alone(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    seen: dict[str, list[int]] = {"all 1": [], "all 2": [], "e1": [], "e2": []}
+    for label in ("all 1", "all 2"):
+        broker.subscribe("q", callback=lambda m, label=label: seen[label].append(m.offset))
+    for event in ("e1", "e2"):
+        broker.subscribe("q", events=event, callback=lambda m, event=event: seen[event].append(m.offset))
+    broker.publish("q", "e1", None)
+    broker.publish("q", "e2", None)
+    assert broker.drain(timeout=0)
+    # One waiter for both every-event subscriptions, one for each filtered one (docs/api.md).
+    assert broker.info().queue("q").waiters == 3
+    broker.publish("q", "e2", None)  # wakes the shared waiter and e2's, not e1's
+    assert broker.info().queue("q").waiters == 1
+    assert broker.drain(timeout=0)
+    assert seen == {"all 1": [0, 1, 2], "all 2": [0, 1, 2], "e1": [0], "e2": [1, 2]}
