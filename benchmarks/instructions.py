@@ -239,6 +239,85 @@ def _same_loop_queue(count: int) -> None:
     asyncio.run(main())
 
 
+def _compat_face(done: bool, count: int) -> None:
+    """The compat scenario's thread face on one thread: ``count`` puts, then as many gets (and
+    ``task_done`` calls), per item."""
+    from mqlite import compat
+
+    with compat.Queue[int]() as q:
+        put = q.put
+        for i in range(count):
+            put(i)
+        get = q.get
+        task_done = q.task_done
+        for _ in range(count):
+            get(timeout=0)
+            if done:
+                task_done()
+
+
+def _compat_stdlib(done: bool, count: int) -> None:
+    """The thread face's peer, ``queue.Queue``, in the same shape as :func:`_compat_face`."""
+    import queue
+
+    q: queue.Queue[int] = queue.Queue()
+    put = q.put
+    for i in range(count):
+        put(i)
+    get = q.get
+    task_done = q.task_done
+    for _ in range(count):
+        get(timeout=0)
+        if done:
+            task_done()
+
+
+def _compat_file(count: int) -> None:
+    """The thread face on a file (``synchronous="normal"``): put, get and ``task_done``, per item."""
+    import tempfile
+    from pathlib import Path
+
+    import mqlite
+    from mqlite import compat
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mqlite-instructions-") as directory,
+        mqlite.Broker(Path(directory) / "q.mqlite") as broker,
+        compat.Queue[int](broker=broker, name="jobs") as q,
+    ):
+        for i in range(count):
+            q.put(i)
+        for _ in range(count):
+            q.get(timeout=0)
+            q.task_done()
+
+
+def _compat_same_loop(count: int) -> None:
+    """The compat scenario's same-loop case: ``AsyncQueue.put_nowait`` yielding every 100, ``await get()``."""
+    import asyncio
+
+    from mqlite import compat
+
+    async def main() -> None:
+        with compat.AsyncQueue[int]() as q:
+
+            async def consume() -> int:
+                get = q.get
+                for _ in range(count):
+                    await get()
+                return count
+
+            consumer = asyncio.create_task(consume())
+            put = q.put_nowait
+            for i in range(count):
+                put(i)
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            assert await consumer == count
+
+    asyncio.run(main())
+
+
 # The selective scenario's reads, on a queue of 10 interleaved event types rather than 100: a
 # read's instructions do not depend on how far apart its matches lie (its time does, through the
 # cache), and filling a queue ten times the size would take minutes under valgrind. Every run
@@ -289,6 +368,14 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     # The asyncio scenario's same-loop case and its peer, per message.
     "same loop": _same_loop_mqlite,
     "asyncio.Queue same loop": _same_loop_queue,
+    # The compat scenario on one thread, per item: the thread face and queue.Queue (put+get, and
+    # put+get+task_done), the face on a file, and the async face on one loop.
+    "compat put+get": functools.partial(_compat_face, False),
+    "queue.Queue put+get": functools.partial(_compat_stdlib, False),
+    "compat put+get+task_done": functools.partial(_compat_face, True),
+    "queue.Queue put+get+task_done": functools.partial(_compat_stdlib, True),
+    "compat file put+get+task_done": _compat_file,
+    "compat same loop": _compat_same_loop,
     # The selective scenario, per matching message: mqlite and the floor.
     "poll 1 of 10": _poll_selective,
     "slice 1 of 10": _slice_selective,
@@ -345,9 +432,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     for name in argv or list(SCENARIOS):
         if name.startswith("pyee") and importlib.util.find_spec("pyee") is None:
-            print(f"{name:<22} skipped: pyee is not installed (pip install -e '.[bench]')", flush=True)
+            print(f"{name:<30} skipped: pyee is not installed (pip install -e '.[bench]')", flush=True)
             continue
-        print(f"{name:<22} {per_operation(name):>10,.0f} instructions per operation", flush=True)
+        print(f"{name:<30} {per_operation(name):>10,.0f} instructions per operation", flush=True)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,10 @@ class Subscription:
         # Messages iteration read ahead and has not returned yet. Filled under the queue's lock;
         # popped with deque's atomic popleft. Closing hands them back to the cursor.
         self._buffer: deque[Message] = deque()
+        # Whether a take that reads ahead (_get_ahead, iteration) does so with manual acks too:
+        # set by the compat faces, which hand out and count what they read ahead (see
+        # policy.read_ahead_size).
+        self._manual_read_ahead = False
 
     # -- what the queue needs from a consumer --------------------------------------------
 
@@ -160,6 +164,18 @@ class Subscription:
         messages = self._engine.try_pull(self, 1, 0)
         if not messages and timeout != 0:
             messages = self._wait(1, timeout, 0)
+        return messages[0] if messages else None
+
+    def _get_ahead(self, timeout: float | None, read_ahead: int) -> Message | None:
+        """:meth:`get`, taking up to ``read_ahead`` messages at once and keeping the rest in
+        ``_buffer``: the compat faces' take. They pop ``_buffer`` themselves before they call it,
+        and set ``_manual_read_ahead`` so that a manual-ack cursor reads ahead too."""
+        if self._is_push:
+            self._check_pull()
+        timeout = check_timeout(timeout)
+        messages = self._engine.try_pull(self, 1, read_ahead)
+        if not messages and timeout != 0:
+            messages = self._wait(1, timeout, read_ahead)
         return messages[0] if messages else None
 
     def poll(self, max_messages: int = 100, timeout: float | None = 0) -> list[Message]:

@@ -167,7 +167,55 @@ def test_the_queue_shows_in_info(broker: mqlite.Broker) -> None:
     q.put(2)
     q.get_nowait()
     info = broker.info().subscription("jobs", compat.SUBSCRIPTION)
-    assert (info.lag, info.pending, info.ack) == (1, 1, "manual")
+    assert (info.lag + info.pending, info.ack) == (2, "manual")
+
+
+def test_on_a_file_a_take_takes_one_item(path: Path) -> None:
+    with mqlite.Broker(path) as broker:
+        q: Queue[int] = Queue(broker=broker, name="jobs")
+        q.put(1)
+        q.put(2)
+        q.get_nowait()
+        info = broker.info().subscription("jobs", compat.SUBSCRIPTION)
+        assert (info.lag, info.pending) == (1, 1)
+
+
+def test_in_memory_a_take_reads_ahead_and_counts_what_it_read_ahead_as_waiting() -> None:
+    with mqlite.Broker() as broker:
+        q: Queue[int] = Queue(broker=broker, name="jobs")
+        for i in range(3):
+            q.put(i)
+        assert q.get_nowait() == 0
+        info = broker.info().subscription("jobs", compat.SUBSCRIPTION)
+        assert (info.lag, info.pending) == (0, 3)  # read ahead: pending, held by the face
+        assert q.qsize() == 2
+        assert [q.get_nowait(), q.get_nowait()] == [1, 2]
+        assert q.empty()
+
+
+def test_what_a_face_read_ahead_goes_to_another_consumer_of_the_name_that_finds_nothing_else() -> None:
+    with mqlite.Broker() as broker:
+        q: Queue[int] = Queue(broker=broker, name="jobs")
+        for i in range(3):
+            q.put(i)
+        assert q.get_nowait() == 0  # and 1 and 2 read ahead
+        plain = broker.subscribe("jobs", name=compat.SUBSCRIPTION, ack="manual")
+        taken = plain.poll(10, timeout=0)
+        assert [(m.payload, m.attempt) for m in taken] == [(1, 1), (2, 1)]
+        with pytest.raises(Empty):
+            q.get_nowait()
+
+
+def test_closing_a_face_gives_back_what_it_read_ahead_as_never_delivered() -> None:
+    with mqlite.Broker() as broker:
+        q: Queue[int] = Queue(broker=broker, name="jobs")
+        for i in range(3):
+            q.put(i)
+        assert q.get_nowait() == 0  # handed out; 1 and 2 read ahead
+        q.close()
+        plain = broker.subscribe("jobs", name=compat.SUBSCRIPTION, ack="manual")
+        taken = plain.poll(10, timeout=0)
+        assert sorted((m.payload, m.attempt) for m in taken) == [(0, 2), (1, 1), (2, 1)]
 
 
 # -- task_done -----------------------------------------------------------------------------------

@@ -185,8 +185,13 @@ def test_manual_ack_reads_no_more_than_it_returns() -> None:
     assert policy.read_ahead_size(100, 5, manual_ack=True, durable_take=False) == 5
 
 
+def test_manual_ack_reads_ahead_for_a_consumer_that_asks_to() -> None:
+    assert policy.read_ahead_size(100, 5, manual_ack=True, durable_take=False, ahead_with_manual=True) == 100
+
+
 def test_a_durable_take_reads_no_more_than_it_returns() -> None:
     assert policy.read_ahead_size(100, 5, manual_ack=False, durable_take=True) == 5
+    assert policy.read_ahead_size(100, 5, manual_ack=True, durable_take=True, ahead_with_manual=True) == 5
 
 
 def test_auto_ack_reads_ahead_the_requested_size() -> None:

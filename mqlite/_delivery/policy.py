@@ -94,14 +94,18 @@ def settles_on_take(*, manual_ack: bool, push: bool) -> bool:
     return not manual_ack and not push
 
 
-def read_ahead_size(requested: int, max_messages: int, *, manual_ack: bool, durable_take: bool) -> int:
+def read_ahead_size(
+    requested: int, max_messages: int, *, manual_ack: bool, durable_take: bool, ahead_with_manual: bool = False
+) -> int:
     """How many messages a pull takes at once, of which ``max_messages`` are returned now.
 
     No read-ahead with manual acks (a message read ahead would start its ack timeout before
-    anyone saw it), nor where taking is durable (a named cursor on a file: a message read ahead
-    counts as taken, so a crash would lose it).
+    anyone saw it), unless the consumer asks for it (``ahead_with_manual``: the compat faces, on
+    a cursor with no ack timeout); nor where taking is durable (a named cursor on a file: a
+    message read ahead counts as taken, so a crash would lose it, and other processes could not
+    take it meanwhile).
     """
-    if manual_ack or durable_take:
+    if (manual_ack and not ahead_with_manual) or durable_take:
         return max_messages
     return requested if requested > max_messages else max_messages
 

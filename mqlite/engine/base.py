@@ -86,6 +86,9 @@ class Consumer(Protocol):
     closed: bool
     _buffer: deque[Message]
     _cursor: Cursor
+    _manual_read_ahead: bool
+    """Whether it may read ahead with manual acks: it hands out what it read ahead itself, and
+    counts it (the compat faces). See :func:`mqlite._delivery.policy.read_ahead_size`."""
 
     @property
     def _label(self) -> str: ...

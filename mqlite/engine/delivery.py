@@ -26,6 +26,7 @@ __all__ = ["DeliveryCore"]
 # tuple.__new__ builds the NamedTuple records of the take paths without the Python-level __new__
 # each NamedTuple has: one frame less per take.
 _tuple_new = tuple.__new__
+_object_new = object.__new__
 
 
 class DeliveryCore(CursorCore):
@@ -101,12 +102,35 @@ class DeliveryCore(CursorCore):
                 max_messages,
                 manual_ack=cursor.manual_ack,
                 durable_take=self.durable and consumer.name is not None,
+                ahead_with_manual=consumer._manual_read_ahead and cursor.ack_timeout is None,
             )
         messages = self._take_locked(consumer, cursor, wanted, False)
-        if len(messages) > max_messages:
-            buffer.extend(messages[max_messages:])
-            del messages[max_messages:]
+        if len(messages) != max_messages:  # one test on the usual path: a get that found one
+            if not messages and len(cursor.members) > 1 and self._take_back_read_ahead_locked(consumer, cursor):
+                messages = self._take_locked(consumer, cursor, wanted, False)
+            if len(messages) > max_messages:
+                buffer.extend(messages[max_messages:])
+                del messages[max_messages:]
         return messages
+
+    def _take_back_read_ahead_locked(self, consumer: Consumer, cursor: Cursor) -> bool:
+        """Give back to the line what the cursor's other members read ahead and have not handed
+        out, for ``consumer``, whose take found nothing; whether there was any.
+
+        So a message read ahead by one competing consumer is never out of another's reach: the
+        others' next take finds it. Not on a file: there a named cursor never reads ahead (see
+        :func:`policy.read_ahead_size`), and an unnamed one has one member.
+        """
+        if self.durable:
+            return False
+        found = False
+        for member in cursor.members:
+            if member is not consumer and member._buffer:
+                unread = self._drain_buffer(member)
+                if unread:
+                    self._give_back_locked(cursor, unread, pulled=True)
+                    found = True
+        return found
 
     # -- pushing ------------------------------------------------------------------------------
 
@@ -468,13 +492,21 @@ class DeliveryCore(CursorCore):
 
     def _track_locked(self, consumer: Consumer, cursor: Cursor, messages: list[Message]) -> None:
         pending = cursor.pending
-        entries = []
         now = self._time()
         for message in messages:
-            entry = Pending(message, 1, consumer, OUT, now)
+            # Pending(message, 1, consumer, OUT, now) without its __init__ frame: every message a
+            # manual-ack take hands out comes here (callgrind: about 700 instructions less per
+            # message, 2,300 -> 1,600 for the entry).
+            entry = _object_new(Pending)
+            entry.message = message
+            entry.attempts = 1
+            entry.owner = consumer
+            entry.state = OUT
+            entry.deadline = 0.0
+            entry.since = now
             pending[message[2]] = entry
-            entries.append(entry)
-        if cursor.ack_timeout is not None:
+        if cursor.ack_timeout is not None:  # the entries listed again only when they need it
+            entries = [pending[message[2]] for message in messages]
             cursor.schedule.track_timeout(self._monotonic() + cursor.ack_timeout, entries)
 
     # -- acks, seeks and filters --------------------------------------------------------------
@@ -484,10 +516,20 @@ class DeliveryCore(CursorCore):
         lock = self._lock
         lock.acquire()
         try:
-            cursor = self._check_manual_locked(consumer, "ack")
-            entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
-            if len(entries) > 1 and len({id(entry) for entry in entries}) < len(entries):
-                raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
+            cursor = consumer._cursor
+            if consumer.closed or not cursor.manual_ack:
+                self._check_manual_locked(consumer, "ack")  # raises
+            if len(messages) == 1:
+                # The usual ack: one message this queue built, found by its offset without the
+                # comprehension's frame or the helpers' (callgrind: about 2,700 instructions,
+                # 9% of a get+ack).
+                message = messages[0]
+                entry = cursor.pending.get(message[2]) if type(message) is self._message_class else None
+                entries = [entry if entry is not None else self._pending_entry_locked(cursor, message, "ack")]
+            else:
+                entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
+                if len({id(entry) for entry in entries}) < len(entries):
+                    raise NotPending(f"ack() was given the same message of {self.name!r} twice; nothing was acked")
             self._ack_entries_locked(cursor, entries)
         finally:
             lock.release()
