@@ -215,13 +215,11 @@ def _same_loop_mqlite(count: int) -> None:
     asyncio.run(main())
 
 
-def _same_loop_queue(count: int) -> None:
-    """The same-loop peer: ``asyncio.Queue`` ``put_nowait`` and ``await get()``, yielding every 100."""
+def _put_get_on_one_loop(q: Any, count: int) -> None:
+    """``q.put_nowait`` yielding to the loop every 100, and a task awaiting ``q.get()`` ``count`` times."""
     import asyncio
 
     async def main() -> None:
-        q: asyncio.Queue[int] = asyncio.Queue()
-
         async def consume() -> int:
             get = q.get
             for _ in range(count):
@@ -237,6 +235,13 @@ def _same_loop_queue(count: int) -> None:
         assert await consumer == count
 
     asyncio.run(main())
+
+
+def _same_loop_queue(count: int) -> None:
+    """The same-loop peer: ``asyncio.Queue`` ``put_nowait`` and ``await get()``, yielding every 100."""
+    import asyncio
+
+    _put_get_on_one_loop(asyncio.Queue(), count)
 
 
 def _compat_face(done: bool, count: int) -> None:
@@ -294,28 +299,10 @@ def _compat_file(count: int) -> None:
 
 def _compat_same_loop(count: int) -> None:
     """The compat scenario's same-loop case: ``AsyncQueue.put_nowait`` yielding every 100, ``await get()``."""
-    import asyncio
-
     from mqlite import compat
 
-    async def main() -> None:
-        with compat.AsyncQueue[int]() as q:
-
-            async def consume() -> int:
-                get = q.get
-                for _ in range(count):
-                    await get()
-                return count
-
-            consumer = asyncio.create_task(consume())
-            put = q.put_nowait
-            for i in range(count):
-                put(i)
-                if i % 100 == 0:
-                    await asyncio.sleep(0)
-            assert await consumer == count
-
-    asyncio.run(main())
+    with compat.AsyncQueue[int]() as q:
+        _put_get_on_one_loop(q, count)
 
 
 # The selective scenario's reads, on a queue of 10 interleaved event types rather than 100: a
