@@ -244,28 +244,8 @@ def _same_loop_queue(count: int) -> None:
     _put_get_on_one_loop(asyncio.Queue(), count)
 
 
-def _compat_face(done: bool, count: int) -> None:
-    """The compat scenario's thread face on one thread: ``count`` puts, then as many gets (and
-    ``task_done`` calls), per item."""
-    from mqlite import compat
-
-    with compat.Queue[int]() as q:
-        put = q.put
-        for i in range(count):
-            put(i)
-        get = q.get
-        task_done = q.task_done
-        for _ in range(count):
-            get(timeout=0)
-            if done:
-                task_done()
-
-
-def _compat_stdlib(done: bool, count: int) -> None:
-    """The thread face's peer, ``queue.Queue``, in the same shape as :func:`_compat_face`."""
-    import queue
-
-    q: queue.Queue[int] = queue.Queue()
+def _put_then_get(q: Any, done: bool, count: int) -> None:
+    """``count`` puts to ``q``, then as many ``get(timeout=0)`` (each with ``task_done`` if ``done``)."""
     put = q.put
     for i in range(count):
         put(i)
@@ -275,6 +255,22 @@ def _compat_stdlib(done: bool, count: int) -> None:
         get(timeout=0)
         if done:
             task_done()
+
+
+def _compat_face(done: bool, count: int) -> None:
+    """The compat scenario's thread face on one thread: ``count`` puts, then as many gets (and
+    ``task_done`` calls), per item."""
+    from mqlite import compat
+
+    with compat.Queue[int]() as q:
+        _put_then_get(q, done, count)
+
+
+def _compat_stdlib(done: bool, count: int) -> None:
+    """The thread face's peer, ``queue.Queue``, in the same shape as :func:`_compat_face`."""
+    import queue
+
+    _put_then_get(queue.Queue(), done, count)
 
 
 def _compat_file(count: int) -> None:

@@ -594,6 +594,17 @@ def _note_all(owed: dict[Callable[[], None], None]) -> None:
         note()
 
 
+def _retire(entry: _PoolSlot | _Group, ready: collections.deque[Any]) -> None:
+    """Step ``entry`` no more: not live, no waiter or timer kept, out of the ``ready`` line.
+    Called under the lock of the dispatcher that guards those (its ``_lock`` or ``_ready_lock``)."""
+    entry.live = False
+    entry.waiter = None
+    entry.due = None
+    if entry.queued:
+        entry.queued = False
+        ready.remove(entry)
+
+
 def _queue_due(slots: Iterable[_PoolSlot | _Group], ready: collections.deque[Any], next_due: float) -> float | None:
     """Put in ``ready`` the live ``slots`` whose timer is due (if ``next_due`` has come); returns
     when the next timer falls due. Called under the dispatcher's lock, which guards the slots."""
@@ -939,12 +950,7 @@ class ThreadDispatcher:
         """Its subscription closed (or its worker stopped): step it no more."""
         if slot in self._slots:
             self._slots.remove(slot)
-        slot.live = False
-        slot.waiter = None
-        slot.due = None
-        if slot.queued:
-            slot.queued = False
-            self._ready.remove(slot)
+        _retire(slot, self._ready)
 
     def _leave_locked(self, runner: _Runner) -> None:
         """``runner``, awake, leaves the pool."""
@@ -1331,12 +1337,7 @@ class ManualDispatcher:
             if self._by_queue.get(group.queue) is group:
                 del self._by_queue[group.queue]
         with self._ready_lock:
-            group.live = False
-            group.waiter = None
-            group.due = None
-            if group.queued:
-                group.queued = False
-                self._ready.remove(group)
+            _retire(group, self._ready)
 
     def close(self, timeout: float) -> bool:
         """Forget every worker; there are no threads to stop."""

@@ -165,6 +165,14 @@ def waiters(broker: mqlite.Broker) -> int:
     return broker.info().queue("orders").waiters
 
 
+async def until_waiting(broker: mqlite.Broker) -> None:
+    """Yield to the loop until the queue has a waiter; fail after TIMEOUT seconds."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not waiters(broker):
+        assert asyncio.get_running_loop().time() < deadline, "no waiter registered"
+        await asyncio.sleep(0)
+
+
 def test_an_aget_that_times_out_leaves_no_waiter_behind() -> None:
     async def body() -> None:
         with mqlite.Broker() as broker:
@@ -180,8 +188,7 @@ def test_an_aget_woken_by_a_publish_leaves_no_waiter_behind() -> None:
         with mqlite.Broker() as broker:
             sub = broker.subscribe("orders")
             task = asyncio.ensure_future(sub.aget(timeout=TIMEOUT))
-            while not waiters(broker):
-                await asyncio.sleep(0)
+            await until_waiting(broker)
             broker.publish("orders", "created", 1)
             message = await task
             assert message is not None
@@ -196,8 +203,7 @@ def test_a_cancelled_aget_leaves_no_waiter_behind() -> None:
         with mqlite.Broker() as broker:
             sub = broker.subscribe("orders")
             task = asyncio.ensure_future(sub.aget(timeout=TIMEOUT))
-            while not waiters(broker):
-                await asyncio.sleep(0)
+            await until_waiting(broker)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
