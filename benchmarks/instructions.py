@@ -273,6 +273,15 @@ def _compat_stdlib(done: bool, count: int) -> None:
     _put_then_get(queue.Queue(), done, count)
 
 
+def _quiet_watcher() -> None:
+    """Let a file's watcher thread sleep through the run: it polls and checkpoints by the clock,
+    and under valgrind, 50 times slower, its polls would count as the operations' own cost."""
+    from mqlite.engine.sqlite import sharing, watcher
+
+    sharing.CHECKPOINT_EVERY = 3600.0
+    watcher.WATCH_MIN = watcher.WATCH_MAX = 3600.0
+
+
 def _compat_file(count: int) -> None:
     """The thread face on a file (``synchronous="normal"``): put, get and ``task_done``, per item."""
     import tempfile
@@ -281,6 +290,7 @@ def _compat_file(count: int) -> None:
     import mqlite
     from mqlite import compat
 
+    _quiet_watcher()
     with (
         tempfile.TemporaryDirectory(prefix="mqlite-instructions-") as directory,
         mqlite.Broker(Path(directory) / "q.mqlite") as broker,
@@ -291,6 +301,46 @@ def _compat_file(count: int) -> None:
         for _ in range(count):
             q.get(timeout=0)
             q.task_done()
+
+
+def _sqlite_floor(count: int) -> None:
+    """The file face's floor: sqlite3 alone running the statements the face runs, in the same
+    transactions (put: one insert; get: the cursor's position and a pending row; task_done: the
+    row deleted), on the file the face makes, per item."""
+    import sqlite3
+    import tempfile
+    from pathlib import Path
+
+    import mqlite
+    from mqlite import compat
+    from mqlite.engine.sqlite.schema import WAL_AUTOCHECKPOINT
+    from mqlite.engine.sqlite.writer import _INSERT
+
+    with tempfile.TemporaryDirectory(prefix="mqlite-instructions-") as directory:
+        path = Path(directory) / "q.mqlite"
+        with mqlite.Broker(path) as broker, compat.Queue[int](broker=broker, name="jobs"):
+            pass  # the schema, the queue and its cursor
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+        position = "UPDATE cursors SET position = ? WHERE queue = ? AND name = ?"
+        take = 'INSERT INTO pending (queue, name, "offset", attempts, owner, due, since) VALUES (?, ?, ?, ?, ?, ?, ?)'
+        done = 'DELETE FROM pending WHERE queue = ? AND name = ? AND "offset" = ?'
+        execute = db.execute
+        for i in range(count):
+            execute("BEGIN")
+            execute(_INSERT, ("jobs", i, "item", b"1", None, None, 1.0))
+            execute("COMMIT")
+        for i in range(count):
+            execute("BEGIN")
+            execute(position, (i + 1, "jobs", "compat"))
+            execute(take, ("jobs", "compat", i, 1, "me", None, 1.0))
+            execute("COMMIT")
+            execute("BEGIN")
+            execute(done, ("jobs", "compat", i))
+            execute("COMMIT")
+        db.close()
 
 
 def _compat_same_loop(count: int) -> None:
@@ -358,6 +408,7 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "compat put+get+task_done": functools.partial(_compat_face, True),
     "queue.Queue put+get+task_done": functools.partial(_compat_stdlib, True),
     "compat file put+get+task_done": _compat_file,
+    "sqlite3 floor put+get+task_done": _sqlite_floor,
     "compat same loop": _compat_same_loop,
     # The selective scenario, per matching message: mqlite and the floor.
     "poll 1 of 10": _poll_selective,

@@ -480,10 +480,12 @@ class DeliveryCore(CursorCore):
         self, cursor: Cursor, out: list[Message], redelivered: int, *, manual: bool, push: bool
     ) -> None:
         """Save what a take changed on a durable cursor."""
-        fresh = [m[2] for m in out[redelivered:]]
         if manual:
-            self._journal_sync_locked(cursor, [m[2] for m in out], moved=True)
-        elif push:
+            # A get of one message on a file, the usual take, without a comprehension's frame.
+            self._journal_sync_locked(cursor, [out[0][2]] if len(out) == 1 else [m[2] for m in out], moved=True)
+            return
+        fresh = [m[2] for m in out[redelivered:]]
+        if push:
             # Handed to a callback with automatic acks: saved as pending until it returns, so a
             # crash redelivers them.
             self._journal_sync_locked(cursor, [m[2] for m in out[:redelivered]], fresh, moved=True)
@@ -538,7 +540,9 @@ class DeliveryCore(CursorCore):
         """Settle checked pending entries of ``cursor`` as acked."""
         if self.durable and cursor.name is not None:
             # Journal first: a write that fails leaves every message pending, so the ack can be retried.
-            self._journal_ack_locked(cursor, [entry.message[2] for entry in entries])
+            self._journal_ack_locked(
+                cursor, [entries[0].message[2]] if len(entries) == 1 else [entry.message[2] for entry in entries]
+            )
         pending = cursor.pending
         for entry in entries:
             del pending[entry.message[2]]

@@ -8,6 +8,7 @@ transaction per operation, begun by reloading what other brokers changed (``_ref
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -61,7 +62,8 @@ class SqliteQueue(TransactionalCore):
                 store,
                 self._refresh_locked,
                 self._on_commit,
-                on_begin=self._on_begin_locked,
+                owed=self._released,
+                on_begin=functools.partial(self._undo.begin, self),
                 undo=self._undo_locked,
                 reload=self._reload_all_locked,
             )
@@ -310,10 +312,6 @@ class SqliteQueue(TransactionalCore):
                 self._journal_sync_locked(cursor, due)
 
     # -- undoing a failed operation ------------------------------------------------------------
-
-    def _on_begin_locked(self) -> None:
-        """An operation begins (shared files): remember what the file cannot restore if it fails."""
-        self._undo.begin(self._cursors, self._ephemeral, self._outbox, self._push_out)
 
     def _undo_locked(self) -> None:
         """Put back what a failed operation changed that the file does not hold (counters, members)."""

@@ -80,6 +80,11 @@ class SqliteLog:
         """Append messages whose payload, key and headers were encoded before the lock, with the
         ``(id, offset, at)`` of their dedup ids: all or none."""
         queue = self.queue
+        if len(messages) == 1 and not dedup:  # a plain publish, the usual write: no comprehension's frame
+            message = messages[0]
+            self.store.insert_row((queue, message[2], message[0], *fields[0], message[3]))
+            self._cache.extend(messages)
+            return
         rows = [(queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
         if dedup:
             ids = [(queue, offset, dedup_id, at) for dedup_id, offset, at in dedup]
@@ -205,14 +210,20 @@ class SqliteLog:
         ops: list[_Op] = []
         if position is not None:
             ops.append((_SET_POSITION, (position, queue, name), False))
+        # One row, the usual take or ack, is built without a comprehension's frame.
         if upserts:
             me = self.store.instance
-            rows = [
-                (queue, name, offset, attempts, me if held else None, due, since if held else None)
-                for offset, attempts, held, due, since in upserts
-            ]
+            if len(upserts) == 1:
+                offset, attempts, held, due, since = upserts[0]
+                rows = [(queue, name, offset, attempts, me if held else None, due, since if held else None)]
+            else:
+                rows = [
+                    (queue, name, offset, attempts, me if held else None, due, since if held else None)
+                    for offset, attempts, held, due, since in upserts
+                ]
             ops.append((_UPSERT_PENDING, rows, True))
         if deletes:
-            ops.append((_DELETE_PENDING, [(queue, name, offset) for offset in deletes], True))
+            doomed = [(queue, name, deletes[0])] if len(deletes) == 1 else [(queue, name, offset) for offset in deletes]
+            ops.append((_DELETE_PENDING, doomed, True))
         if ops:
             self.store.submit(ops)

@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
 from mqlite.errors import MqliteError, StorageError
@@ -273,6 +273,7 @@ class FileLock:
         "_entry_error",
         "_on_begin",
         "_on_commit",
+        "_owed",
         "_refresh",
         "_reload",
         "_store",
@@ -288,6 +289,7 @@ class FileLock:
         refresh: Callable[[], None],
         on_commit: Callable[[], None],
         *,
+        owed: Sized | None = None,
         on_begin: Callable[[], None] = lambda: None,
         undo: Callable[[], None] = lambda: None,
         reload: Callable[[], None] | None = None,
@@ -297,6 +299,9 @@ class FileLock:
         self._refresh = refresh  # reload the queue from the file: what changed since it last looked
         self._reload = reload if reload is not None else refresh  # reload all of it
         self._on_commit = on_commit  # write what the queue still owes the file
+        # What on_commit writes, if the queue says: while it is empty, on_commit is not called
+        # (the usual operation owes nothing, and the call would cost each one a frame).
+        self._owed = owed
         self._on_begin = on_begin  # remember what undo needs
         self._undo = undo  # undo the memory changes of a failed operation that the file cannot restore
         # Guarded by plain: whether a transaction is open, the exception being handled when it
@@ -399,8 +404,10 @@ class FileLock:
                     if wrote or not isinstance(error, MqliteError):
                         trouble = self._restore() or trouble
                     return
+                owed = self._owed
                 try:
-                    self._on_commit()
+                    if owed is None or owed:
+                        self._on_commit()
                 except BaseException:
                     trouble = _rolled_back(store.rollback())
                     trouble = self._restore() or trouble

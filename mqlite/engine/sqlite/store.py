@@ -261,6 +261,10 @@ class SqliteStore:
             self._db_lock.acquire()
         finally:
             gate.release()
+        if self._solo and not self._closed:  # _begin_locked's usual case, without its frame
+            self._in_op = True
+            self.wrote = False
+            return self.generation
         return self._begin_locked()
 
     def begin_owned(self) -> int | None:
@@ -546,9 +550,13 @@ class SqliteStore:
         writer = self._writer
         if writer is None:
             with self._db_lock:
-                self._check_open()
+                if self._closed:
+                    self._check_open()
                 try:
-                    self._begin_write_locked()
+                    if self._in_op:  # _begin_write_locked, inlined: every take and ack on a file comes here
+                        self.wrote = True
+                        if not self._db.in_transaction:
+                            self._db.execute("BEGIN")
                     self._execute_locked(ops)
                     if vacuum:
                         # Give freed pages back to the file system: a steady workload keeps a steady size.

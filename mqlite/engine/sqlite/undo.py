@@ -9,6 +9,7 @@ pending entry the operation changed.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from mqlite._delivery.cursor import Cursor
@@ -17,6 +18,9 @@ from mqlite.engine.base import Consumer
 from mqlite.message import Message
 
 __all__ = ["UndoLog"]
+
+_counters = attrgetter("delivered", "acked", "redelivered", "dead_lettered", "missed", "inflight")
+"""A cursor's counters, in the order :meth:`UndoLog.undo` puts them back."""
 
 
 class UndoLog:
@@ -37,32 +41,39 @@ class UndoLog:
         # The queue's count of push batches out when the operation began (its _push_out).
         self.push_out = 0
 
-    def begin(
-        self, cursors: dict[str, Cursor], ephemeral: list[Cursor], outbox: list[DeadLetter], push_out: int
-    ) -> None:
-        """An operation begins: remember what the file cannot restore if it fails."""
-        self.push_out = push_out
-        self._saved = [
-            (
-                cursor,
-                (
-                    cursor.delivered,
-                    cursor.acked,
-                    cursor.redelivered,
-                    cursor.dead_lettered,
-                    cursor.missed,
-                    cursor.inflight,
-                    list(cursor.members),
-                    set(cursor.dead_in_transit) if cursor.dead_in_transit else None,
-                    set(cursor.pushing) if cursor.pushing else None,
-                ),
-            )
-            for cursor in [*cursors.values(), *ephemeral]
-        ]
+    def begin(self, queue: Any) -> None:
+        """An operation of ``queue`` (a SqliteQueue) begins: remember what the file cannot
+        restore if it fails (its cursors, ephemeral cursors, outbox and push batches out)."""
+        # Every operation on a file comes here, straight from its FileLock, so the snapshot is
+        # one loop, the counters read in C by one attrgetter, the sets copied only when they
+        # hold something.
+        cursors: dict[str, Cursor] = queue._cursors
+        ephemeral: list[Cursor] = queue._ephemeral
+        self.push_out = queue._push_out
+        saved: list[tuple[Cursor, tuple[Any, ...]]] = []
+        opened: list[Consumer] = []
+        for group in (cursors.values(), ephemeral) if ephemeral else (cursors.values(),):
+            for cursor in group:
+                members = cursor.members
+                saved.append(
+                    (
+                        cursor,
+                        (
+                            _counters(cursor),
+                            members[:],
+                            set(cursor.dead_in_transit) if cursor.dead_in_transit else None,
+                            set(cursor.pushing) if cursor.pushing else None,
+                        ),
+                    )
+                )
+                for member in members:
+                    if not member.closed:
+                        opened.append(member)
+        self._saved = saved
+        self._open = opened
         self._cursors = dict(cursors)
-        self._ephemeral = list(ephemeral)
-        self._open = [member for cursor, _ in self._saved for member in cursor.members if not member.closed]
-        self._outbox = len(outbox)
+        self._ephemeral = ephemeral[:]
+        self._outbox = len(queue._outbox)
         if self.touched:
             self.touched.clear()
         if self._buffered:
@@ -80,6 +91,7 @@ class UndoLog:
     def undo(self, cursors: dict[str, Cursor], ephemeral: list[Cursor], outbox: list[DeadLetter]) -> None:
         """Put back the counters, members, cursors, outbox and buffers a failed operation changed."""
         for cursor, saved in self._saved:
+            counters, members, in_transit, pushing = saved
             (
                 cursor.delivered,
                 cursor.acked,
@@ -87,10 +99,7 @@ class UndoLog:
                 cursor.dead_lettered,
                 cursor.missed,
                 cursor.inflight,
-                members,
-                in_transit,
-                pushing,
-            ) = saved
+            ) = counters
             cursor.members[:] = members
             cursor.dead_in_transit = in_transit if in_transit is not None else set()
             cursor.pushing = pushing if pushing is not None else set()

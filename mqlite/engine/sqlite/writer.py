@@ -8,7 +8,6 @@ transaction (group commit), after :func:`_coalesce` has reduced them to their ne
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import threading
@@ -70,6 +69,9 @@ class _Chunked:
     def run(self, db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], prefix: tuple[Any, ...] = ()) -> None:
         """Run over ``rows``, within the connection's limit of parameters per statement
         (999 in SQLite before 3.32, 32766 since)."""
+        if len(rows) == 1:  # a take or an ack of one message, the usual write: one plain statement
+            db.execute(self._one, prefix + tuple(rows[0]) if prefix else rows[0])
+            return
         max_variables = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         done = 0
         flat = chain.from_iterable
@@ -102,6 +104,9 @@ _DELETE_ROWS = _Chunked(
 
 def _delete_pending(db: sqlite3.Connection, rows: Sequence[tuple[str, str, int]]) -> None:
     """Delete ``(queue, name, offset)`` pending rows, one IN list per cursor and chunk (the key's index serves it)."""
+    if len(rows) == 1:  # an ack of one message, the usual one
+        db.execute(_DELETE_PENDING, rows[0])
+        return
     by_cursor: dict[tuple[str, str], list[tuple[int]]] = {}
     for queue, name, offset in rows:
         by_cursor.setdefault((queue, name), []).append((offset,))
@@ -173,19 +178,28 @@ def execute(db: sqlite3.Connection, ops: list[_Op]) -> None:
         if len(params) == 1:
             db.execute(sql, params[0])
             return
-    # Inside begin() ... commit() the statements join that transaction; otherwise one of their own.
-    with contextlib.nullcontext() if db.in_transaction else _transaction(db):
-        for sql, params, many in ops:
-            if not many:
-                db.execute(sql, params)
-            elif sql is _INSERT:
-                _INSERT_ROWS.run(db, params)
-            elif sql is _UPSERT_PENDING:
-                _UPSERT_ROWS.run(db, params)
-            elif sql is _DELETE_PENDING:
-                _delete_pending(db, params)
-            else:
-                db.executemany(sql, params)
+    # Inside begin() ... commit() the statements join that transaction (the usual case: every
+    # queue operation on a file is one, and a context manager's frames would cost each of them);
+    # otherwise they are one of their own.
+    if db.in_transaction:
+        _run_ops(db, ops)
+        return
+    with _transaction(db):
+        _run_ops(db, ops)
+
+
+def _run_ops(db: sqlite3.Connection, ops: list[_Op]) -> None:
+    for sql, params, many in ops:
+        if not many:
+            db.execute(sql, params)
+        elif sql is _INSERT:
+            _INSERT_ROWS.run(db, params)
+        elif sql is _UPSERT_PENDING:
+            _UPSERT_ROWS.run(db, params)
+        elif sql is _DELETE_PENDING:
+            _delete_pending(db, params)
+        else:
+            db.executemany(sql, params)
 
 
 class BatchWriter:
