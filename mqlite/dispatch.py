@@ -322,6 +322,39 @@ class PushWorker:
                 runner.settle()
         return runner is None
 
+    def resume(
+        self, batch: list[Message], rest: Iterator[Message], message: Message | None, error: BaseException | None
+    ) -> None:
+        """Finish ``batch``, whose delivery a dispatcher began itself (as :meth:`handle` would),
+        and settle it: the callback raised ``error`` on ``message``, or (``error`` None) the
+        subscription closed with ``message`` taken from ``rest`` but not handed over.
+
+        An ``Exception`` is a failed delivery, and the rest of the batch goes on. A
+        ``BaseException`` that is not one gives back the message in hand and the rest, and
+        is raised again. :attr:`running_on` must be this thread's ident, and is cleared.
+        """
+        consumer = self.consumer
+        callback = self.callback
+        runner = _BatchRunner(self.queue, consumer, batch, rest)
+        try:
+            if error is None:
+                return  # closed: the runner gives back the message in hand and the rest
+            if not isinstance(error, Exception):
+                raise error
+            runner.failed(message, error)  # type: ignore[arg-type]  # the callback raised on it
+            for message in runner:
+                if consumer.closed:  # as in handle
+                    break
+                try:
+                    callback(message)
+                except Exception as failure:  # noqa: BLE001  # a failed delivery: failed() logs it
+                    runner.failed(message, failure)
+            else:
+                runner.all_handled()
+        finally:
+            self.running_on = None
+            runner.settle()
+
     def run(self) -> None:
         """Deliver until the subscription closes (the body of a dispatcher thread)."""
         try:
@@ -992,12 +1025,12 @@ class ThreadDispatcher:
 class _Slot:
     """One worker of a :class:`ManualDispatcher`, and its claim: held by the run stepping the worker."""
 
-    __slots__ = ("claim", "consumer", "handle", "worker")
+    __slots__ = ("callback", "claim", "consumer", "worker")
 
     def __init__(self, worker: PushWorker) -> None:
         self.worker = worker
         self.consumer = worker.consumer
-        self.handle = worker.handle
+        self.callback = worker.callback
         self.claim = threading.Lock()
 
 
@@ -1005,9 +1038,10 @@ class _Group:
     """Workers that a :class:`ManualDispatcher`'s run steps one after another, as one entry of its line.
 
     Every push subscription of one queue that wants every event, on an engine that takes turns
-    (``push_turn``: the memory and SQLite engines), with one waiter for them all; or one
-    subscription alone: a filtered one, or one on an engine that takes no turns (Redis) or that
-    watches each settlement (``mqlite.testing``'s recorder and faults).
+    (``push_turn``, and ``push_step`` for the plain ones: the memory and SQLite engines), with
+    one waiter for them all; or one subscription alone: a filtered one, or one on an engine that
+    takes no turns (Redis) or that watches each settlement (``mqlite.testing``'s recorder and
+    faults).
 
     ``slots`` and ``consumers`` (theirs, in the same order) are copy-on-write tuples, replaced
     under the dispatcher's ``_lock`` and read by runs without it. ``queued`` (in the ready line),
@@ -1016,12 +1050,26 @@ class _Group:
     ``_ready_lock``.
     """
 
-    __slots__ = ("_dispatcher", "consumers", "due", "live", "note", "queue", "queued", "slots", "turn", "waiter")
+    __slots__ = (
+        "_dispatcher",
+        "consumers",
+        "due",
+        "live",
+        "note",
+        "queue",
+        "queued",
+        "slots",
+        "step",
+        "turn",
+        "waiter",
+    )
 
     def __init__(self, dispatcher: ManualDispatcher, worker: PushWorker, turn: _Turn | None) -> None:
         self._dispatcher = dispatcher
         self.queue = worker.queue
         self.turn = turn
+        # The engine's lean turn for plain subscriptions (see DeliveryCore.push_step), if it takes turns.
+        self.step: _Step | None = getattr(worker.queue, "push_step", None) if turn is not None else None
         self.note = worker.on_progress  # the same for every worker of a queue: its broker's
         self.slots: tuple[_Slot, ...] = ()
         self.consumers: tuple[Consumer, ...] = ()
@@ -1052,11 +1100,25 @@ class _Group:
             lock.release()
 
 
+def _after(batch: list[Message], message: Message | None) -> Iterator[Message]:
+    """An iterator over the messages of ``batch`` after ``message`` (the object itself, which a
+    batch holds once), as iterating over the batch would have left it: the failure paths of
+    ``ManualDispatcher._round``, which iterates over the list itself."""
+    for index, held in enumerate(batch):
+        if held is message:
+            return iter(batch[index + 1 :])
+    # None (an interrupt before the first message was taken): the whole batch is still to go.
+    return iter(batch)
+
+
 _Turn = Callable[
     [Consumer | None, list[Message], Consumer | None, int, Callable[[], object] | None, Sequence[Consumer]],
     tuple[bool, list[Message] | None, Waiter | None, float | None],
 ]
 """An engine's ``push_turn`` (see ``mqlite.engine.delivery.DeliveryCore.push_turn``)."""
+
+_Step = Callable[[Consumer | None, list[Message], Consumer, int], list[Message] | None]
+"""An engine's ``push_step`` (see ``mqlite.engine.delivery.DeliveryCore.push_step``)."""
 
 _Round = tuple[bool, bool, Waiter | None, float | None]
 """What a round of a group left: whether it delivered anything, whether a batch was full (step
@@ -1201,14 +1263,22 @@ class ManualDispatcher:
         # in one lock section of the queue. Between the two no user code runs, so nothing a
         # callback can see differs from a take and a settlement of each subscription apart:
         # inside a callback, every other subscription of the queue is as it was, its batch not
-        # yet taken.
+        # yet taken. A drain after each publish runs this loop once per push subscription, so
+        # it is kept lean: the turns after the first (which registers the group's waiter) go by
+        # the engine's push_step while the subscriptions are plain ones (it returns None for
+        # one that is not, which then takes a push_turn), and the callbacks are called here, as
+        # PushWorker.handle would, not through it (callgrind, "drain 10 push, 1 msg": see
+        # docs/benchmarks.md, scenario 14).
         turn = group.turn
         assert turn is not None
+        step = group.step
+        lean: _Step | None = None  # step, once the first turn has registered the group's waiter
         queue = group.queue
-        wake: Callable[[], object] | None = group.wake  # the first turn registers the group's waiter
+        wake: Callable[[], object] | None = group.wake
         watched = group.consumers
-        held_claim: threading.Lock | None = None  # of a worker whose batch was handled, not yet settled
-        held_consumer: Consumer | None = None
+        me = _get_ident()
+        message: Message | None = None  # the one in hand, when a callback loop stops early
+        held: _Slot | None = None  # a worker whose batch was handled, not yet settled; its claim is held
         held_batch: list[Message] = []
         waiter = None
         due = None
@@ -1220,61 +1290,96 @@ class ManualDispatcher:
                 if not claim.acquire(False):
                     busy.append(group)  # running in another call, or further up this thread
                     continue
+                consumer = slot.consumer
                 try:
-                    if held_claim is None:
-                        full, batch, registered, bound = turn(
-                            None, held_batch, slot.consumer, PUSH_BATCH, wake, watched
+                    try:
+                        batch = (
+                            None
+                            if lean is None
+                            else lean(None if held is None else held.consumer, held_batch, consumer, PUSH_BATCH)
                         )
-                    else:
-                        try:
+                        if batch is None:
                             full, batch, registered, bound = turn(
-                                held_consumer, held_batch, slot.consumer, PUSH_BATCH, wake, watched
+                                None if held is None else held.consumer, held_batch, consumer, PUSH_BATCH, wake, watched
                             )
-                        except Exception:
-                            if not queue.atomic:
-                                raise  # it may have settled the batch: settling it again could count twice
-                            # Nothing changed: settle it in a step of its own, which retries a
-                            # write error for a while, then take as a step of its own would.
-                            _settle(queue, held_consumer, held_batch, [], [])  # type: ignore[arg-type]  # held
-                            full, batch, registered, bound = turn(None, [], slot.consumer, PUSH_BATCH, wake, watched)
-                        finally:
-                            held_claim.release()
-                            held_claim = None
+                            if registered is not None:
+                                waiter = registered
+                                wake = None
+                                lean = step
+                            if full:
+                                again = True  # a full batch: there may be more
+                            if bound is not None:
+                                when = time.monotonic() + bound
+                                if due is None or when < due:
+                                    due = when
+                    except Exception:
+                        if held is None or not queue.atomic:
+                            raise  # it may have settled the batch: settling it again could count twice
+                        # Nothing changed: settle it in a step of its own, which retries a write
+                        # error for a while, then take as a step of its own would.
+                        _settle(queue, held.consumer, held_batch, [], [])
+                        full, batch, registered, bound = turn(None, [], consumer, PUSH_BATCH, wake, watched)
+                        if registered is not None:
+                            waiter = registered
+                            wake = None
+                            lean = step
+                        if full:
+                            again = True
+                        if bound is not None:
+                            when = time.monotonic() + bound
+                            if due is None or when < due:
+                                due = when
+                    finally:
+                        if held is not None:
+                            held.claim.release()
+                            held = None
                 except BaseException:
                     claim.release()
                     raise
-                if registered is not None:
-                    waiter = registered
-                    wake = None
-                if full:
-                    again = True  # a full batch: there may be more
-                if bound is not None:
-                    when = time.monotonic() + bound
-                    if due is None or when < due:
-                        due = when
                 if not batch:
                     claim.release()
                     if batch is None:  # its subscription closed
                         self._forget(group, slot)
                     continue
                 delivered = True
+                # PushWorker.handle's loop, until a callback raises or the subscription closes
+                # (over the list itself: the iterator that resume needs is made only then).
+                worker = slot.worker
+                callback = slot.callback
+                worker.running_on = me  # drain refuses to run inside it
                 try:
-                    handled = slot.handle(batch)
-                except BaseException:
-                    claim.release()
-                    raise
-                if handled:
-                    held_claim = claim
-                    held_consumer = slot.consumer
-                    held_batch = batch
-                else:
-                    claim.release()  # settled already
-        finally:
-            if held_claim is not None:
+                    for message in batch:
+                        if consumer.closed:  # read without the lock: a hint between callbacks
+                            break
+                        callback(message)
+                    else:
+                        worker.running_on = None
+                        held = slot
+                        held_batch = batch
+                        continue
+                except BaseException as error:  # noqa: BLE001  # resume logs an Exception and goes on, or settles and raises
+                    try:
+                        worker.resume(batch, _after(batch, message), message, error)
+                    finally:
+                        claim.release()
+                    continue
                 try:
-                    _settle(queue, held_consumer, held_batch, [], [])  # type: ignore[arg-type]  # held
+                    # Closed mid-batch: resume gives back the message in hand and the rest.
+                    worker.resume(batch, _after(batch, message), None, None)
                 finally:
-                    held_claim.release()
+                    claim.release()
+        finally:
+            if held is not None:
+                try:
+                    try:
+                        # A turn that only settles: push_done's work without its frames.
+                        turn(held.consumer, held_batch, None, PUSH_BATCH, None, ())
+                    except Exception:
+                        if not queue.atomic:
+                            raise  # it may have settled the batch: settling it again could count twice
+                        _settle(queue, held.consumer, held_batch, [], [])  # nothing changed: retry a while
+                finally:
+                    held.claim.release()
             if delivered:
                 group.note()  # once a round: every batch of it is settled
         return delivered, again, waiter, due

@@ -235,3 +235,125 @@ def test_the_subscriptions_that_want_every_event_share_one_waiter_and_a_filtered
     assert broker.info().queue("q").waiters == 1
     assert broker.drain(timeout=0)
     assert seen == {"all 1": [0, 1, 2], "all 2": [0, 1, 2], "e1": [0], "e2": [1, 2]}
+
+
+# The turns after a round's first go by the engine's lean push_step, and the round calls the
+# callbacks itself; these pin what that path must do as PushWorker.handle and push_turn do.
+
+
+def test_a_callback_failing_mid_batch_after_the_first_turn_is_retried_and_its_batch_goes_on(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    calls: list[tuple[str, int, int]] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(("flaky", message.offset, message.attempt))
+        if message.offset == 1 and message.attempt == 1:
+            raise RuntimeError("the second message fails once")
+
+    broker.subscribe("q", callback=lambda m: calls.append(("first", m.offset, m.attempt)))
+    broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=0.0))
+    broker.subscribe("q", callback=lambda m: calls.append(("last", m.offset, m.attempt)))
+    assert broker.drain(timeout=0)
+    for i in range(3):
+        broker.publish("q", "e", i)
+    assert broker.drain(timeout=0)
+    assert [c for c in calls if c[0] == "flaky"] == [("flaky", 0, 1), ("flaky", 1, 1), ("flaky", 2, 1), ("flaky", 1, 2)]
+    others = [("first", i, 1) for i in range(3)] + [("last", i, 1) for i in range(3)]
+    assert [c for c in calls if c[0] != "flaky"] == others
+
+
+def test_a_subscription_closing_itself_mid_batch_after_the_first_turn_gives_back_the_rest(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    seen: dict[str, list[int]] = {"first": [], "closing": [], "last": [], "again": []}
+    subs: dict[str, mqlite.Subscription] = {}
+
+    def closing(message: mqlite.Message) -> None:
+        seen["closing"].append(message.offset)
+        if message.offset == 1:
+            subs["closing"].close()
+
+    broker.subscribe("q", callback=lambda m: seen["first"].append(m.offset))
+    subs["closing"] = broker.subscribe("q", name="c", callback=closing)
+    broker.subscribe("q", callback=lambda m: seen["last"].append(m.offset))
+    assert broker.drain(timeout=0)
+    for i in range(4):
+        broker.publish("q", "e", i)
+    assert broker.drain(timeout=0)
+    assert seen == {"first": [0, 1, 2, 3], "closing": [0, 1], "last": [0, 1, 2, 3], "again": []}
+    # Offset 1 was in hand, its callback returned after the close: it counts as handled, and
+    # what was never handed over goes back to the name's line.
+    broker.subscribe("q", name="c", callback=lambda m: seen["again"].append(m.offset))
+    assert broker.drain(timeout=0)
+    assert seen["again"] == [2, 3]
+
+
+class _Stop(BaseException):
+    """Not an Exception: like KeyboardInterrupt, it stops the run."""
+
+
+def test_a_base_exception_from_a_callback_after_the_first_turn_gives_back_its_message_and_the_rest(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    calls: list[tuple[str, int, int]] = []
+    stop = [True]
+
+    def stopping(message: mqlite.Message) -> None:
+        calls.append(("stopping", message.offset, message.attempt))
+        if message.offset == 1 and stop[0]:
+            stop[0] = False
+            raise _Stop
+
+    broker.subscribe("q", callback=lambda m: calls.append(("first", m.offset, m.attempt)))
+    broker.subscribe("q", name="s", callback=stopping)
+    assert broker.drain(timeout=0)
+    for i in range(3):
+        broker.publish("q", "e", i)
+    with pytest.raises(_Stop):
+        broker.drain(timeout=0)
+    assert broker.drain(timeout=0)  # nothing left claimed or out: the next run delivers the rest
+    assert [c for c in calls if c[0] == "first"] == [("first", i, 1) for i in range(3)]
+    assert [c[1] for c in calls if c[0] == "stopping"] == [0, 1, 1, 2]
+
+
+def test_a_subscription_after_one_handed_a_redelivery_gets_the_message_as_a_first_delivery(
+    make_broker: MakeBroker,
+) -> None:
+    # The lean step hands the next subscription the batch just settled when it is the same run
+    # of the log; a redelivery's copy (attempt 2) is not, though it has the same offset.
+    broker = _manual(make_broker)
+    calls: list[tuple[str, int, int]] = []
+
+    def flaky(message: mqlite.Message) -> None:
+        calls.append(("flaky", message.offset, message.attempt))
+        if message.attempt == 1:
+            raise RuntimeError("first delivery fails")
+
+    broker.subscribe("q", name="pin")  # a pull subscription that keeps offset 0 in the log
+    broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=1.0))
+    broker.publish("q", "e", 0)
+    assert not broker.drain(timeout=0)  # the retry waits for the clock
+    broker.subscribe("q", callback=lambda m: calls.append(("late", m.offset, m.attempt)), start="earliest")
+    broker._clock.advance(1.0)  # type: ignore[attr-defined]  # the broker's ManualClock
+    assert broker.drain(timeout=0)
+    assert calls == [("flaky", 0, 1), ("flaky", 0, 2), ("late", 0, 1)]
+
+
+def test_an_engine_that_wraps_a_take_gets_no_lean_step_even_with_a_turn_of_its_own() -> None:
+    # The lean step takes without _take_locked: a subclass that watches takes must not get it,
+    # though it wrote a push_turn of its own (which then is the only way a round takes).
+    from mqlite.engine.memory import MemoryQueue
+
+    class Watching(MemoryQueue):
+        def _take_locked(self, *args: Any, **kwargs: Any) -> Any:
+            return super()._take_locked(*args, **kwargs)
+
+        push_turn = MemoryQueue.push_turn
+
+    assert Watching.push_step is None
+    assert Watching.push_turn is MemoryQueue.push_turn
+    assert MemoryQueue.push_step is not None
