@@ -166,17 +166,23 @@ def test_each_subscription_gets_its_messages_in_order_when_callbacks_publish(mak
     assert seen == [[0, 1, 2, 3]] * 3
 
 
-def test_a_failing_callback_is_retried_and_the_others_of_its_queue_are_delivered_once(
-    make_broker: MakeBroker,
-) -> None:
-    broker = _manual(make_broker)
-    calls: list[tuple[str, int, int]] = []
+def _fails_first_delivery(calls: list[tuple[str, int, int]]) -> Callable[[mqlite.Message], None]:
+    """A callback that notes each call in ``calls`` and raises on a message's first delivery."""
 
     def flaky(message: mqlite.Message) -> None:
         calls.append(("flaky", message.offset, message.attempt))
         if message.attempt == 1:
             raise RuntimeError("first delivery fails")
 
+    return flaky
+
+
+def test_a_failing_callback_is_retried_and_the_others_of_its_queue_are_delivered_once(
+    make_broker: MakeBroker,
+) -> None:
+    broker = _manual(make_broker)
+    calls: list[tuple[str, int, int]] = []
+    flaky = _fails_first_delivery(calls)
     broker.subscribe("q", callback=lambda m: calls.append(("before", m.offset, m.attempt)))
     broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=0.0))
     broker.subscribe("q", callback=lambda m: calls.append(("after", m.offset, m.attempt)))
@@ -327,12 +333,7 @@ def test_a_subscription_after_one_handed_a_redelivery_gets_the_message_as_a_firs
     # of the log; a redelivery's copy (attempt 2) is not, though it has the same offset.
     broker = _manual(make_broker)
     calls: list[tuple[str, int, int]] = []
-
-    def flaky(message: mqlite.Message) -> None:
-        calls.append(("flaky", message.offset, message.attempt))
-        if message.attempt == 1:
-            raise RuntimeError("first delivery fails")
-
+    flaky = _fails_first_delivery(calls)
     broker.subscribe("q", name="pin")  # a pull subscription that keeps offset 0 in the log
     broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=1.0))
     broker.publish("q", "e", 0)
