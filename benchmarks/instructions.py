@@ -130,6 +130,28 @@ def _drain_push10_idle(count: int) -> None:
     broker.close()
 
 
+def _drain_one_of_100_queues(count: int) -> None:
+    """A drain after a publish to one of 100 queues, each with one push subscription."""
+    import mqlite
+
+    broker = mqlite.Broker(dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for i in range(100):
+        broker.subscribe(f"q{i}", callback=callback)
+    broker.drain(timeout=0)
+    publish = broker.publish
+    drain = broker.drain
+    for i in range(count):
+        publish("q0", "e", i)
+        drain(timeout=0)
+    assert seen[0] == count, seen[0]
+    broker.close()
+
+
 class _Tally:
     """The fanout benchmark's callback: it counts (``benchmarks.fanout.Tally``, without importing it)."""
 
@@ -395,6 +417,7 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "publish+10 push": _publish_push10,
     "drain 10 push, 1 msg": _drain_push10,
     "drain 10 push, idle": _drain_push10_idle,
+    "drain 1 of 100 queues": _drain_one_of_100_queues,
     # The fanout scenario's three systems, per publish, at N = 1, 10 and 100: the floor, the peer,
     # and mqlite's own work on one thread. (Not the thread dispatcher: valgrind runs one thread at
     # a time on its own schedule, so its batch sizes, and the count, differ from run to run.)

@@ -18,7 +18,7 @@ import attrs
 from mqlite._checks import check_broker_arguments, check_path, check_subscribe, close_deadline
 from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.entries import DeadLetter
-from mqlite._draining import Drain, Progress, begin
+from mqlite._draining import Drain, Progress, Unsettled, begin
 from mqlite._waiting import capped
 from mqlite.clock import Clock, SystemClock
 from mqlite.config import Backoff, Overflow, QueueConfig, Retention, Start, dead_letter_queue_name
@@ -132,6 +132,12 @@ class Broker:
         self._lock = threading.Lock()
         self._queues: dict[str, Queue] = {}
         self._engines: dict[str, QueueEngine] = {}
+        # What a drain looks at: the queues that may have push work left, which they keep up to
+        # date themselves (its own lock; lock order: a queue's lock, then its), and the queues
+        # whose engine cannot (a shared file, Redis), looked at every time. _unwatched is
+        # copy-on-write like _engines, under _lock.
+        self._unsettled = Unsettled()
+        self._unwatched: tuple[QueueEngine, ...] = ()
         # An engine with blocking I/O runs the steps of async faces in one thread of its own,
         # made on first use; _io_lock guards _io.
         self._io_lock = threading.Lock()
@@ -206,6 +212,8 @@ class Broker:
                 config = attrs.evolve(default, **changes)
                 engine = self._engine.open_queue(name, config, self._clock, self._send_dead_letters)
                 queue = Queue(engine)
+                if not engine.watch_settled(self._unsettled):  # before publish can find it
+                    self._unwatched = (*self._unwatched, engine)
                 self._engines = {**self._engines, name: engine}
                 self._queues = {**self._queues, name: queue}
                 if not changes or engine.config == config:
@@ -511,9 +519,11 @@ class Broker:
         return begin(
             self._dispatcher.run_ready,
             self._progress,
-            self._engines.values(),
+            self._unsettled,
+            self._unwatched,
             check_timeout(timeout),
             self._running_own_callback,
+            self._engines,
         )
 
     def _running_own_callback(self) -> str | None:

@@ -43,6 +43,7 @@ __all__ = [
     "QueueEngine",
     "QueueSnapshot",
     "StorageEngine",
+    "UnsettledQueues",
 ]
 
 _T = TypeVar("_T")
@@ -212,6 +213,23 @@ class QueueSnapshot:
         return queue_info, [figures.to_info(queue) for figures in self.cursors]
 
 
+class UnsettledQueues(Protocol):
+    """Where a broker keeps the queues whose push cursors may not have handled everything, so
+    that a drain looks at those alone (see :meth:`QueueEngine.watch_settled`).
+
+    A queue calls both methods with its own lock held: the lock order is a queue's lock, then
+    this set's.
+    """
+
+    def add(self, queue: QueueEngine, end: int) -> None:
+        """``queue``, settled up to ``end`` until now, may have push work not yet handled: drains look at it."""
+        ...
+
+    def discard(self, queue: QueueEngine) -> None:
+        """``queue`` found every push cursor settled up to its end: drains need not look at it."""
+        ...
+
+
 class QueueEngine(Protocol):
     """One queue of an engine. Thread-safe: every method is one atomic step.
 
@@ -315,6 +333,12 @@ class QueueEngine(Protocol):
         ...
 
     def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]: ...
+
+    def watch_settled(self, unsettled: UnsettledQueues) -> bool:
+        """Keep ``unsettled`` up to date from now on, if this queue can: it is in the set whenever
+        ``drain_start`` would not say settled (it adds itself now if so). False if it cannot; a
+        drain then looks at it every time."""
+        ...
 
     def close(self) -> list[Consumer]: ...
 

@@ -57,7 +57,7 @@ class CursorCore(QueueCore):
                 self._refresh_unwanted_locked()
             cursor.members.append(consumer)
             consumer._cursor = cursor
-            self._push_settled_to = -1  # a new push cursor, or a push member for one that had none
+            self._unsettle_locked()  # a new push cursor, or a push member for one that had none
             self._journal_member_locked(cursor, consumer, attached=True)
             return cursor
 
@@ -158,7 +158,7 @@ class CursorCore(QueueCore):
     ) -> None:
         """A delivery failed: dead-letter the message if it used up its deliveries, else retry it."""
         message = entry.message
-        self._push_settled_to = -1
+        self._unsettle_locked()
         decision = policy.on_failure(
             message,
             attempts=entry.attempts,
@@ -193,7 +193,7 @@ class CursorCore(QueueCore):
         """
         if not messages:
             return
-        self._push_settled_to = -1
+        self._unsettle_locked()
         pending = cursor.pending
         cursor.delivered -= len(messages)
         if pulled and not cursor.manual_ack:

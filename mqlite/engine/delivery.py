@@ -303,7 +303,9 @@ class DeliveryCore(CursorCore):
                     cursor.delivered += len(taken)
                     cursor.inflight += 1
                     self._push_out += 1
-                    self._push_settled_to = -1  # a batch out is unsettled, whatever its offsets
+                    # A batch out is unsettled, whatever its offsets. The queue is in the broker's set already:
+                    # what this take found was put there by a publish, a failure or a give-back, which put it back.
+                    self._push_settled_to = -1
             dead = self._outbox
             if dead:
                 self._outbox = []
@@ -382,7 +384,9 @@ class DeliveryCore(CursorCore):
             cursor.inflight += 1
             if handled is None:
                 self._push_out += 1
-                self._push_settled_to = -1  # a batch out is unsettled, whatever its offsets
+                # A batch out is unsettled, whatever its offsets. The queue is in the broker's set already:
+                # what this take found was put there by a publish, a failure or a give-back, which put it back.
+                self._push_settled_to = -1
             # else one batch settled and one taken: the count out, and the -1 it keeps, stand.
             return taken
         finally:
@@ -514,7 +518,9 @@ class DeliveryCore(CursorCore):
             if push:
                 cursor.inflight += 1
                 self._push_out += 1
-                self._push_settled_to = -1  # a batch out is unsettled, whatever its offsets
+                # A batch out is unsettled, whatever its offsets. The queue is in the broker's set already:
+                # what this take found was put there by a publish, a failure or a give-back, which put it back.
+                self._push_settled_to = -1
             if self.durable and cursor.name is not None:
                 self._journal_take_locked(cursor, out, redelivered, manual=manual, push=push)
         return out
@@ -603,7 +609,7 @@ class DeliveryCore(CursorCore):
                 # comprehension's frame or the helpers' (callgrind: about 2,700 instructions,
                 # 9% of a get+ack).
                 message = messages[0]
-                entry = cursor.pending.get(message[2]) if type(message) is self._message_class else None
+                entry = cursor.pending.get(message[2]) if type(message) is self.message_class else None
                 entries = [entry if entry is not None else self._pending_entry_locked(cursor, message, "ack")]
             else:
                 entries = [self._pending_entry_locked(cursor, message, "ack") for message in messages]
@@ -655,10 +661,10 @@ class DeliveryCore(CursorCore):
         self._waiters.wake_all()
 
     def _pending_entry_locked(self, cursor: Cursor, message: Message | int, verb: str) -> Pending:
-        if type(message) is self._message_class:  # this queue built it: the one compare of the usual case
+        if type(message) is self.message_class:  # this queue built it: the one compare of the usual case
             offset = message[2]
         else:
-            offset = offset_to_settle(message, self.name, self._message_class, verb)
+            offset = offset_to_settle(message, self.name, self.message_class, verb)
         entry = cursor.pending.get(offset)
         if entry is None:
             raise NotPending(
@@ -686,7 +692,7 @@ class DeliveryCore(CursorCore):
             cursor = consumer._cursor
             before = cursor.position
             cursor.position = self._resolve_locked(target)
-            self._push_settled_to = -1
+            self._unsettle_locked()
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, (), moved=True)
             self._moved_locked(consumer, cursor, before)
@@ -704,7 +710,7 @@ class DeliveryCore(CursorCore):
                 raise SubscriptionClosed(consumer._closed_reason())
             cursor = consumer._cursor
             self._index.apply_filter(cursor, change(cursor.filter))
-            self._push_settled_to = -1
+            self._unsettle_locked()
             self._refresh_unwanted_locked()
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)

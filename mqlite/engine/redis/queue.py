@@ -18,7 +18,15 @@ from mqlite._delivery.dedup import check_dedup_id
 from mqlite._delivery.waiters import Waiters
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start, SubscriptionSettings
-from mqlite.engine.base import Consumer, CursorFigures, CursorStats, DeadLetterSink, QueueSnapshot, drain_buffer
+from mqlite.engine.base import (
+    Consumer,
+    CursorFigures,
+    CursorStats,
+    DeadLetterSink,
+    QueueSnapshot,
+    UnsettledQueues,
+    drain_buffer,
+)
 from mqlite.engine.codec import encode_fields
 from mqlite.engine.redis.keys import QueueKeys, ephemeral_cursor, named_cursor
 from mqlite.engine.redis.transaction import Transacting
@@ -259,6 +267,10 @@ class RedisQueue(Transacting):
         """The end offset, as a drain begins; whether the push cursors are settled is the
         server's to say (:meth:`push_unsettled` asks), and a push batch may be out."""
         return self.bounds()[1], False, True
+
+    def watch_settled(self, unsettled: UnsettledQueues) -> bool:
+        """False: whether the push cursors are settled is the server's to say, at every drain."""
+        return False
 
     # -- attaching ---------------------------------------------------------------------------------
 

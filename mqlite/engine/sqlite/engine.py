@@ -21,7 +21,7 @@ from mqlite._delivery.entries import OUT, READY, SETTLED, WAITING, Pending
 from mqlite._delivery.waiters import Waiter
 from mqlite.clock import Clock
 from mqlite.config import QueueConfig
-from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink
+from mqlite.engine.base import Capabilities, Consumer, DeadLetterSink, UnsettledQueues
 from mqlite.engine.codec import Fields, Serializer, encode_fields
 from mqlite.engine.index import EventIndex
 from mqlite.engine.locking import FileScope, LockScope, TransactionScope
@@ -78,6 +78,14 @@ class SqliteQueue(TransactionalCore):
             self._refresh_unwanted_locked()
             self._housekeep_locked()
 
+    def watch_settled(self, unsettled: UnsettledQueues) -> bool:
+        """As :meth:`QueueCore.watch_settled`, but not on a shared file (False): what other
+        brokers publish reaches this queue only through the reload that taking its lock makes,
+        which a drain's look at it is. A drain looks at every such queue every time."""
+        if self._released is not None:
+            return False
+        return super().watch_settled(unsettled)
+
     # -- publishing: encoded before the lock ------------------------------------------------
 
     def publish(
@@ -118,7 +126,7 @@ class SqliteQueue(TransactionalCore):
 
     def _stored_original_locked(self, offset: int) -> Message | None:
         if offset < self._end:
-            found = self._file.store.load_messages(self._message_class, [offset])
+            found = self._file.store.load_messages(self.message_class, [offset])
             if found:
                 return found[0]
         return None
@@ -135,7 +143,7 @@ class SqliteQueue(TransactionalCore):
     def _load_dedup_locked(self, rows: list[tuple[str, int, float]]) -> None:
         """Remember the dedup ids the file holds that memory does not have yet."""
         ids = self._dedup.ids
-        cls = self._message_class
+        cls = self.message_class
         for dedup_id, offset, at in rows:
             ids.pop(dedup_id, None)  # an older window of the same id, not pruned yet
             ids[dedup_id] = tuple.__new__(cls, (None, None, offset, at))  # a mark: see DedupWindow
@@ -252,7 +260,7 @@ class SqliteQueue(TransactionalCore):
         ]
         if not held:
             return []
-        messages = {m[2]: m for m in store.load_messages(self._message_class, [offset for offset, *_ in held])}
+        messages = {m[2]: m for m in store.load_messages(self.message_class, [offset for offset, *_ in held])}
         return [
             PendingMessage(messages[offset], attempts, "out", f"broker {owner}", since, None)
             for offset, attempts, owner, since in held
@@ -328,8 +336,8 @@ class SqliteQueue(TransactionalCore):
         memory has out goes back to the front of the line.
         """
         store = self._file.store
-        state = store.changes(self._message_class, -1)
-        self._push_settled_to = -1  # positions, filters and pending entries may all have changed
+        state = store.changes(self.message_class, -1)
+        self._unsettle_locked()  # positions, filters and pending entries may all have changed
         self._config = state.config
         self._dedup.resize(state.config.dedup_window, state.config.dedup_max_ids)
         self._dedup.clear()
@@ -359,7 +367,7 @@ class SqliteQueue(TransactionalCore):
 
     def _refresh_locked(self) -> None:
         """Bring memory up to the file: new messages, settings, cursors and who holds what."""
-        state = self._file.store.changes(self._message_class, self._end, self._end if self._dedup_loaded else -1)
+        state = self._file.store.changes(self.message_class, self._end, self._end if self._dedup_loaded else -1)
         config = state.config
         if config != self._config:
             self._config = config
@@ -372,7 +380,7 @@ class SqliteQueue(TransactionalCore):
             self._refresh_unwanted_locked()
         moved = self._load_pending_locked(state) or moved
         if moved:
-            self._push_settled_to = -1  # another broker moved, refiltered or gave back for a cursor
+            self._unsettle_locked()  # another broker moved, refiltered or gave back for a cursor
         if (woke or moved) and self._waiters:
             self._waiters.wake_all()
 
@@ -470,7 +478,7 @@ class SqliteQueue(TransactionalCore):
             cached = {o: log.get(o) for o, _, _ in adopt if o >= first}
             missing = [o for o, _, _ in adopt if o < first]
             messages: dict[int, Any] = (
-                {m[2]: m for m in store.load_messages(self._message_class, missing)} if missing else {}
+                {m[2]: m for m in store.load_messages(self.message_class, missing)} if missing else {}
             )
             messages.update(cached)
             now = self._time()
