@@ -16,6 +16,7 @@ too runs on both backends. The plugin's ``mqlite_broker`` is in memory only unle
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,3 +165,14 @@ def jumping_broker(make_broker: Callable[..., mqlite.Broker], mqlite_clock: Virt
     exactly 3600 virtual seconds.
     """
     return make_broker(clock=mqlite_clock)
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Open: push callbacks run through. Closed: they wait (at most WAIT) until it opens again."""
+    event = threading.Event()
+    event.set()
+    try:
+        yield event
+    finally:
+        event.set()  # no callback is left waiting at teardown

@@ -109,3 +109,27 @@ def run_machine_on_redis(machine: Any, redis_url: str, *, max_examples: int, ste
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def gated(gate: threading.Event, seen: list[int]) -> Callable[[mqlite.Message], None]:
+    """A push callback that waits (at most WAIT) for ``gate`` to be open, then notes the offset in ``seen``."""
+
+    def callback(message: mqlite.Message) -> None:
+        assert gate.wait(WAIT)
+        seen.append(message.offset)
+
+    return callback
+
+
+def idle_then(broker: mqlite.Broker, gate: threading.Event, give_work: Callable[[], object]) -> None:
+    """Drain to idle, hold the push callbacks up at ``gate``, ``give_work``: the next drain must see
+    that there is work to do, and the one after the gate opens must see it done."""
+    assert broker.drain(timeout=WAIT)
+    assert broker.drain(timeout=0)  # idle, as far as the queues know
+    gate.clear()
+    try:
+        give_work()
+        assert not broker.drain(timeout=0), "the work given is not done yet: drain must not say done"
+    finally:
+        gate.set()
+    assert broker.drain(timeout=WAIT)

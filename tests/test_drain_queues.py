@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT
+from helpers import WAIT, gated, idle_then
 
 import mqlite
 
@@ -38,25 +38,6 @@ def make(request: pytest.FixtureRequest, backend: str, make_broker: MakeBroker) 
     return make_broker
 
 
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    """Open: push callbacks run through. Closed: they wait (at most WAIT) until it opens again."""
-    event = threading.Event()
-    event.set()
-    try:
-        yield event
-    finally:
-        event.set()  # no callback is left waiting at teardown
-
-
-def _gated(gate: threading.Event, seen: list[int]) -> Callable[[mqlite.Message], None]:
-    def callback(message: mqlite.Message) -> None:
-        assert gate.wait(WAIT)
-        seen.append(message.offset)
-
-    return callback
-
-
 def _with_idle_queues(broker: mqlite.Broker) -> list[int]:
     """Give ``broker`` idle queues with a push subscription each, which handled one message."""
     handled: list[int] = []
@@ -66,19 +47,6 @@ def _with_idle_queues(broker: mqlite.Broker) -> list[int]:
     return handled
 
 
-def _idle_then(broker: mqlite.Broker, gate: threading.Event, give_work: Callable[[], object]) -> None:
-    """Drain to idle, hold the push threads up, ``give_work``: the next drain must see it to do."""
-    assert broker.drain(timeout=WAIT)
-    assert broker.drain(timeout=0)  # idle, as far as the queues know
-    gate.clear()
-    try:
-        give_work()
-        assert not broker.drain(timeout=0), "the work given is not done yet: drain must not say done"
-    finally:
-        gate.set()
-    assert broker.drain(timeout=WAIT)
-
-
 # -- publishes ------------------------------------------------------------------------------------
 
 
@@ -86,9 +54,9 @@ def test_a_publish_to_an_idle_queue_among_idle_queues_is_waited_for(make: MakeBr
     broker = make()
     handled = _with_idle_queues(broker)
     seen: list[int] = []
-    broker.subscribe("q", callback=_gated(gate, seen))
+    broker.subscribe("q", callback=gated(gate, seen))
     broker.publish("q", "e", 0)
-    _idle_then(broker, gate, lambda: broker.publish("q", "e", 1))
+    idle_then(broker, gate, lambda: broker.publish("q", "e", 1))
     assert seen == [0, 1]
     assert len(handled) == _IDLE
 
@@ -97,9 +65,9 @@ def test_a_publish_with_headers_to_an_idle_queue_is_waited_for(make: MakeBroker,
     broker = make()
     _with_idle_queues(broker)
     seen: list[int] = []
-    broker.subscribe("q", callback=_gated(gate, seen))
+    broker.subscribe("q", callback=gated(gate, seen))
     broker.publish("q", "e", 0)
-    _idle_then(broker, gate, lambda: broker.publish("q", "e", 1, headers={"h": "v"}))
+    idle_then(broker, gate, lambda: broker.publish("q", "e", 1, headers={"h": "v"}))
     assert seen == [0, 1]
 
 
@@ -107,7 +75,7 @@ def test_a_transaction_publishing_to_an_idle_queue_is_waited_for(make: MakeBroke
     broker = make()
     _with_idle_queues(broker)
     seen: list[int] = []
-    broker.subscribe("q", callback=_gated(gate, seen))
+    broker.subscribe("q", callback=gated(gate, seen))
     broker.publish("q", "e", 0)
 
     def publish_in_a_transaction() -> None:
@@ -115,7 +83,7 @@ def test_a_transaction_publishing_to_an_idle_queue_is_waited_for(make: MakeBroke
             tx.publish("q", "e", 1)
             tx.publish("q", "e", 2)
 
-    _idle_then(broker, gate, publish_in_a_transaction)
+    idle_then(broker, gate, publish_in_a_transaction)
     assert seen == [0, 1, 2]
 
 
@@ -140,11 +108,11 @@ def test_a_seek_back_on_an_idle_queue_is_waited_for(make: MakeBroker, gate: thre
     broker = make()
     _with_idle_queues(broker)
     seen: list[int] = []
-    sub = broker.subscribe("q", name="s", callback=_gated(gate, seen))
+    sub = broker.subscribe("q", name="s", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps the messages retained
     for i in range(3):
         broker.publish("q", "e", i)
-    _idle_then(broker, gate, lambda: sub.seek(1))
+    idle_then(broker, gate, lambda: sub.seek(1))
     assert seen == [0, 1, 2, 1, 2]
 
 
@@ -156,12 +124,12 @@ def test_joining_an_event_on_an_idle_queue_is_waited_for(make: MakeBroker, gate:
     broker = make()
     _with_idle_queues(broker)
     seen: list[int] = []
-    sub = broker.subscribe("q", name="s", events="a", callback=_gated(gate, seen))
+    sub = broker.subscribe("q", name="s", events="a", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps what nobody else wants
     broker.publish("q", "a", 0)
     assert broker.drain(timeout=WAIT)  # delivered: the subscription has read up to the end
     broker.publish("q", "b", 1)  # not wanted yet, so not read: the subscription is idle, behind it
-    _idle_then(broker, gate, lambda: sub.join("b"))
+    idle_then(broker, gate, lambda: sub.join("b"))
     assert seen == [0, 1]
 
 
@@ -173,7 +141,7 @@ def test_a_new_subscription_on_an_idle_queue_is_waited_for(make: MakeBroker, gat
     broker.subscribe("q", callback=lambda m: None)
     for i in range(3):
         broker.publish("q", "e", i)
-    _idle_then(broker, gate, lambda: broker.subscribe("q", start="earliest", callback=_gated(gate, seen)))
+    idle_then(broker, gate, lambda: broker.subscribe("q", start="earliest", callback=gated(gate, seen)))
     assert seen == [0, 1, 2]
 
 
@@ -187,11 +155,11 @@ def test_a_nack_outside_the_callback_on_an_idle_queue_is_waited_for(make: MakeBr
         if not held:
             held.append(message)  # left unacked: a handled message, waiting for its ack
             return
-        _gated(gate, seen)(message)
+        gated(gate, seen)(message)
 
     sub = broker.subscribe("q", ack="manual", callback=callback)
     broker.publish("q", "e", 0)
-    _idle_then(broker, gate, lambda: sub.nack(held[0]))
+    idle_then(broker, gate, lambda: sub.nack(held[0]))
     assert seen == [0]
 
 
@@ -204,8 +172,8 @@ def test_closing_a_consumer_that_held_a_message_on_an_idle_queue_is_waited_for(
     holder = broker.subscribe("q", name="shared", ack="manual", callback=lambda m: None)  # never acks
     broker.publish("q", "e", 0)
     assert broker.drain(timeout=WAIT)
-    broker.subscribe("q", name="shared", ack="manual", callback=_gated(gate, seen))  # nothing for it: 0 is held
-    _idle_then(broker, gate, holder.close)
+    broker.subscribe("q", name="shared", ack="manual", callback=gated(gate, seen))  # nothing for it: 0 is held
+    idle_then(broker, gate, holder.close)
     assert seen == [0]
 
 
@@ -218,8 +186,8 @@ def test_read_ahead_given_back_on_an_idle_queue_is_waited_for(make: MakeBroker, 
     for i in range(4):
         broker.publish("q", "e", i)
     assert next(reader).offset == 0  # and 1, 2, 3 read ahead, into its buffer
-    broker.subscribe("q", name="shared", callback=_gated(gate, seen))  # nothing for it: all read
-    _idle_then(broker, gate, reader.close)  # gives back what it read ahead, for the push one
+    broker.subscribe("q", name="shared", callback=gated(gate, seen))  # nothing for it: all read
+    idle_then(broker, gate, reader.close)  # gives back what it read ahead, for the push one
     assert seen == [1, 2, 3]
 
 
@@ -261,7 +229,7 @@ def test_a_redelivery_on_a_push_thread_when_an_ack_timeout_passes_is_waited_for(
         if len(calls) == 1:
             return  # handled, never acked
         redelivered.set()
-        _gated(gate, seen)(message)
+        gated(gate, seen)(message)
 
     broker.subscribe("q", ack="manual", ack_timeout=3.0, callback=callback)
     broker.publish("q", "e", 0)
@@ -270,7 +238,7 @@ def test_a_redelivery_on_a_push_thread_when_an_ack_timeout_passes_is_waited_for(
         clock.advance(3.0)
         assert redelivered.wait(WAIT)  # the thread took the redelivery, and is held up in its callback
 
-    _idle_then(broker, gate, pass_the_ack_timeout)
+    idle_then(broker, gate, pass_the_ack_timeout)
     assert seen == [0]
 
 
@@ -381,10 +349,10 @@ def test_a_publish_after_a_settled_queue_housekept_is_waited_for(make: MakeBroke
     broker = make()
     _with_idle_queues(broker)
     seen: list[int] = []
-    broker.subscribe("q", callback=_gated(gate, seen))
+    broker.subscribe("q", callback=gated(gate, seen))
     broker.publish("q", "e", 0)
     assert broker.drain(timeout=WAIT)
     assert broker.drain(timeout=0)
     broker.queue("q", max_age=3600.0)  # configuring housekeeps the queue while it is settled
-    _idle_then(broker, gate, lambda: broker.publish("q", "e", 1))
+    idle_then(broker, gate, lambda: broker.publish("q", "e", 1))
     assert seen == [0, 1]

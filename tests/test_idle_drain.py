@@ -12,12 +12,12 @@ next drain must see that work, and say False until the thread has done it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT
+from helpers import WAIT, gated, idle_then
 
 import mqlite
 from mqlite.testing import Faults, run_until_idle
@@ -168,58 +168,26 @@ def test_an_idle_drain_runs_a_timer_that_fell_due_and_sees_what_it_left(make_bro
 # -- work without a publish ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    """Open: push callbacks run through. Closed: they wait (at most WAIT) until it opens again."""
-    event = threading.Event()
-    event.set()
-    try:
-        yield event
-    finally:
-        event.set()  # no callback is left waiting at teardown
-
-
-def _gated(gate: threading.Event, seen: list[int]) -> Callable[[mqlite.Message], None]:
-    def callback(message: mqlite.Message) -> None:
-        assert gate.wait(WAIT)
-        seen.append(message.offset)
-
-    return callback
-
-
-def _idle_then(broker: mqlite.Broker, gate: threading.Event, give_work: Callable[[], object]) -> None:
-    """Drain to idle, hold the push threads up, ``give_work``: the next drain must see it to do."""
-    assert broker.drain(timeout=WAIT)
-    assert broker.drain(timeout=0)  # idle, as far as the queues know
-    gate.clear()
-    try:
-        give_work()
-        assert not broker.drain(timeout=0), "the work given without a publish is not done yet"
-    finally:
-        gate.set()
-    assert broker.drain(timeout=WAIT)
-
-
 def test_a_seek_back_gives_an_idle_subscription_work(make_broker: MakeBroker, gate: threading.Event) -> None:
     broker = make_broker()
     seen: list[int] = []
-    sub = broker.subscribe("q", name="s", callback=_gated(gate, seen))
+    sub = broker.subscribe("q", name="s", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps the messages retained
     for i in range(3):
         broker.publish("q", "e", i)
-    _idle_then(broker, gate, lambda: sub.seek(1))
+    idle_then(broker, gate, lambda: sub.seek(1))
     assert seen == [0, 1, 2, 1, 2]
 
 
 def test_joining_an_event_gives_an_idle_subscription_work(make_broker: MakeBroker, gate: threading.Event) -> None:
     broker = make_broker()
     seen: list[int] = []
-    sub = broker.subscribe("q", name="s", events="a", callback=_gated(gate, seen))
+    sub = broker.subscribe("q", name="s", events="a", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps what nobody else wants
     broker.publish("q", "a", 0)
     assert broker.drain(timeout=WAIT)  # delivered: the subscription has read up to the end
     broker.publish("q", "b", 1)  # not wanted yet, so not read: the subscription is idle, behind it
-    _idle_then(broker, gate, lambda: sub.join("b"))
+    idle_then(broker, gate, lambda: sub.join("b"))
     assert seen == [0, 1]
 
 
@@ -230,7 +198,7 @@ def test_a_new_subscription_from_the_earliest_has_work(make_broker: MakeBroker, 
     broker.subscribe("q", callback=lambda m: None)
     for i in range(3):
         broker.publish("q", "e", i)
-    _idle_then(broker, gate, lambda: broker.subscribe("q", start="earliest", callback=_gated(gate, seen)))
+    idle_then(broker, gate, lambda: broker.subscribe("q", start="earliest", callback=gated(gate, seen)))
     assert seen == [0, 1, 2]
 
 
@@ -245,11 +213,11 @@ def test_a_nack_outside_the_callback_gives_an_idle_subscription_work(
         if not held:
             held.append(message)  # left unacked: a handled message, waiting for its ack
             return
-        _gated(gate, seen)(message)
+        gated(gate, seen)(message)
 
     sub = broker.subscribe("q", ack="manual", callback=callback)
     broker.publish("q", "e", 0)
-    _idle_then(broker, gate, lambda: sub.nack(held[0]))
+    idle_then(broker, gate, lambda: sub.nack(held[0]))
     assert seen == [0]
 
 
@@ -261,8 +229,8 @@ def test_closing_a_consumer_that_held_a_message_gives_the_others_work(
     holder = broker.subscribe("q", name="shared", ack="manual", callback=lambda m: None)  # never acks
     broker.publish("q", "e", 0)
     assert broker.drain(timeout=WAIT)
-    broker.subscribe("q", name="shared", ack="manual", callback=_gated(gate, seen))  # nothing for it: 0 is held
-    _idle_then(broker, gate, holder.close)
+    broker.subscribe("q", name="shared", ack="manual", callback=gated(gate, seen))  # nothing for it: 0 is held
+    idle_then(broker, gate, holder.close)
     assert seen == [0]
 
 
@@ -276,8 +244,8 @@ def test_read_ahead_given_back_gives_a_push_subscription_of_its_cursor_work(
     for i in range(4):
         broker.publish("q", "e", i)
     assert next(reader).offset == 0  # and 1, 2, 3 read ahead, into its buffer
-    broker.subscribe("q", name="shared", callback=_gated(gate, seen))  # nothing for it: all read
-    _idle_then(broker, gate, reader.close)  # gives back what it read ahead, for the push one
+    broker.subscribe("q", name="shared", callback=gated(gate, seen))  # nothing for it: all read
+    idle_then(broker, gate, reader.close)  # gives back what it read ahead, for the push one
     assert seen == [1, 2, 3]
 
 
@@ -287,10 +255,10 @@ def test_a_seek_by_another_broker_on_the_file_gives_an_idle_subscription_work(
     path = tmp_path / "shared.mqlite"
     with mqlite.Broker(path) as here, mqlite.Broker(path) as there:
         seen: list[int] = []
-        here.subscribe("q", name="s", callback=_gated(gate, seen))
+        here.subscribe("q", name="s", callback=gated(gate, seen))
         here.subscribe("q", name="keeper", start="earliest")
         for i in range(3):
             here.publish("q", "e", i)
         elsewhere = there.subscribe("q", name="s")  # the same cursor, from the other broker
-        _idle_then(here, gate, lambda: elsewhere.seek(1))  # read back by this broker's next look
+        idle_then(here, gate, lambda: elsewhere.seek(1))  # read back by this broker's next look
         assert seen == [0, 1, 2, 1, 2]
