@@ -1293,46 +1293,34 @@ class ManualDispatcher:
                 consumer = slot.consumer
                 try:
                     try:
-                        batch = (
-                            None
-                            if lean is None
-                            else lean(None if held is None else held.consumer, held_batch, consumer, PUSH_BATCH)
-                        )
+                        handled = None if held is None else held.consumer
+                        batch = None if lean is None else lean(handled, held_batch, consumer, PUSH_BATCH)
+                        turned = None  # a push_turn's result, when the lean step was not one
                         if batch is None:
-                            full, batch, registered, bound = turn(
-                                None if held is None else held.consumer, held_batch, consumer, PUSH_BATCH, wake, watched
-                            )
-                            if registered is not None:
-                                waiter = registered
-                                wake = None
-                                lean = step
-                            if full:
-                                again = True  # a full batch: there may be more
-                            if bound is not None:
-                                when = time.monotonic() + bound
-                                if due is None or when < due:
-                                    due = when
+                            turned = turn(handled, held_batch, consumer, PUSH_BATCH, wake, watched)
                     except Exception:
                         if held is None or not queue.atomic:
                             raise  # it may have settled the batch: settling it again could count twice
                         # Nothing changed: settle it in a step of its own, which retries a write
                         # error for a while, then take as a step of its own would.
                         _settle(queue, held.consumer, held_batch, [], [])
-                        full, batch, registered, bound = turn(None, [], consumer, PUSH_BATCH, wake, watched)
+                        turned = turn(None, [], consumer, PUSH_BATCH, wake, watched)
+                    finally:
+                        if held is not None:
+                            held.claim.release()
+                            held = None
+                    if turned is not None:
+                        full, batch, registered, bound = turned
                         if registered is not None:
                             waiter = registered
                             wake = None
                             lean = step
                         if full:
-                            again = True
+                            again = True  # a full batch: there may be more
                         if bound is not None:
                             when = time.monotonic() + bound
                             if due is None or when < due:
                                 due = when
-                    finally:
-                        if held is not None:
-                            held.claim.release()
-                            held = None
                 except BaseException:
                     claim.release()
                     raise

@@ -15,6 +15,7 @@ too runs on both backends. The plugin's ``mqlite_broker`` is in memory only unle
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
@@ -176,3 +177,15 @@ def gate() -> Iterator[threading.Event]:
         yield event
     finally:
         event.set()  # no callback is left waiting at teardown
+
+
+@pytest.fixture(params=["each", "batch"])
+def make_each_or_batch(
+    request: pytest.FixtureRequest, backend: str, make_broker: Callable[..., mqlite.Broker]
+) -> Callable[..., mqlite.Broker]:
+    """``make_broker``, and on a file also with ``commit="batch"`` (a file no other broker shares)."""
+    if request.param == "batch":
+        if backend != "file":
+            pytest.skip("commit='batch' is a file's setting")
+        return functools.partial(make_broker, commit="batch")
+    return make_broker

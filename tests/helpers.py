@@ -133,3 +133,17 @@ def idle_then(broker: mqlite.Broker, gate: threading.Event, give_work: Callable[
     finally:
         gate.set()
     assert broker.drain(timeout=WAIT)
+
+
+IDLE_QUEUES = 5
+"""How many idle queues :func:`with_idle_queues` puts beside the one a drain test gives work."""
+
+
+def with_idle_queues(broker: mqlite.Broker) -> list[int]:
+    """Give ``broker`` IDLE_QUEUES idle queues with a push subscription each, which handled one
+    message: a drain must look past them (the offsets they handled are returned)."""
+    handled: list[int] = []
+    for i in range(IDLE_QUEUES):
+        broker.subscribe(f"idle{i}", callback=lambda m: handled.append(m.offset))
+        broker.publish(f"idle{i}", "e", i)
+    return handled

@@ -5,8 +5,9 @@ no push batch was out): an idle drain then checks no cursor, however many subscr
 are. The first tests count the cursor checks of idle drains after each way of reaching idle, and
 check that an idle drain still runs a timer that fell due. The others do, while the push thread
 is held up, what gives a push cursor work again without a publish (a seek, a join, a new
-subscription, a nack, a close, read-ahead given back, a seek by another broker on the file): the
-next drain must see that work, and say False until the thread has done it.
+subscription, a nack, a close, read-ahead given back, a seek by another broker on the file), to
+one queue beside idle ones (the queues a drain looks at, and on a file also with
+``commit="batch"``): the next drain must see that work, and say False until the thread has done it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT, gated, idle_then
+from helpers import WAIT, gated, idle_then, with_idle_queues
 
 import mqlite
 from mqlite.testing import Faults, run_until_idle
@@ -148,8 +149,10 @@ def test_idle_drains_after_a_consumer_crashed_before_settling_check_no_cursor(ma
     _assert_idle_drains_check_no_cursor(broker)
 
 
-def test_an_idle_drain_runs_a_timer_that_fell_due_and_sees_what_it_left(make_broker: MakeBroker) -> None:
-    broker, clock = _manual(make_broker)
+def test_an_idle_drain_runs_a_timer_that_fell_due_and_sees_what_it_left(make_each_or_batch: MakeBroker) -> None:
+    # The queue was out of the drains' set when the drain began: its own run puts it back.
+    broker, clock = _manual(make_each_or_batch)
+    with_idle_queues(broker)
     calls: list[int] = []
 
     def callback(message: mqlite.Message) -> None:
@@ -163,13 +166,17 @@ def test_an_idle_drain_runs_a_timer_that_fell_due_and_sees_what_it_left(make_bro
     clock.advance(3.0)  # the ack timeout passes
     assert not broker.drain(timeout=0), "the redelivery failed: its retry is still to come"
     assert calls == [0, 0]
+    clock.advance(60.0)  # past the retry's backoff, jitter and all
+    assert broker.drain(timeout=0)
+    assert calls == [0, 0, 0]
 
 
 # -- work without a publish ---------------------------------------------------------------------
 
 
-def test_a_seek_back_gives_an_idle_subscription_work(make_broker: MakeBroker, gate: threading.Event) -> None:
-    broker = make_broker()
+def test_a_seek_back_gives_an_idle_subscription_work(make_each_or_batch: MakeBroker, gate: threading.Event) -> None:
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     sub = broker.subscribe("q", name="s", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps the messages retained
@@ -179,8 +186,11 @@ def test_a_seek_back_gives_an_idle_subscription_work(make_broker: MakeBroker, ga
     assert seen == [0, 1, 2, 1, 2]
 
 
-def test_joining_an_event_gives_an_idle_subscription_work(make_broker: MakeBroker, gate: threading.Event) -> None:
-    broker = make_broker()
+def test_joining_an_event_gives_an_idle_subscription_work(
+    make_each_or_batch: MakeBroker, gate: threading.Event
+) -> None:
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     sub = broker.subscribe("q", name="s", events="a", callback=gated(gate, seen))
     broker.subscribe("q", name="keeper", start="earliest")  # keeps what nobody else wants
@@ -191,8 +201,9 @@ def test_joining_an_event_gives_an_idle_subscription_work(make_broker: MakeBroke
     assert seen == [0, 1]
 
 
-def test_a_new_subscription_from_the_earliest_has_work(make_broker: MakeBroker, gate: threading.Event) -> None:
-    broker = make_broker()
+def test_a_new_subscription_from_the_earliest_has_work(make_each_or_batch: MakeBroker, gate: threading.Event) -> None:
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     broker.subscribe("q", name="keeper", start="earliest")
     broker.subscribe("q", callback=lambda m: None)
@@ -203,9 +214,10 @@ def test_a_new_subscription_from_the_earliest_has_work(make_broker: MakeBroker, 
 
 
 def test_a_nack_outside_the_callback_gives_an_idle_subscription_work(
-    make_broker: MakeBroker, gate: threading.Event
+    make_each_or_batch: MakeBroker, gate: threading.Event
 ) -> None:
-    broker = make_broker()
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     held: list[mqlite.Message] = []
 
@@ -222,9 +234,10 @@ def test_a_nack_outside_the_callback_gives_an_idle_subscription_work(
 
 
 def test_closing_a_consumer_that_held_a_message_gives_the_others_work(
-    make_broker: MakeBroker, gate: threading.Event
+    make_each_or_batch: MakeBroker, gate: threading.Event
 ) -> None:
-    broker = make_broker()
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     holder = broker.subscribe("q", name="shared", ack="manual", callback=lambda m: None)  # never acks
     broker.publish("q", "e", 0)
@@ -236,9 +249,10 @@ def test_closing_a_consumer_that_held_a_message_gives_the_others_work(
 
 @pytest.mark.memory_only  # on a file a named subscription reads no further ahead than it is asked
 def test_read_ahead_given_back_gives_a_push_subscription_of_its_cursor_work(
-    make_broker: MakeBroker, gate: threading.Event
+    make_each_or_batch: MakeBroker, gate: threading.Event
 ) -> None:
-    broker = make_broker()
+    broker = make_each_or_batch()
+    with_idle_queues(broker)  # a drain must look past them
     seen: list[int] = []
     reader = broker.subscribe("q", name="shared")
     for i in range(4):

@@ -80,12 +80,11 @@ class SqliteLog:
         """Append messages whose payload, key and headers were encoded before the lock, with the
         ``(id, offset, at)`` of their dedup ids: all or none."""
         queue = self.queue
-        if len(messages) == 1 and not dedup:  # a plain publish, the usual write: no comprehension's frame
+        if len(messages) == 1 and len(fields) == 1:  # a publish of one, the usual write: no comprehension's frame
             message = messages[0]
-            self.store.insert_row((queue, message[2], message[0], *fields[0], message[3]))
-            self._cache.extend(messages)
-            return
-        rows = [(queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
+            rows = [(queue, message[2], message[0], *fields[0], message[3])]
+        else:
+            rows = [(queue, m[2], m[0], *encoded, m[3]) for m, encoded in zip(messages, fields, strict=True)]
         if dedup:
             ids = [(queue, offset, dedup_id, at) for dedup_id, offset, at in dedup]
             if len(rows) == 1:
