@@ -152,6 +152,49 @@ def _drain_one_of_100_queues(count: int) -> None:
     broker.close()
 
 
+def _drain_one_of_100_filtered(count: int) -> None:
+    """A drain after a publish that one of 100 filtered push subscriptions of one queue wants."""
+    import mqlite
+
+    broker = mqlite.Broker(dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for i in range(100):
+        broker.subscribe("q", f"e{i}", callback=callback)
+    publish = broker.publish
+    drain = broker.drain
+    for i in range(count):
+        publish("q", "e0", i)
+        drain(timeout=0)
+    assert seen[0] == count, seen[0]
+    broker.close()
+
+
+def _drain_past_100_pulls(count: int) -> None:
+    """A drain after a publish to a queue with one push subscription and 100 pull ones behind."""
+    import mqlite
+
+    broker = mqlite.Broker(dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    broker.subscribe("q", callback=callback)
+    for i in range(100):
+        broker.subscribe("q", name=f"puller{i}")
+    publish = broker.publish
+    drain = broker.drain
+    for i in range(count):
+        publish("q", "e", i)
+        drain(timeout=0)
+    assert seen[0] == count, seen[0]
+    broker.close()
+
+
 class _Tally:
     """The fanout benchmark's callback: it counts (``benchmarks.fanout.Tally``, without importing it)."""
 
@@ -418,6 +461,8 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "drain 10 push, 1 msg": _drain_push10,
     "drain 10 push, idle": _drain_push10_idle,
     "drain 1 of 100 queues": _drain_one_of_100_queues,
+    "drain 1 of 100 filtered push": _drain_one_of_100_filtered,
+    "drain past 100 pull subs": _drain_past_100_pulls,
     # The fanout scenario's three systems, per publish, at N = 1, 10 and 100: the floor, the peer,
     # and mqlite's own work on one thread. (Not the thread dispatcher: valgrind runs one thread at
     # a time on its own schedule, so its batch sizes, and the count, differ from run to run.)

@@ -1171,8 +1171,9 @@ class ManualDispatcher:
         # Only the subscriptions that want every event share their queue's group: a round steps
         # every worker of a group, and a filtered one would pay a take (an index read) for each
         # publish that any of them wants. With a group of its own, its waiter wants only its
-        # events, so a publish it does not want costs it nothing (100 filtered subscriptions, one
-        # of which wants the message: 135 µs a publish and drain, against 722 µs in one group).
+        # events, so a publish it does not want costs it nothing: the queue neither wakes it nor,
+        # in the drain's check, looks at it (100 filtered subscriptions, one of which wants the
+        # message: 9 µs a publish and drain; 722 µs in one group, when the check still looked at all).
         shared = turn is not None and worker.consumer._cursor.names is None
         slot = _Slot(worker)
         with self._lock:

@@ -825,18 +825,37 @@ def test_an_inflight_push_batch_is_unsettled() -> None:
     assert cursor.unsettled_before(0)
 
 
+def _schedule(cursor: Cursor, offset: int, state: EntryState) -> Pending:
+    """A pending entry of ``cursor`` at ``offset``, put in its schedule as ``state`` (READY or WAITING)."""
+    pending = cursor.pending[offset] = entry(offset, OUT)
+    if state == READY:
+        cursor.schedule.make_ready(pending)
+    else:
+        cursor.schedule.wait_until(pending, 10.0)
+    return pending
+
+
 @pytest.mark.parametrize("state", [READY, WAITING])
 def test_a_retry_below_the_offset_is_unsettled(state: EntryState) -> None:
     cursor = make_cursor()
-    cursor.pending[3] = entry(3, state)
+    _schedule(cursor, 3, state)
     assert cursor.unsettled_before(4)
 
 
 def test_a_retry_at_or_above_the_offset_is_not_unsettled_before_it() -> None:
     cursor = make_cursor()
-    cursor.pending[3] = entry(3, READY)
-    cursor.pending[5] = entry(5, WAITING)
+    _schedule(cursor, 3, READY)
+    _schedule(cursor, 5, WAITING)
     assert not cursor.unsettled_before(3)
+
+
+@pytest.mark.parametrize("state", [READY, WAITING])
+def test_a_retry_settled_since_it_was_scheduled_is_not_unsettled(state: EntryState) -> None:
+    # The schedule keeps an entry settled after it was scheduled (it skips it when it comes up).
+    cursor = make_cursor()
+    _schedule(cursor, 3, state)
+    del cursor.pending[3]
+    assert not cursor.unsettled_before(4)
 
 
 def test_an_entry_out_below_the_offset_is_not_unsettled() -> None:
@@ -969,3 +988,50 @@ def test_discard_of_an_already_woken_waiter_is_silent() -> None:
 
 def test_an_empty_registry_is_falsy() -> None:
     assert not Waiters()
+
+
+def test_wake_event_wakes_in_the_order_the_waiters_came_whether_filed_by_name_or_not() -> None:
+    waiters = Waiters()
+    woken = Woken()
+    waiters.add({"a"}, woken.waker("a1"))
+    waiters.add(None, woken.waker("any"))
+    waiters.add({"a", "b"}, woken.waker("a2"))
+    waiters.add({"x" + str(i) for i in range(20)} | {"a"}, woken.waker("many"))  # too many names to file
+    waiters.wake_event("a")
+    assert woken.names == ["a1", "any", "a2", "many"]
+    assert not waiters
+
+
+def test_a_waiter_whose_set_grew_is_woken_by_the_new_name_once_new_event_files_it() -> None:
+    # A cursor's set of names grows when a new event its filter matches is published; the
+    # queue then calls new_event before it wakes anyone for that event.
+    waiters = Waiters()
+    woken = Woken()
+    names = {"order.created"}
+    waiters.add(names, woken.waker("orders"))
+    other = waiters.add({"b"}, woken.waker("b"))
+    names.add("order.paid")
+    waiters.new_event("order.paid")
+    waiters.wake_event("order.paid")
+    assert woken.names == ["orders"]
+    assert list(waiters) == [other]
+
+
+def test_new_event_leaves_the_waiters_whose_set_does_not_hold_it() -> None:
+    waiters = Waiters()
+    woken = Woken()
+    waiter = waiters.add({"a"}, woken.waker("a"))
+    waiters.new_event("b")
+    waiters.wake_event("b")
+    assert woken.names == []
+    assert list(waiters) == [waiter]
+
+
+def test_a_woken_waiter_leaves_every_name_it_was_filed_under() -> None:
+    waiters = Waiters()
+    woken = Woken()
+    waiters.add({"a", "b"}, woken.waker("ab"))
+    waiters.wake_event("a")
+    waiters.wake_event("b")
+    assert woken.names == ["ab"]
+    assert not waiters

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mqlite._delivery import policy
-from mqlite._delivery.entries import OUT, Pending
+from mqlite._delivery.entries import Pending
 from mqlite._delivery.schedule import Schedule
 from mqlite.config import SubscriptionSettings
 from mqlite.filters import EventFilter
@@ -90,7 +90,9 @@ class Cursor:
         """Whether a message below ``offset`` still waits for a retry or an in-flight push batch."""
         if self.inflight:
             return True
-        return any(e.state != OUT and e.message[2] < offset for e in self.pending.values())
+        # Its schedule holds every entry that waits (READY or WAITING): a look there costs what
+        # is to be redelivered, not every message delivered and not yet acked.
+        return self.schedule.due_before(offset)
 
     @property
     def pending_count(self) -> int:

@@ -106,6 +106,19 @@ class Schedule:
                     timed_out.append(entry)
         return timed_out
 
+    def due_before(self, offset: int) -> bool:
+        """Whether an entry of a message below ``offset`` waits to be redelivered (READY or WAITING)."""
+        pending = self.pending
+        for entry in self.ready:
+            at = entry.message[2]
+            if at < offset and entry.state == READY and pending.get(at) is entry:
+                return True
+        for _, _, entry in self._scheduled:
+            at = entry.message[2]
+            if at < offset and entry.state == WAITING and pending.get(at) is entry:
+                return True
+        return False
+
     def pop_ready(self) -> Pending | None:
         """The next entry due for redelivery that is still pending, or None."""
         ready = self.ready

@@ -341,6 +341,8 @@ class QueueCore:
         """Add a new event name to the index (and, if no cursor wants it, to the unwanted ones)."""
         cursors = self._all_cursors_locked()
         postings = self._index.add_event(event, cursors)
+        if self._waiters:
+            self._waiters.new_event(event)  # the cursors' sets that match it grew
         if self._config.retention == "interest" and not any(c.names is None or event in c.names for c in cursors):
             self._unwanted.add(event)
         else:
@@ -526,7 +528,7 @@ class QueueCore:
         """Append built messages (at the end offset on), with their dedup ids: stored, indexed, readers woken."""
         self._write_locked(messages, encoded, dedup)
         if messages[0][2] <= self._push_settled_to:  # the first publish since a drain found it settled
-            self._unsettle_locked()  # (a transaction's publishes come here without _make_room_locked)
+            self._published_locked()  # (a transaction's publishes come here without _make_room_locked)
         if dedup:
             add = self._dedup.add
             first = messages[0][2]
@@ -560,7 +562,7 @@ class QueueCore:
         end = self._end
         if self._check_at == end and end <= self._push_settled_to:
             # The first publish since a drain took the settled queue out of the broker's set.
-            self._unsettle_locked()
+            self._published_locked()
             if end + count <= self._check_at:
                 return False  # no housekeeping due, and not full (_check_at is at most where it would be)
         self._housekeep_locked()
@@ -703,10 +705,12 @@ class QueueCore:
             unsettled.add(self, self._end)  # type: ignore[arg-type]
         return True
 
-    def _unsettle_locked(self) -> None:
-        """Something may have given a push cursor work (or a publish is about to): forget that
-        every one was settled, and if they were, join the broker's set of queues its drains look
-        at again, and give ``_check_at`` back the offset ``_push_settled_to`` kept for it."""
+    def _published_locked(self) -> None:
+        """A publish is about to add messages: forget that every push cursor was settled, and if
+        they were, join the broker's set of queues its drains look at again, and give
+        ``_check_at`` back the offset ``_push_settled_to`` kept for it. What the cursors had
+        handled they still have: a drain looks at those that read what is published (see
+        :meth:`push_unsettled`)."""
         settled_to = self._push_settled_to
         end = self._end
         if self._check_at == end and end <= settled_to:  # settled, and out of the broker's set
@@ -715,6 +719,17 @@ class QueueCore:
                 self._check_at = settled_to
                 unsettled.add(self, end)  # type: ignore[arg-type]  # as in watch_settled
         self._push_settled_to = -1
+
+    def _unsettle_locked(self, cursor: Cursor | None = None) -> None:
+        """Something may have given ``cursor`` work (None: any cursor): as :meth:`_published_locked`,
+        and the next drain looks at ``cursor`` (None: at every push cursor)."""
+        self._published_locked()
+        push = self._index.push
+        if cursor is None:
+            push.base = -1
+            push.dirty.clear()
+        else:
+            push.dirty[cursor] = None
 
     def _resolve_locked(self, target: Start) -> int:
         """The offset ``target`` names: ``"earliest"``, ``"latest"``, an offset or a datetime."""

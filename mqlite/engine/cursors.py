@@ -57,7 +57,8 @@ class CursorCore(QueueCore):
                 self._refresh_unwanted_locked()
             cursor.members.append(consumer)
             consumer._cursor = cursor
-            self._unsettle_locked()  # a new push cursor, or a push member for one that had none
+            self._index.push.stale()  # a push member, maybe the cursor's first
+            self._unsettle_locked(cursor)  # a new push cursor, or a push member for one that had none
             self._journal_member_locked(cursor, consumer, attached=True)
             return cursor
 
@@ -120,6 +121,7 @@ class CursorCore(QueueCore):
             raise
         if consumer in cursor.members:
             cursor.members.remove(consumer)
+            self._index.push.stale()
             self._journal_member_locked(cursor, consumer, attached=False)
         if self._closed:
             failure = None  # the consumer did not give up on what it held
@@ -158,7 +160,7 @@ class CursorCore(QueueCore):
     ) -> None:
         """A delivery failed: dead-letter the message if it used up its deliveries, else retry it."""
         message = entry.message
-        self._unsettle_locked()
+        self._unsettle_locked(cursor)
         decision = policy.on_failure(
             message,
             attempts=entry.attempts,
@@ -193,7 +195,7 @@ class CursorCore(QueueCore):
         """
         if not messages:
             return
-        self._unsettle_locked()
+        self._unsettle_locked(cursor)
         pending = cursor.pending
         cursor.delivered -= len(messages)
         if pulled and not cursor.manual_ack:

@@ -16,6 +16,7 @@ from mqlite._delivery.waiters import AnyOf, Waiter
 from mqlite.config import Start
 from mqlite.engine.base import Attempt, Consumer, CursorFigures, CursorStats, QueueSnapshot, offset_to_settle
 from mqlite.engine.cursors import CursorCore
+from mqlite.engine.index import has_push_member
 from mqlite.errors import AckModeError, NotPending, SubscriptionClosed
 from mqlite.filters import EventFilter
 from mqlite.info import PendingMessage
@@ -205,8 +206,7 @@ class DeliveryCore(CursorCore):
                 size = policy.push_batch_size(max_messages, len(cursor.members))
                 batch = self._push_batch_locked(consumer, size)  # what recorders and faults hook
                 if len(batch) < size:
-                    waiter = Waiter(cursor.names, wake)
-                    self._waiters.append(waiter)
+                    waiter = self._waiters.add(cursor.names, wake)
                     if cursor.pending:
                         bound = self._due_bound_locked(cursor)
             dead = self._outbox
@@ -262,8 +262,7 @@ class DeliveryCore(CursorCore):
                     self._push_out -= 1
                     cursor.acked += len(batch)
             if wake is not None:
-                waiter = Waiter(self._wanted_locked(watched), wake)
-                self._waiters.append(waiter)
+                waiter = self._waiters.add(self._wanted_locked(watched), wake)
             if consumer is not None:
                 cursor = consumer._cursor
                 position = cursor.position
@@ -692,7 +691,7 @@ class DeliveryCore(CursorCore):
             cursor = consumer._cursor
             before = cursor.position
             cursor.position = self._resolve_locked(target)
-            self._unsettle_locked()
+            self._unsettle_locked(cursor)
             if self.durable and cursor.name is not None:
                 self._journal_sync_locked(cursor, (), moved=True)
             self._moved_locked(consumer, cursor, before)
@@ -710,7 +709,7 @@ class DeliveryCore(CursorCore):
                 raise SubscriptionClosed(consumer._closed_reason())
             cursor = consumer._cursor
             self._index.apply_filter(cursor, change(cursor.filter))
-            self._unsettle_locked()
+            self._unsettle_locked(cursor)
             self._refresh_unwanted_locked()
             if self.durable and cursor.name is not None:
                 self._journal_cursor_locked(cursor)
@@ -810,49 +809,107 @@ class DeliveryCore(CursorCore):
     def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:
         """The push cursors that have not yet handled every matching message below ``offset``.
 
-        Checks ``cursors`` (all of this queue's when None) in order and stops at the first one
-        still busy, returning it and the unchecked rest: a drain that calls again with the result
-        looks at each settled cursor once, not once per wake-up. A check of them all that finds
-        none busy, with no push batch out, is remembered up to the end offset (``_push_settled_to``):
-        until something gives a push cursor work again, a drain looks at none.
+        Checks ``cursors`` (when None: this queue's push cursors that may not have) in order and
+        stops at the first one still busy, returning it and the unchecked rest: a drain that
+        calls again with the result looks at each settled cursor once, not once per wake-up.
+        A check of the queue's own choice that finds none busy is remembered
+        (``PushReaders.base``; and when it reaches the end offset with no push batch out,
+        ``_push_settled_to``): until something gives a push cursor work again, a drain looks at
+        none, and after a publish only at those that read what was published (see
+        :meth:`_push_candidates_locked`).
         """
-        # Every drain calls it once per queue, for every cursor: plain loops, no generators, and
-        # the count limits looked at only when set (as a take does).
+        # Every drain calls it once per queue with work: plain loops, no generators, and the
+        # count limits looked at only when set (as a take does).
         lock = self._lock
         lock.acquire()
         try:
             if offset <= self._push_settled_to:
                 return []
-            candidates = self._all_cursors_locked() if cursors is None else cursors
+            if cursors is not None:
+                candidates = cursors
+            else:
+                push = self._index.push
+                base = push.base
+                if push.by_event or push.dirty or base < 0 or push.cursors is None or offset > self._end:
+                    candidates = self._push_candidates_locked(offset)
+                elif offset <= base:
+                    candidates = []
+                elif offset - base <= len(push.cursors):
+                    # _push_candidates_locked's usual case, without its frame: nothing filters,
+                    # nothing gave a cursor work but publishes, so those that read every event.
+                    candidates = push.unfiltered
+                else:
+                    candidates = push.cursors
             for cursor in candidates:
                 if cursor.position < offset or cursor.inflight or cursor.pending:
                     break  # this one needs the closer look below
             else:
                 # The usual case after a run: every cursor read up to the offset, with nothing
                 # out or pending (a loop of three reads a cursor, a third of the closer look's).
-                if cursors is None and offset == self._end and not self._push_out and not self._closed:
+                candidates = []
+            if candidates:
+                config = self._config
+                start = self._limit_floor_locked() if config.max_messages or config.max_age else self._start
+                count = self._index.count
+                for index, cursor in enumerate(candidates):
+                    if cursor.position >= offset and not cursor.inflight and not cursor.pending:
+                        continue  # the usual case: read up to the offset, nothing out or pending
+                    if not has_push_member(cursor):
+                        continue  # drain does not wait for it
+                    if cursor.inflight:
+                        return candidates[index:]
+                    if cursor.pending and cursor.unsettled_before(offset):
+                        return candidates[index:]
+                    position = cursor.position if cursor.position > start else start
+                    if position < offset and count(cursor, position, offset):
+                        return candidates[index:]
+            if cursors is None:
+                # Every push cursor is settled below offset: those looked at, and (see
+                # _push_candidates_locked) the others.
+                if offset > push.base:
+                    push.base = offset
+                if push.dirty:
+                    push.dirty.clear()
+                if offset == self._end and not self._push_out and not self._closed:
                     self._push_settled_to = offset
-                return []
-            config = self._config
-            start = self._limit_floor_locked() if config.max_messages or config.max_age else self._start
-            count = self._index.count
-            for index, cursor in enumerate(candidates):
-                if cursor.position >= offset and not cursor.inflight and not cursor.pending:
-                    continue  # the usual case: read up to the offset, nothing out or pending
-                for member in cursor.members:
-                    if member._is_push:
-                        break
-                else:
-                    continue  # no push member: drain does not wait for it
-                if cursor.inflight:
-                    return candidates[index:]
-                if cursor.pending and cursor.unsettled_before(offset):
-                    return candidates[index:]
-                position = cursor.position if cursor.position > start else start
-                if position < offset and count(cursor, position, offset):
-                    return candidates[index:]
-            if cursors is None and offset == self._end and not self._push_out and not self._closed:
-                self._push_settled_to = offset
             return []
         finally:
             lock.release()
+
+    def _push_candidates_locked(self, offset: int) -> list[Cursor]:
+        """The push cursors that may not have handled everything below ``offset``.
+
+        Every push cursor outside ``PushReaders.dirty`` handled everything below its ``base``,
+        so of those only the ones that read a message published in ``[base, offset)`` can have
+        work: the cursors that read every event, and the filtered ones whose names hold the
+        event of such a message. When that range holds more messages than there are push
+        cursors, or ``base`` is not known or not retained, all of them.
+        """
+        push = self._index.push
+        cursors = push.cursors
+        if cursors is None:
+            cursors = push.build(self._all_cursors_locked())
+        base = push.base
+        if base < 0 or offset > self._end or offset - base > len(cursors):
+            return cursors
+        dirty = push.dirty
+        if offset <= base:
+            return list(dirty)
+        by_event = push.by_event
+        if not by_event and not dirty:
+            return push.unfiltered  # nothing filters: those that read every event
+        found = dict.fromkeys(push.unfiltered)
+        if by_event:
+            log = self._log
+            if base < log.first_offset:
+                return cursors  # what was published since is gone
+            seen: set[str] = set()
+            for message in log.read(base, offset):
+                event = message[0]
+                if event not in seen:
+                    seen.add(event)
+                    readers = by_event.get(event)
+                    if readers is not None:
+                        found.update(dict.fromkeys(readers))
+        found.update(dirty)
+        return list(found)

@@ -11,7 +11,7 @@ from mqlite._delivery.cursor import Cursor
 from mqlite.filters import EventFilter
 from mqlite.message import Message
 
-__all__ = ["EventIndex", "MessageLog"]
+__all__ = ["EventIndex", "MessageLog", "PushReaders"]
 
 _offset_of = itemgetter(2)  # a Message's offset: the key each event's list is sorted by
 
@@ -41,28 +41,93 @@ class MessageLog(Protocol):
     def __len__(self) -> int: ...
 
 
+def has_push_member(cursor: Cursor) -> bool:
+    """Whether a push subscription reads ``cursor``: only those are what a drain waits for."""
+    for member in cursor.members:  # noqa: SIM110  # a plain loop: any() of a generator is a frame more per cursor
+        if member._is_push:
+            return True
+    return False
+
+
+class PushReaders:
+    """What a drain looks at once messages were published: which push cursors read each event,
+    and how far every push cursor is known to have handled everything. Not thread-safe: used
+    only inside its engine's queue scope, through the queue's :class:`EventIndex`.
+
+    ``base`` is an offset below which every push cursor not in ``dirty`` has handled every
+    message it wants, with nothing unsettled (-1: not known). Only a publish can give those
+    cursors work without passing through ``dirty`` (a failure, a give-back, a seek, a filter
+    change, an attach put the cursor there), so after a publish a drain looks at the cursors
+    that read what was published since ``base``, and at ``dirty``: not at every cursor.
+    ``cursors`` (every cursor with a push member, in the queue's order), ``unfiltered`` (those
+    of them that read every event) and ``by_event`` (each event name: those of the filtered
+    ones whose names hold it) are built when a drain needs them; ``cursors`` is None while
+    they are stale (a cursor, filter or member changed).
+    """
+
+    __slots__ = ("base", "by_event", "cursors", "dirty", "unfiltered")
+
+    def __init__(self) -> None:
+        self.base = -1
+        self.dirty: dict[Cursor, None] = {}  # insertion-ordered, so that drains look in a repeatable order
+        self.cursors: list[Cursor] | None = None
+        self.unfiltered: list[Cursor] = []
+        self.by_event: dict[str, list[Cursor]] = {}
+
+    def build(self, cursors: Iterable[Cursor]) -> list[Cursor]:
+        """Find the push cursors among ``cursors`` (all the queue's), and what each reads; return them."""
+        push: list[Cursor] = []
+        unfiltered: list[Cursor] = []
+        by_event: dict[str, list[Cursor]] = {}
+        for cursor in cursors:
+            if not has_push_member(cursor):
+                continue  # drain does not wait for it
+            push.append(cursor)
+            names = cursor.names
+            if names is None:
+                unfiltered.append(cursor)
+            else:
+                for name in names:
+                    by_event.setdefault(name, []).append(cursor)
+        self.cursors = push
+        self.unfiltered = unfiltered
+        self.by_event = by_event
+        return push
+
+    def stale(self) -> None:
+        """A cursor, a filter or a member changed: build again when next needed."""
+        self.cursors = None
+        self.by_event = {}
+
+
 class EventIndex:
     """Known event names, each with its retained messages in offset order. Not thread-safe.
 
     The lists are kept only while some cursor filters by event (``indexed > 0``); otherwise
     every value is None and a publish pays nothing for them. A filtered read slices one list:
-    no lookup per message.
+    no lookup per message. ``push`` is which push cursors read each name (see :class:`PushReaders`),
+    kept in step here, where the names change.
     """
 
-    __slots__ = ("events", "indexed", "log")
+    __slots__ = ("events", "indexed", "log", "push")
 
     def __init__(self, log: MessageLog) -> None:
         self.log = log
         self.events: dict[str, list[Message] | None] = {}
         self.indexed = 0
+        self.push = PushReaders()
 
     def add_event(self, name: str, cursors: Iterable[Cursor]) -> list[Message] | None:
         """Register a new event name: cursors whose filter matches it start reading it."""
         postings: list[Message] | None = [] if self.indexed else None
         self.events[name] = postings
+        push = self.push
+        readers = push.cursors
         for cursor in cursors:
             if cursor.names is not None and cursor.filter.matches(name):
                 cursor.names.add(name)
+                if readers is not None and has_push_member(cursor):
+                    push.by_event.setdefault(name, []).append(cursor)
         return postings
 
     def add(self, messages: Iterable[Message]) -> None:
@@ -84,10 +149,13 @@ class EventIndex:
         else:
             cursor.names = {name for name in self.events if event_filter.matches(name)}
         self.change(int(cursor.names is not None) - int(was_indexed))
+        self.push.stale()
 
     def forget(self, cursor: Cursor) -> None:
         """A cursor is gone: it no longer needs the index."""
         self.change(-int(cursor.names is not None))
+        self.push.stale()
+        self.push.dirty.pop(cursor, None)
 
     def change(self, delta: int) -> None:
         """Count ``delta`` more (or fewer) cursors that filter; build or drop the lists as needed."""
@@ -129,8 +197,10 @@ class EventIndex:
             return
         if cursors is None or not gone:
             return
+        by_event = self.push.by_event
         for name in gone:
             del events[name]
+            by_event.pop(name, None)
         for cursor in cursors:
             if cursor.names is not None:
                 cursor.names.difference_update(gone)

@@ -377,6 +377,7 @@ class _FaultyQueue(DeliveryCore):
         entry = Pending(original(message), 0, None, READY)
         cursor.pending[message[2]] = entry
         cursor.schedule.make_ready(entry)
+        self._unsettle_locked(cursor)  # work for the cursor that no publish brought: drains look at it
         self._inject_locked("duplicate", cursor, consumer, message[2], "delivered once more")
         if self.durable and cursor.name is not None:
             self._journal_sync_locked(cursor, (message[2],))
