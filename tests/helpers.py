@@ -121,6 +121,17 @@ def gated(gate: threading.Event, seen: list[int]) -> Callable[[mqlite.Message], 
     return callback
 
 
+def fails_first(calls: list[int]) -> Callable[[mqlite.Message], None]:
+    """A push callback that notes each offset it is called with in ``calls`` and raises on its first call."""
+
+    def callback(message: mqlite.Message) -> None:
+        calls.append(message.offset)
+        if len(calls) == 1:
+            raise RuntimeError("first delivery fails")
+
+    return callback
+
+
 def idle_then(broker: mqlite.Broker, gate: threading.Event, give_work: Callable[[], object]) -> None:
     """Drain to idle, hold the push callbacks up at ``gate``, ``give_work``: the next drain must see
     that there is work to do, and the one after the gate opens must see it done."""

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from helpers import WAIT, with_idle_queues
+from helpers import WAIT, fails_first, with_idle_queues
 
 import mqlite
 
@@ -66,12 +66,7 @@ def test_a_callback_that_raises_is_retried_when_the_clock_reaches_its_backoff(ma
     broker, clock = _manual(make_broker)
     calls: list[int] = []
 
-    def flaky(message: mqlite.Message) -> None:
-        calls.append(message.offset)
-        if len(calls) == 1:
-            raise RuntimeError("first delivery fails")
-
-    broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=5.0))
+    broker.subscribe("q", callback=fails_first(calls), backoff=mqlite.Backoff(initial=5.0))
     broker.publish("q", "e", 0)
     assert not broker.drain(timeout=0), "the retry is still waiting: drain must not say done"
     clock.advance(5.0)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import gated, idle_then, with_idle_queues
+from helpers import fails_first, gated, idle_then, with_idle_queues
 
 import mqlite
 
@@ -100,12 +100,7 @@ def test_a_filtered_retry_keeps_drains_false_while_other_events_come(make_broker
     _, seen = _filtered(broker)
     calls: list[int] = []
 
-    def flaky(message: mqlite.Message) -> None:
-        calls.append(message.offset)
-        if len(calls) == 1:
-            raise RuntimeError("first delivery fails")
-
-    broker.subscribe("q", "flaky", callback=flaky, backoff=mqlite.Backoff(initial=5.0))
+    broker.subscribe("q", "flaky", callback=fails_first(calls), backoff=mqlite.Backoff(initial=5.0))
     failing = broker.publish("q", "flaky", 0).offset
     assert not broker.drain(timeout=0)
     for i in range(5):

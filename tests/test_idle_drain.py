@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WAIT, gated, idle_then, with_idle_queues
+from helpers import WAIT, fails_first, gated, idle_then, with_idle_queues
 
 import mqlite
 from mqlite.testing import Faults, run_until_idle
@@ -73,12 +73,7 @@ def test_idle_drains_after_a_retried_callback_check_no_cursor(make_broker: MakeB
     broker, clock = _manual(make_broker)
     calls: list[int] = []
 
-    def flaky(message: mqlite.Message) -> None:
-        calls.append(message.offset)
-        if len(calls) == 1:
-            raise RuntimeError("first delivery fails")
-
-    broker.subscribe("q", callback=flaky, backoff=mqlite.Backoff(initial=1.0))
+    broker.subscribe("q", callback=fails_first(calls), backoff=mqlite.Backoff(initial=1.0))
     broker.publish("q", "e", 0)
     assert not broker.drain(timeout=0)
     clock.advance(1.0)
