@@ -195,6 +195,27 @@ def _drain_past_100_pulls(count: int) -> None:
     broker.close()
 
 
+def _run_until_idle_one_of_100_queues(count: int) -> None:
+    """``run_until_idle`` after a publish to one of 100 queues, each with one push subscription."""
+    import mqlite
+    from mqlite.testing import VirtualClock, run_until_idle
+
+    broker = mqlite.Broker(clock=VirtualClock(), dispatcher=mqlite.ManualDispatcher())
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for i in range(100):
+        broker.subscribe(f"q{i}", callback=callback)
+    publish = broker.publish
+    for i in range(count):
+        publish("q0", "e", i)
+        run_until_idle(broker)
+    assert seen[0] == count, seen[0]
+    broker.close()
+
+
 class _Tally:
     """The fanout benchmark's callback: it counts (``benchmarks.fanout.Tally``, without importing it)."""
 
@@ -463,6 +484,7 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "drain 1 of 100 queues": _drain_one_of_100_queues,
     "drain 1 of 100 filtered push": _drain_one_of_100_filtered,
     "drain past 100 pull subs": _drain_past_100_pulls,
+    "run_until_idle 1 of 100 queues": _run_until_idle_one_of_100_queues,
     # The fanout scenario's three systems, per publish, at N = 1, 10 and 100: the floor, the peer,
     # and mqlite's own work on one thread. (Not the thread dispatcher: valgrind runs one thread at
     # a time on its own schedule, so its batch sizes, and the count, differ from run to run.)

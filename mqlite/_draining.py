@@ -34,7 +34,8 @@ class Progress:
     """A count that push workers bump after every batch (a ``ManualDispatcher`` run after each
     queue's round), and the drains waiting for it. Thread-safe.
 
-    ``_cond`` (over ``_lock``) guards ``count``, ``stopped``, ``_drainers`` (threads waiting) and
+    ``_cond`` (over ``_lock``) guards ``count``, ``handed`` (how many messages the batches noted
+    handed to push callbacks), ``stopped``, ``_drainers`` (threads waiting) and
     ``_async_drainers`` (how to wake the tasks waiting, and the threads waiting on an
     autojumping clock). Wakers run with no lock held.
 
@@ -46,6 +47,7 @@ class Progress:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.count = 0
+        self.handed = 0
         self.stopped = False  # the broker closed: drains return False
         self._drainers = 0
         self._async_drainers: list[Callable[[], None]] = []
@@ -55,14 +57,16 @@ class Progress:
     def _virtual_now(self) -> float:
         return self._jumping._now  # type: ignore[no-any-return]  # read without counting as activity
 
-    def note(self) -> None:
-        """A push worker finished a batch (or the clock moved): wake every drain."""
+    def note(self, handed: int = 0) -> None:
+        """Push workers finished batches that handed ``handed`` messages to their callbacks (or
+        the clock moved): wake every drain."""
         # The condition's lock taken directly, and no new list when nobody waits: this runs after
         # every push batch (a drain with 10 push subscriptions calls it 10 times).
         lock = self._lock
         lock.acquire()
         try:
             self.count += 1
+            self.handed += handed
             if self._drainers:
                 self._cond.notify_all()
             wakers = self._async_drainers
@@ -81,6 +85,11 @@ class Progress:
             wakers, self._async_drainers = self._async_drainers, []
         for wake in wakers:
             wake()
+
+    def handed_so_far(self) -> int:
+        """How many messages the batches noted so far handed to push callbacks."""
+        with self._lock:
+            return self.handed
 
     def look(self) -> tuple[int, bool]:
         """The count now, and whether the broker stopped."""
@@ -159,21 +168,40 @@ class Progress:
 class Unsettled:
     """The queues of one broker whose push cursors may not have handled everything published to
     them: every queue whose ``drain_start`` would not say settled, and perhaps some that would.
-    Thread-safe.
+    Also those whose push cursors may have a timer (an ack timeout, a retry delay): with the
+    first, what ``run_until_idle`` looks at (:meth:`busy_or_timed`). Thread-safe.
 
     ``_lock`` guards ``_queues`` (each queue and its end offset when it joined; a dict, so that
-    drains look in a repeatable order) and ``_joins`` (how many joins there have been). The
-    queues call :meth:`add` and :meth:`discard` with their own lock held, so that the set
-    changes in the same lock section as the state it mirrors: the lock order is a queue's lock,
-    then this one, and nothing is called under this lock.
+    drains look in a repeatable order), ``_joins`` (how many joins there have been) and
+    ``_timed``. The queues call :meth:`add`, :meth:`discard`, :meth:`add_timed` and
+    :meth:`discard_timed` with their own lock held, so that the sets change in the same lock
+    section as the state they mirror: the lock order is a queue's lock, then this one, and
+    nothing is called under this lock.
     """
 
-    __slots__ = ("_joins", "_lock", "_queues")
+    __slots__ = ("_joins", "_lock", "_queues", "_timed")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[QueueEngine, int] = {}
         self._joins = 0
+        self._timed: dict[QueueEngine, None] = {}
+
+    def add_timed(self, queue: QueueEngine) -> None:
+        """A push cursor of ``queue`` may have a timer: ``run_until_idle`` looks at it."""
+        with self._lock:
+            self._timed[queue] = None
+
+    def discard_timed(self, queue: QueueEngine) -> None:
+        """``queue`` found no push cursor with a timer (it says so under its own lock, so that a
+        timer set meanwhile, which adds it back after, is not lost)."""
+        with self._lock:
+            self._timed.pop(queue, None)
+
+    def busy_or_timed(self) -> list[QueueEngine]:
+        """The queues that may have push work or a push timer, in a repeatable order."""
+        with self._lock:
+            return list({**self._queues, **self._timed})
 
     def add(self, queue: QueueEngine, end: int) -> None:
         """``queue``, with end offset ``end``, may have push work not yet handled: drains look at it.

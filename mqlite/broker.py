@@ -474,7 +474,10 @@ class Broker:
         """
         inflight = False
         due: float | None = None
-        for engine in list(self._engines.values()):
+        # Push work and push timers are only where the queues said they may be (the busy and
+        # the timed ones, and those whose engine cannot say); the autojumping clock asks all.
+        engines = [*self._unsettled.busy_or_timed(), *self._unwatched] if push_only else list(self._engines.values())
+        for engine in engines:
             report = getattr(engine, "next_due", None)  # engines outside engine/core.py may have none
             if report is None:
                 continue

@@ -210,7 +210,7 @@ class PushWorker:
         queue: QueueEngine,
         consumer: Consumer,
         callback: Callable[[Message], object],
-        on_progress: Callable[[], None],
+        on_progress: Callable[[int], None],
     ) -> None:
         self.queue = queue
         self.consumer = consumer
@@ -263,8 +263,9 @@ class PushWorker:
         return attempt
 
     @property
-    def on_progress(self) -> Callable[[], None]:
-        """What to call once a batch is settled: it wakes the broker's drains."""
+    def on_progress(self) -> Callable[[int], None]:
+        """What to call once batches are settled, with how many messages they handed to the
+        callback: it wakes the broker's drains (and counts for ``run_until_idle``'s report)."""
         return self._on_progress
 
     def _deliver(self, batch: list[Message], note: bool) -> None:
@@ -274,7 +275,7 @@ class PushWorker:
                 _settle(self.queue, self.consumer, batch, [], [])
         finally:
             if note:
-                self._on_progress()
+                self._on_progress(len(batch))
 
     def handle(self, batch: list[Message]) -> bool:
         """Hand ``batch`` to the callback, one message at a time.
@@ -379,7 +380,7 @@ class AsyncPushWorker:
         queue: QueueEngine,
         consumer: Consumer,
         callback: Callable[[Message], Awaitable[object]],
-        on_progress: Callable[[], None],
+        on_progress: Callable[[int], None],
         loop: asyncio.AbstractEventLoop,
         off_loop: OffLoop[Any] | None = None,
     ) -> None:
@@ -464,10 +465,12 @@ class AsyncPushWorker:
                 if batch is None:
                     return
                 runner = _BatchRunner(queue, consumer, batch)
+                handed = 0
                 try:
                     for message in runner:
                         if consumer.closed:
                             break
+                        handed += 1
                         try:
                             await callback(message)
                         except Exception as error:  # noqa: BLE001  # a failed delivery: failed() logs it, the batch goes on
@@ -479,7 +482,7 @@ class AsyncPushWorker:
                         runner.settle()
                     else:  # shielded: a second cancellation cannot stop the settlement half-way
                         await asyncio.shield(off_loop(runner.settle))
-                    self._on_progress()
+                    self._on_progress(handed)
         finally:
             self.finished.set()
 
@@ -619,12 +622,12 @@ class _PoolSlot:
             lock.release()
 
 
-def _note_all(owed: dict[Callable[[], None], None]) -> None:
-    """Call each progress note owed for settled batches, once, and forget them."""
-    notes = list(owed)
+def _note_all(owed: dict[Callable[[int], None], int]) -> None:
+    """Call each progress note owed for settled batches, once, with the messages they handed, and forget them."""
+    notes = list(owed.items())
     owed.clear()
-    for note in notes:
-        note()
+    for note, handed in notes:
+        note(handed)
 
 
 def _retire(entry: _PoolSlot | _Group, ready: collections.deque[Any]) -> None:
@@ -760,7 +763,7 @@ class ThreadDispatcher:
         # Drains are told of settled batches once a round (a batch of every live subscription)
         # and before sleeping, not after every batch: at N = 100 a drain would otherwise wake,
         # and take the GIL from this thread, for each of 100 batches of one round.
-        owed: dict[Callable[[], None], None] = {}
+        owed: dict[Callable[[int], None], int] = {}  # each note owed, and the messages its batches handed
         unnoted = 0
         round_size = 1
         try:
@@ -800,8 +803,10 @@ class ThreadDispatcher:
                     if stale is not None:
                         slot.worker.queue.remove_waiter(stale)  # a no-op if it was woken meanwhile
                     attempt = slot.worker.step_or_watch(slot.wake, False)
-                    if attempt.value:
-                        owed[slot.worker.on_progress] = None
+                    batch = attempt.value
+                    if batch:
+                        note = slot.worker.on_progress
+                        owed[note] = owed.get(note, 0) + len(batch)
                         unnoted += 1
                     continue
                 self._sleep(me, timeout)
@@ -810,7 +815,8 @@ class ThreadDispatcher:
                 if slot is not None and attempt is None:  # the step raised: that worker stopped
                     slot.running = False
                     self._forget_locked(slot)
-                    owed[slot.worker.on_progress] = None  # it settled what it could before raising
+                    note = slot.worker.on_progress
+                    owed[note] = owed.get(note, 0)  # it settled what it could before raising
                 self._leave_locked(me)
                 short = self._slots and len(self._runners) < self._wanted_locked()
                 spare = [self._new_runner_locked()] if short else []
@@ -1100,15 +1106,20 @@ class _Group:
             lock.release()
 
 
-def _after(batch: list[Message], message: Message | None) -> Iterator[Message]:
-    """An iterator over the messages of ``batch`` after ``message`` (the object itself, which a
-    batch holds once), as iterating over the batch would have left it: the failure paths of
-    ``ManualDispatcher._round``, which iterates over the list itself."""
+def _index(batch: list[Message], message: Message | None) -> int:
+    """Where ``message`` (the object itself, which a batch holds once) is in ``batch``; -1 for
+    None (an interrupt before the first message was taken)."""
     for index, held in enumerate(batch):
         if held is message:
-            return iter(batch[index + 1 :])
-    # None (an interrupt before the first message was taken): the whole batch is still to go.
-    return iter(batch)
+            return index
+    return -1
+
+
+def _after(batch: list[Message], message: Message | None) -> Iterator[Message]:
+    """An iterator over the messages of ``batch`` after ``message``, as iterating over the batch
+    would have left it: the failure paths of ``ManualDispatcher._round``, which iterates over
+    the list itself. For None, the whole batch is still to go."""
+    return iter(batch[_index(batch, message) + 1 :])
 
 
 _Turn = Callable[
@@ -1120,11 +1131,11 @@ _Turn = Callable[
 _Step = Callable[[Consumer | None, list[Message], Consumer, int], list[Message] | None]
 """An engine's ``push_step`` (see ``mqlite.engine.delivery.DeliveryCore.push_step``)."""
 
-_Round = tuple[bool, bool, Waiter | None, float | None]
-"""What a round of a group left: whether it delivered anything, whether a batch was full (step
+_Round = tuple[int, bool, Waiter | None, float | None]
+"""What a round of a group left: how many messages it handed to callbacks, whether a batch was full (step
 it again), the waiter registered for it, and when a timer falls due (``time.monotonic()``)."""
 
-_NOTHING: _Round = (False, False, None, None)
+_NOTHING: _Round = (0, False, None, None)
 """What a round that stepped nothing left."""
 
 
@@ -1284,7 +1295,7 @@ class ManualDispatcher:
         waiter = None
         due = None
         again = False
-        delivered = False
+        handed = 0  # messages handed to callbacks
         try:
             for slot in group.slots:
                 claim = slot.claim
@@ -1330,7 +1341,7 @@ class ManualDispatcher:
                     if batch is None:  # its subscription closed
                         self._forget(group, slot)
                     continue
-                delivered = True
+                handed += len(batch)
                 # PushWorker.handle's loop, until a callback raises or the subscription closes
                 # (over the list itself: the iterator that resume needs is made only then).
                 worker = slot.worker
@@ -1352,9 +1363,11 @@ class ManualDispatcher:
                     finally:
                         claim.release()
                     continue
+                stop = _index(batch, message)
+                handed -= len(batch) - stop  # the message in hand and the rest were not handed
                 try:
                     # Closed mid-batch: resume gives back the message in hand and the rest.
-                    worker.resume(batch, _after(batch, message), None, None)
+                    worker.resume(batch, iter(batch[stop + 1 :]), None, None)
                 finally:
                     claim.release()
         finally:
@@ -1369,9 +1382,9 @@ class ManualDispatcher:
                         _settle(queue, held.consumer, held_batch, [], [])  # nothing changed: retry a while
                 finally:
                     held.claim.release()
-            if delivered:
-                group.note()  # once a round: every batch of it is settled
-        return delivered, again, waiter, due
+            if handed:
+                group.note(handed)  # once a round: every batch of it is settled
+        return handed, again, waiter, due
 
     def _step_alone(self, group: _Group, busy: list[_Group]) -> _Round:
         """Step the one worker of a group whose engine takes no turns, as :meth:`_round` would."""
@@ -1389,7 +1402,7 @@ class ManualDispatcher:
             return _NOTHING
         bound = attempt.wait_at_most
         due = None if bound is None else time.monotonic() + bound
-        return bool(attempt.value), attempt.waiter is None, attempt.waiter, due
+        return len(attempt.value), attempt.waiter is None, attempt.waiter, due
 
     def _record_locked(self, group: _Group, left: _Round) -> None:
         """What a round of ``group`` left: a waiter to keep (and maybe a timer), or a round to make again."""

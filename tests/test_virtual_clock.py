@@ -19,6 +19,7 @@ from mqlite.testing import (
     CallbackErrors,
     VirtualClock,
     VirtualTimeExceeded,
+    record,
     run_until_idle,
     wait_until_blocked,
 )
@@ -452,6 +453,133 @@ def test_run_until_idle_runs_on_to_the_ack_timeout_of_an_unacked_push(
     letter = dead.get(timeout=0)
     assert letter is not None
     assert letter.headers["dead_letter.reason"] == "ack timeout"
+
+
+def _count_due_looks(broker: mqlite.Broker) -> dict[str, int]:
+    """Count, by queue, the looks run_until_idle makes for push timers (each queue's next_due)."""
+    looks: dict[str, int] = {}
+    for name, queue in broker._engines.items():
+        look = queue.next_due
+
+        def counted(*, push_only: bool = False, _look: Any = look, _name: str = name) -> Any:
+            looks[_name] = looks.get(_name, 0) + 1
+            return _look(push_only=push_only)
+
+        queue.next_due = counted  # type: ignore[method-assign]  # an instance attribute, for this test
+    return looks
+
+
+@pytest.mark.memory_only  # a file's queues (which other brokers may share) and Redis's are looked at every time
+def test_run_until_idle_looks_only_at_the_queues_with_work_or_timers(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    seen: list[str] = []
+    for i in range(20):
+        broker.subscribe(f"idle{i}", callback=lambda m: seen.append(m.queue))
+        broker.publish(f"idle{i}", "e", i)
+    held = broker.subscribe("held", name="w", ack="manual", ack_timeout=60, callback=lambda m: seen.append(m.queue))
+    broker.publish("held", "e", "kept unacked")
+    assert within(lambda: run_until_idle(broker, max_virtual=0)).callbacks == 21
+    looks = _count_due_looks(broker)
+    broker.publish("idle3", "e", "more")
+    report = within(lambda: run_until_idle(broker, max_virtual=0))
+    assert report.callbacks == 1
+    assert set(looks) <= {"idle3", "held"}, f"looked at queues with nothing to do: {sorted(looks)}"
+    assert "held" in looks  # its ack timeout is a push timer
+    held.close()
+
+
+def test_run_until_idle_reaches_an_ack_timeout_of_a_queue_that_drains_found_settled(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    calls: list[float] = []
+    broker.subscribe("jobs", name="w", ack="manual", ack_timeout=60, callback=lambda m: calls.append(clock.elapsed))
+    for i in range(5):
+        broker.subscribe(f"idle{i}", callback=lambda m: None)
+    broker.publish("jobs", "run", "never acked")
+    assert broker.drain(timeout=0)  # handed over and unacked: settled, as far as drains go
+    assert broker.drain(timeout=0)
+    report = within(lambda: run_until_idle(broker, max_virtual=100))
+    assert calls == [0, 60]
+    assert report.callbacks == 1
+
+
+def test_run_until_idle_reaches_the_delay_of_a_nack_made_outside_a_callback(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    held: list[mqlite.Message] = []
+    sub = broker.subscribe("jobs", name="w", ack="manual", callback=held.append)
+    broker.publish("jobs", "run", 1)
+    assert within(lambda: run_until_idle(broker)).callbacks == 1
+    sub.nack(held[0], delay=30)
+    report = within(lambda: run_until_idle(broker))
+    assert (report.callbacks, report.advanced) == (1, 30)
+    assert [m.offset for m in held] == [0, 0]
+    sub.ack(held[1])
+
+
+def test_run_until_idle_reaches_an_ack_timeout_a_pull_consumer_left_to_a_new_push_one(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    clock = VirtualClock()
+    broker = make_broker(clock=clock, dispatcher=mqlite.ManualDispatcher())
+    puller = broker.subscribe("jobs", name="w", ack="manual", ack_timeout=60)
+    broker.publish("jobs", "run", 1)
+    assert puller.get(timeout=0) is not None  # pending on the cursor, its ack timeout a pull timer
+    assert within(lambda: run_until_idle(broker)).timers == 0  # no push subscription: nothing to run
+    pushed: list[float] = []
+    pusher = broker.subscribe(
+        "jobs", name="w", ack="manual", ack_timeout=60, callback=lambda m: pushed.append(clock.elapsed)
+    )
+    report = within(lambda: run_until_idle(broker, max_virtual=100))
+    assert pushed == [60]  # the puller's ack timeout passed: the message went to the push consumer
+    assert report.callbacks == 1
+    pusher.close()
+    puller.close()
+
+
+@pytest.mark.parametrize("stepped", ["in rounds", "one by one"])
+def test_run_until_idle_counts_every_message_handed_to_a_callback(
+    make_broker: Callable[..., mqlite.Broker], stepped: str
+) -> None:
+    broker = make_broker(clock=VirtualClock(), dispatcher=mqlite.ManualDispatcher())
+    if stepped == "one by one":
+        # A recorder watches each settlement, so its subscriptions are stepped alone, through
+        # PushWorker (as a thread pool steps them), not in the dispatcher's rounds.
+        record(broker)
+    seen: list[int] = []
+    for _ in range(3):
+        broker.subscribe("q", callback=lambda m: seen.append(m.offset))
+    for i in range(4):
+        broker.publish("q", "e", i)  # a batch of four for each subscription
+    report = within(lambda: run_until_idle(broker))
+    assert report.idle
+    assert report.callbacks == 12 == len(seen)
+
+
+def test_run_until_idle_counts_only_what_a_subscription_closed_mid_batch_was_handed(
+    make_broker: Callable[..., mqlite.Broker],
+) -> None:
+    broker = make_broker(clock=VirtualClock(), dispatcher=mqlite.ManualDispatcher())
+    subs: dict[str, mqlite.Subscription] = {}
+    seen: list[int] = []
+
+    def closes_itself(message: mqlite.Message) -> None:
+        seen.append(message.offset)
+        subs["s"].close()
+
+    subs["s"] = broker.subscribe("q", callback=closes_itself)
+    for i in range(3):
+        broker.publish("q", "e", i)
+    report = within(lambda: run_until_idle(broker))
+    assert seen == [0]
+    assert report.callbacks == 1
 
 
 def test_run_until_idle_needs_a_virtual_clock(make_broker: Callable[..., mqlite.Broker]) -> None:

@@ -229,6 +229,17 @@ class UnsettledQueues(Protocol):
         """``queue`` found every push cursor settled up to its end: drains need not look at it."""
         ...
 
+    def add_timed(self, queue: QueueEngine) -> None:
+        """A push cursor of ``queue`` may have a timer (an ack timeout, a retry delay).
+
+        ``run_until_idle`` looks at it then.
+        """
+        ...
+
+    def discard_timed(self, queue: QueueEngine) -> None:
+        """``queue`` found no push cursor with a timer."""
+        ...
+
 
 class QueueEngine(Protocol):
     """One queue of an engine. Thread-safe: every method is one atomic step.

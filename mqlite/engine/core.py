@@ -29,7 +29,7 @@ from mqlite.clock import Clock
 from mqlite.config import QueueConfig, Start
 from mqlite.engine.base import Consumer, DeadLetterSink, UnsettledQueues
 from mqlite.engine.codec import Fields
-from mqlite.engine.index import EventIndex, MessageLog
+from mqlite.engine.index import EventIndex, MessageLog, has_push_member
 from mqlite.errors import BrokerClosed, InvalidArgument, QueueFull
 from mqlite.filters import check_event_name
 from mqlite.message import Message, MessageMeta, check_header_names, make_meta, message_class
@@ -728,6 +728,7 @@ class QueueCore:
         if cursor is None:
             push.base = -1
             push.dirty.clear()
+            self._timer_set_locked(None)  # a reload or a close may bring timers: look, to be sure
         else:
             push.dirty[cursor] = None
 
@@ -774,26 +775,62 @@ class QueueCore:
 
         The timers are the cursors' redelivery schedules (ack timeouts, nack delays, retry
         backoff) and, with ``max_age``, when the oldest message ages out; ``push_only`` looks
-        only at push cursors' schedules. Pulled by an autojumping virtual clock when everything
-        waits (and by ``run_until_idle``); nothing on the hot paths feeds it. Reads no clock.
+        only at push cursors' schedules (and, finding none, takes the queue out of the broker's
+        timed queues: see :meth:`_timer_set_locked`). Pulled by an autojumping virtual clock
+        when everything waits (and by ``run_until_idle``); nothing on the hot paths feeds it.
+        Reads no clock.
         """
         inflight = False
         due: float | None = None
         with self._lock:
+            if push_only:
+                return self._push_due_locked()
             for cursor in self._all_cursors_locked():
                 if cursor.inflight:
                     inflight = True
-                if not cursor.pending or (push_only and not any(m._is_push for m in cursor.members)):
+                if not cursor.pending:
                     continue
                 when = cursor.schedule.next_due()
                 if when is not None and (due is None or when < due):
                     due = when
             max_age = self._config.max_age
-            if max_age is not None and not push_only and self._start < self._end:
+            if max_age is not None and self._start < self._end:
                 when = self._log.get(self._start)[3] + max_age
                 if due is None or when < due:
                     due = when
         return inflight, due
+
+    def _push_due_locked(self) -> tuple[bool, float | None]:
+        """:meth:`next_due` of the push cursors: it looks only at those whose schedule may have a
+        timer (``PushReaders.timed``), forgets those that have none, and takes the queue out of
+        the broker's timed queues when none is left."""
+        push = self._index.push
+        timed = push.timed
+        if timed is None:  # not known: every push cursor with something pending
+            cursors = push.cursors if push.cursors is not None else push.build(self._all_cursors_locked())
+            timed = push.timed = dict.fromkeys(cursor for cursor in cursors if cursor.pending)
+        due: float | None = None
+        for cursor in list(timed):
+            when = cursor.schedule.next_due() if cursor.pending and has_push_member(cursor) else None
+            if when is None:
+                del timed[cursor]
+            elif due is None or when < due:
+                due = when
+        if not timed and self._unsettled is not None:
+            self._unsettled.discard_timed(self)  # type: ignore[arg-type]  # as in watch_settled
+        return self._push_out > 0, due
+
+    def _timer_set_locked(self, cursor: Cursor | None) -> None:
+        """``cursor``'s schedule got a timer (an ack timeout, a retry delay; None: any cursor's
+        may have): ``run_until_idle`` looks at it until :meth:`next_due` finds it has none."""
+        push = self._index.push
+        if cursor is None:
+            push.timed = None
+        elif push.timed is not None:
+            push.timed[cursor] = None
+        unsettled = self._unsettled
+        if unsettled is not None:
+            unsettled.add_timed(self)  # type: ignore[arg-type]  # as in watch_settled
 
     def remove_waiter(self, waiter: Waiter | None) -> None:
         """Forget a waiter that was not woken; a woken one is already gone."""

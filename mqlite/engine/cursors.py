@@ -59,6 +59,8 @@ class CursorCore(QueueCore):
             consumer._cursor = cursor
             self._index.push.stale()  # a push member, maybe the cursor's first
             self._unsettle_locked(cursor)  # a new push cursor, or a push member for one that had none
+            if cursor.pending:
+                self._timer_set_locked(cursor)  # its timers are a push cursor's now
             self._journal_member_locked(cursor, consumer, attached=True)
             return cursor
 
@@ -183,6 +185,7 @@ class CursorCore(QueueCore):
             )
         elif decision.delay > 0:
             cursor.schedule.wait_until(entry, self._monotonic() + decision.delay)
+            self._timer_set_locked(cursor)
         else:
             cursor.schedule.make_ready(entry)
         if self._waiters:

@@ -592,6 +592,7 @@ class DeliveryCore(CursorCore):
         if cursor.ack_timeout is not None:  # the entries listed again only when they need it
             entries = [pending[message[2]] for message in messages]
             cursor.schedule.track_timeout(self._monotonic() + cursor.ack_timeout, entries)
+            self._timer_set_locked(cursor)
 
     # -- acks, seeks and filters --------------------------------------------------------------
 

@@ -62,10 +62,12 @@ class PushReaders:
     ``cursors`` (every cursor with a push member, in the queue's order), ``unfiltered`` (those
     of them that read every event) and ``by_event`` (each event name: those of the filtered
     ones whose names hold it) are built when a drain needs them; ``cursors`` is None while
-    they are stale (a cursor, filter or member changed).
+    they are stale (a cursor, filter or member changed). ``timed`` holds the cursors whose
+    schedule may have a timer (None: not known, look at every push cursor), for
+    ``run_until_idle``'s look for the next one.
     """
 
-    __slots__ = ("base", "by_event", "cursors", "dirty", "unfiltered")
+    __slots__ = ("base", "by_event", "cursors", "dirty", "timed", "unfiltered")
 
     def __init__(self) -> None:
         self.base = -1
@@ -73,6 +75,7 @@ class PushReaders:
         self.cursors: list[Cursor] | None = None
         self.unfiltered: list[Cursor] = []
         self.by_event: dict[str, list[Cursor]] = {}
+        self.timed: dict[Cursor, None] | None = None
 
     def build(self, cursors: Iterable[Cursor]) -> list[Cursor]:
         """Find the push cursors among ``cursors`` (all the queue's), and what each reads; return them."""
@@ -154,8 +157,11 @@ class EventIndex:
     def forget(self, cursor: Cursor) -> None:
         """A cursor is gone: it no longer needs the index."""
         self.change(-int(cursor.names is not None))
-        self.push.stale()
-        self.push.dirty.pop(cursor, None)
+        push = self.push
+        push.stale()
+        push.dirty.pop(cursor, None)
+        if push.timed is not None:
+            push.timed.pop(cursor, None)
 
     def change(self, delta: int) -> None:
         """Count ``delta`` more (or fewer) cursors that filter; build or drop the lists as needed."""

@@ -358,6 +358,7 @@ class _FaultyQueue(DeliveryCore):
         for message, delay in held:
             self._delayed.add((key, message[2]))
             cursor.schedule.wait_until(cursor.pending[message[2]], now + delay)
+            self._timer_set_locked(cursor)
             self._inject_locked("delay", cursor, consumer, message[2], f"held back {delay:.3f} s")
         if self.durable and cursor.name is not None:
             self._journal_sync_locked(cursor, sorted(offsets))
