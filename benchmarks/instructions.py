@@ -110,6 +110,29 @@ def _drain_push10(count: int) -> None:
     broker.close()
 
 
+def _run_ready_push10(count: int) -> None:
+    """The delivery a drain after every publish makes, without the drain: one message, ten push
+    subscriptions, one ``run_ready`` of the ``ManualDispatcher``."""
+    import mqlite
+
+    dispatcher = mqlite.ManualDispatcher()
+    broker = mqlite.Broker(dispatcher=dispatcher)
+    seen = [0]
+
+    def callback(message: mqlite.Message) -> None:
+        seen[0] += 1
+
+    for _ in range(10):
+        broker.subscribe("q", callback=callback)
+    publish = broker.publish
+    run_ready = dispatcher.run_ready
+    for i in range(count):
+        publish("q", "e", i)
+        run_ready()
+    assert seen[0] == 10 * count, seen[0]
+    broker.close()
+
+
 def _drain_push10_idle(count: int) -> None:
     """A drain with nothing to do: ten push subscriptions that have handled everything."""
     import mqlite
@@ -480,6 +503,7 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "get+ack": _get_ack,
     "publish+10 push": _publish_push10,
     "drain 10 push, 1 msg": _drain_push10,
+    "run_ready 10 push, 1 msg": _run_ready_push10,
     "drain 10 push, idle": _drain_push10_idle,
     "drain 1 of 100 queues": _drain_one_of_100_queues,
     "drain 1 of 100 filtered push": _drain_one_of_100_filtered,
