@@ -892,7 +892,7 @@ def test_add_registers_a_waiter() -> None:
     waiters = Waiters()
     woken = Woken()
     waiter = waiters.add({"a"}, woken.waker("w"))
-    assert list(waiters) == [waiter]
+    assert waiters.registered() == [waiter]
     assert waiter.names == {"a"}
     assert woken.names == []
 
@@ -923,7 +923,7 @@ def test_wake_event_removes_the_woken_and_keeps_the_others_in_order() -> None:
     b2 = waiters.add({"b"}, woken.waker("b2"))
     waiters.add(None, woken.waker("any"))
     waiters.wake_event("a")
-    assert list(waiters) == [b1, b2]
+    assert waiters.registered() == [b1, b2]
 
 
 def test_a_waiter_is_woken_once() -> None:
@@ -962,7 +962,7 @@ def test_a_waiter_added_while_wake_all_runs_stays_registered() -> None:
     woken = Woken()
     waiters.add(None, lambda: waiters.add(None, woken.waker("again")))
     waiters.wake_all()
-    assert len(waiters) == 1
+    assert waiters.count() == 1
     assert woken.names == []
 
 
@@ -983,7 +983,7 @@ def test_discard_of_an_already_woken_waiter_is_silent() -> None:
     other = waiters.add({"b"}, woken.waker("b"))
     waiters.wake_event("a")
     waiters.discard(waiter)
-    assert list(waiters) == [other]
+    assert waiters.registered() == [other]
 
 
 def test_an_empty_registry_is_falsy() -> None:
@@ -1014,7 +1014,7 @@ def test_a_waiter_whose_set_grew_is_woken_by_the_new_name_once_new_event_files_i
     waiters.new_event("order.paid")
     waiters.wake_event("order.paid")
     assert woken.names == ["orders"]
-    assert list(waiters) == [other]
+    assert waiters.registered() == [other]
 
 
 def test_new_event_leaves_the_waiters_whose_set_does_not_hold_it() -> None:
@@ -1024,7 +1024,7 @@ def test_new_event_leaves_the_waiters_whose_set_does_not_hold_it() -> None:
     waiters.new_event("b")
     waiters.wake_event("b")
     assert woken.names == []
-    assert list(waiters) == [waiter]
+    assert waiters.registered() == [waiter]
 
 
 def test_a_woken_waiter_leaves_every_name_it_was_filed_under() -> None:
@@ -1034,4 +1034,20 @@ def test_a_woken_waiter_leaves_every_name_it_was_filed_under() -> None:
     waiters.wake_event("a")
     waiters.wake_event("b")
     assert woken.names == ["ab"]
+    assert not waiters
+
+
+def test_count_and_registered_see_filed_and_asked_waiters_in_the_order_they_came() -> None:
+    waiters = Waiters()
+    woken = Woken()
+    a = waiters.add({"a"}, woken.waker("a"))
+    anything = waiters.add(None, woken.waker("any"))
+    b = waiters.add({"b"}, woken.waker("b"))
+    assert waiters.count() == 3
+    assert waiters.registered() == [a, anything, b]
+    waiters.discard(anything)
+    assert (waiters.count(), waiters.registered()) == (2, [a, b])
+    waiters.wake_event("b")
+    waiters.discard(a)
+    assert (waiters.count(), waiters.registered()) == (0, [])
     assert not waiters

@@ -46,25 +46,30 @@ _INDEXED = 8
 
 
 class Waiters(dict[Waiter, None]):
-    """The waiters of one queue, in the order they came. Not thread-safe: guarded by its engine's
-    queue scope.
+    """The waiters of one queue. Not thread-safe: guarded by its engine's queue scope.
 
-    A dict, so that ``if waiters:`` on the publish path costs no Python call and a waiter leaves
-    in one step. Whoever wakes a waiter removes it; a waiter that stops waiting for another
-    reason removes itself. A waiter whose names are a cursor's set of a few known names is also
-    filed under each of them (``_named``); the rest (any event, a wildcard that matched many
-    names, several cursors' sets) are asked at every publish (``_asked``). So a publish looks at
-    the waiters that may want its event, not at every waiter: a thousand filtered push
+    Whoever wakes a waiter removes it; a waiter that stops waiting for another reason removes
+    itself. A waiter whose names are a cursor's set of a few known names is *filed* under each
+    of them (``_named``, and ``_filed`` in the order they came); the rest (any event, a wildcard
+    that matched many names, several cursors' sets) are *asked* at every publish. So a publish
+    looks at the waiters that may want its event, not at every waiter: a thousand filtered push
     subscriptions, one of which wants the message, cost it one look, not a thousand. A cursor's
     set grows when a new event that its filter matches is published: :meth:`new_event` files
     the waiters it concerns under that name.
+
+    The dict itself holds the asked waiters, in the order they came, and while any waiter is
+    filed one stand-in (``_FILED``, which wants nothing) for them all. So ``if waiters:`` on the
+    publish path costs no Python call, and an asked waiter, the one every push round of an
+    unfiltered subscription registers, costs one dict entry to add and to wake. (Counting and
+    listing every waiter are :meth:`count` and :meth:`registered`: ``len()`` and iteration see
+    the dict.)
     """
 
-    __slots__ = ("_asked", "_named", "_seq")
+    __slots__ = ("_filed", "_named", "_seq")
 
     def __init__(self) -> None:
         super().__init__()
-        self._asked: dict[Waiter, None] = {}
+        self._filed: dict[Waiter, None] = {}
         self._named: dict[str, dict[Waiter, None]] = {}
         self._seq = 0
 
@@ -76,93 +81,110 @@ class Waiters(dict[Waiter, None]):
         waiter.wake = wake
         self._seq = seq = self._seq + 1
         waiter.seq = seq
-        self[waiter] = None
         if type(names) is set and len(names) <= _INDEXED:
             keys = waiter.keys = tuple(names)
+            filed = self._filed
+            if not filed:
+                self[_FILED] = None
+            filed[waiter] = None
             named = self._named
             for name in keys:
-                filed = named.get(name)
-                if filed is None:
+                under = named.get(name)
+                if under is None:
                     named[name] = {waiter: None}
                 else:
-                    filed[waiter] = None
+                    under[waiter] = None
         else:
             waiter.keys = None
-            self._asked[waiter] = None
+            self[waiter] = None
         return waiter
+
+    def registered(self) -> list[Waiter]:
+        """Every registered waiter, in the order they came."""
+        asked = [waiter for waiter in self if waiter is not _FILED]
+        if not self._filed:
+            return asked
+        return sorted([*asked, *self._filed], key=_seq_of)
+
+    def count(self) -> int:
+        """How many waiters are registered."""
+        filed = len(self._filed)
+        return len(self) + filed - 1 if filed else len(self)
 
     def discard(self, waiter: Waiter) -> None:
         """Forget ``waiter`` if it is still registered (if it was woken meanwhile, the waker removed it)."""
-        if waiter in self:
-            self._remove(waiter)
+        if waiter.keys is None:
+            self.pop(waiter, None)
+        elif waiter in self._filed:
+            self._unfile(waiter)
+            if not self._filed:
+                del self[_FILED]
 
-    def _remove(self, waiter: Waiter) -> None:
-        del self[waiter]
-        keys = waiter.keys
-        if keys is None:
-            del self._asked[waiter]
-            return
+    def _unfile(self, waiter: Waiter) -> None:
+        """Take a filed ``waiter`` out of ``_filed`` and from under each of its names."""
+        del self._filed[waiter]
         named = self._named
-        for name in keys:
-            filed = named[name]
-            del filed[waiter]
-            if not filed:
+        for name in waiter.keys:  # type: ignore[union-attr]  # a tuple, when filed
+            under = named[name]
+            del under[waiter]
+            if not under:
                 del named[name]
 
     def new_event(self, name: str) -> None:
         """A new event name is known, and the cursors' sets that match it hold it now: file the
-        indexed waiters of those sets under it too."""
+        filed waiters of those sets under it too."""
         named = self._named
-        for waiter in self:
+        for waiter in self._filed:
             keys = waiter.keys
-            if keys is not None and name not in keys and name in waiter.names:  # type: ignore[operator]  # a set, when keyed
-                waiter.keys = (*keys, name)
-                filed = named.get(name)
-                if filed is None:
+            if name not in keys and name in waiter.names:  # type: ignore[operator]  # a tuple and a set, when filed
+                waiter.keys = (*keys, name)  # type: ignore[misc]
+                under = named.get(name)
+                if under is None:
                     named[name] = {waiter: None}
                 else:
-                    filed[waiter] = None
+                    under[waiter] = None
 
     def wake_event(self, event: str) -> None:
         """Wake and remove every waiter that wants ``event``, in the order they came."""
-        named = self._named
-        filed = named.get(event) if named else None
-        asked = self._asked
         woken: list[Waiter] = []
-        for waiter in asked:
+        for waiter in self:  # the asked waiters (and _FILED, which wants nothing)
             names = waiter.names
             if names is None or event in names:
                 woken.append(waiter)
-        if filed is None:
-            # The usual case, and every publish pays for it: only waiters that were asked.
+        named = self._named
+        under = named.get(event) if named else None
+        if under is None:  # the usual case: no filed waiter wants it
             for waiter in woken:
                 del self[waiter]
-                del asked[waiter]
+                waiter.wake()  # (a loop over the list: a wake that registers again changes nothing here)
+            return
+        for waiter in woken:
+            del self[waiter]
+        # Some filed waiters want it too: they join the asked in the order they came.
+        filed = list(under)
+        every = self._filed
+        for waiter in filed:  # _unfile, inlined: a frame per waiter is 1% of a filtered drain
+            del every[waiter]
+            for name in waiter.keys:  # type: ignore[union-attr]  # a tuple, when filed
+                others = named[name]
+                del others[waiter]
+                if not others:
+                    del named[name]
+        if not every:
+            del self[_FILED]
+        if woken:
+            woken.extend(filed)
+            woken.sort(key=_seq_of)
         else:
-            if woken:
-                woken.extend(filed)
-                woken.sort(key=_seq_of)
-            else:
-                woken = list(filed)
-            for waiter in woken:
-                del self[waiter]
-                keys = waiter.keys
-                if keys is None:
-                    del asked[waiter]
-                else:
-                    for name in keys:
-                        others = named[name]
-                        del others[waiter]
-                        if not others:
-                            del named[name]
+            woken = filed
         for waiter in woken:
             waiter.wake()
 
     def wake_all(self) -> None:
         """Wake and remove every waiter (something changed that any of them may want)."""
-        waiters = list(self)
+        waiters = self.registered() if self._filed else list(self)
         self.clear()
-        self._asked.clear()
+        self._filed.clear()
         self._named.clear()
         for waiter in waiters:
             waiter.wake()
@@ -173,3 +195,8 @@ _new_waiter = object.__new__
 
 def _seq_of(waiter: Waiter) -> int:
     return waiter.seq
+
+
+_FILED = Waiter((), lambda: None)
+"""The stand-in a :class:`Waiters` dict holds while any waiter is filed by name: it wants no event
+(``event in ()`` is false), so the publish path's loop over the asked waiters passes it by."""

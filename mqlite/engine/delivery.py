@@ -804,7 +804,7 @@ class DeliveryCore(CursorCore):
                 for cursor in self._all_cursors_locked()
             )
             return QueueSnapshot(
-                self._config, self._start, self._end, cursors, len(self._waiters), self.dropped, self.duplicates
+                self._config, self._start, self._end, cursors, self._waiters.count(), self.dropped, self.duplicates
             )
 
     def push_unsettled(self, offset: int, cursors: list[Cursor] | None = None) -> list[Cursor]:

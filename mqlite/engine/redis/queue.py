@@ -475,7 +475,7 @@ class RedisQueue(Transacting):
                         missed=int(missed),
                     )
                 )
-            waiters = len(self._waiters)
+            waiters = self._waiters.count()
         with self._lock:
             duplicates = self.duplicates
         return QueueSnapshot(config_from(stored), int(start), int(end), tuple(figures), waiters, 0, duplicates)
