@@ -58,8 +58,9 @@ class Progress:
         return self._jumping._now  # type: ignore[no-any-return]  # read without counting as activity
 
     def note(self, handed: int = 0) -> None:
-        """Push workers finished batches that handed ``handed`` messages to their callbacks (or
-        the clock moved): wake every drain."""
+        """Push workers settled batches (or the clock moved): wake every drain. ``handed`` is
+        how many messages those batches handed to callbacks that :meth:`hand` did not count (a
+        :class:`~mqlite.ManualDispatcher` round counts its own here: it runs on the drain's thread)."""
         # The condition's lock taken directly, and no new list when nobody waits: this runs after
         # every push batch (a drain with 10 push subscriptions calls it 10 times).
         lock = self._lock
@@ -76,6 +77,17 @@ class Progress:
             lock.release()
         for wake in wakers:
             wake()
+
+    def hand(self, handed: int) -> None:
+        """A push worker handed ``handed`` messages to its callback, and is about to settle them:
+        count them without waking anyone (:meth:`note` does, once they are settled). Counted
+        first, so that whoever finds them settled finds them counted."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            self.handed += handed
+        finally:
+            lock.release()
 
     def stop(self) -> None:
         """The broker closed: every drain returns False, now and from now on."""

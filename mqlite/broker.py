@@ -340,14 +340,16 @@ class Broker:
         try:
             if is_async:
                 assert loop is not None
-                worker = AsyncPushWorker(target, sub, callback, self._note_progress, loop, off_loop)  # type: ignore[arg-type]  # checked coroutine function
+                coroutine_function: Any = callback  # checked: a coroutine function
+                count = self._progress.hand
+                worker = AsyncPushWorker(target, sub, coroutine_function, self._note_progress, count, loop, off_loop)
                 with self._lock:
                     # A worker whose subscription close() already closed ends by itself; untracked is fine.
                     self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]
                     self._async_workers.append(worker)
                 worker.start()
             elif callback is not None:
-                push_worker = PushWorker(target, sub, callback, self._note_progress)
+                push_worker = PushWorker(target, sub, callback, self._note_progress, self._progress.hand)
                 with self._lock:
                     self._push_workers = [w for w in self._push_workers if not w.consumer.closed]
                     self._push_workers.append(push_worker)

@@ -211,11 +211,13 @@ class PushWorker:
         consumer: Consumer,
         callback: Callable[[Message], object],
         on_progress: Callable[[int], None],
+        on_handed: Callable[[int], None],
     ) -> None:
         self.queue = queue
         self.consumer = consumer
         self.callback = callback
         self._on_progress = on_progress
+        self._on_handed = on_handed
         # An engine that can register its waiter with a take saves a ManualDispatcher a step
         # that finds nothing after every batch; any engine can register one with an empty take.
         self._take_and_watch: Callable[[Consumer, int, Callable[[], object]], Attempt[list[Message] | None]] = (
@@ -264,18 +266,23 @@ class PushWorker:
 
     @property
     def on_progress(self) -> Callable[[int], None]:
-        """What to call once batches are settled, with how many messages they handed to the
-        callback: it wakes the broker's drains (and counts for ``run_until_idle``'s report)."""
+        """What to call once batches are settled: it wakes the broker's drains. Its argument is
+        how many messages those batches handed to the callback that were not counted yet (this
+        worker counts its own with ``on_handed``, before it settles each batch; a
+        :class:`ManualDispatcher` round that hands messages itself counts them here)."""
         return self._on_progress
 
     def _deliver(self, batch: list[Message], note: bool) -> None:
         """Hand ``batch`` to the callback, one message at a time, and settle it."""
         try:
             if self.handle(batch):
+                # Counted before it is settled: a drain that finds it settled finds it counted
+                # (``run_until_idle``'s report reads the count once its drain returns).
+                self._on_handed(len(batch))
                 _settle(self.queue, self.consumer, batch, [], [])
         finally:
             if note:
-                self._on_progress(len(batch))
+                self._on_progress(0)
 
     def handle(self, batch: list[Message]) -> bool:
         """Hand ``batch`` to the callback, one message at a time.
@@ -294,6 +301,7 @@ class PushWorker:
         rest = iter(batch)
         runner: _BatchRunner | None = None
         handled = False
+        stopped = False  # the subscription closed with the message in hand not handed over
         message = None
         self.running_on = _get_ident()  # once per batch
         try:
@@ -303,6 +311,7 @@ class PushWorker:
                 try:
                     for message in rest:
                         if consumer.closed:  # read without the lock: a hint between callbacks, re-checked per batch
+                            stopped = True
                             break
                         callback(message)
                     else:
@@ -320,6 +329,9 @@ class PushWorker:
                     runner = _BatchRunner(self.queue, consumer, batch, rest)
                 if handled:
                     runner.all_handled()
+                    self._on_handed(len(batch))  # before the settle, as in _deliver
+                else:  # up to the message in hand: a callback's BaseException handed it over
+                    self._on_handed(_index(batch, message) + (0 if stopped else 1))
                 runner.settle()
         return runner is None
 
@@ -381,6 +393,7 @@ class AsyncPushWorker:
         consumer: Consumer,
         callback: Callable[[Message], Awaitable[object]],
         on_progress: Callable[[int], None],
+        on_handed: Callable[[int], None],
         loop: asyncio.AbstractEventLoop,
         off_loop: OffLoop[Any] | None = None,
     ) -> None:
@@ -390,6 +403,7 @@ class AsyncPushWorker:
         self.consumer = consumer
         self.callback = callback
         self._on_progress = on_progress
+        self._on_handed = on_handed
         self.loop = loop
         # Set once, on the loop's thread; read from others only after `finished` or through the loop.
         self.task: asyncio.Task[None] | None = None
@@ -478,11 +492,12 @@ class AsyncPushWorker:
                     else:
                         runner.all_handled()
                 finally:
+                    self._on_handed(handed)  # before the settle: a drain that finds it settled finds it counted
                     if off_loop is None:
                         runner.settle()
                     else:  # shielded: a second cancellation cannot stop the settlement half-way
                         await asyncio.shield(off_loop(runner.settle))
-                    self._on_progress(handed)
+                    self._on_progress(0)
         finally:
             self.finished.set()
 
@@ -622,12 +637,12 @@ class _PoolSlot:
             lock.release()
 
 
-def _note_all(owed: dict[Callable[[int], None], int]) -> None:
-    """Call each progress note owed for settled batches, once, with the messages they handed, and forget them."""
-    notes = list(owed.items())
+def _note_all(owed: dict[Callable[[int], None], None]) -> None:
+    """Call each progress note owed for settled batches, once, and forget them."""
+    notes = list(owed)
     owed.clear()
-    for note, handed in notes:
-        note(handed)
+    for note in notes:
+        note(0)
 
 
 def _retire(entry: _PoolSlot | _Group, ready: collections.deque[Any]) -> None:
@@ -763,7 +778,7 @@ class ThreadDispatcher:
         # Drains are told of settled batches once a round (a batch of every live subscription)
         # and before sleeping, not after every batch: at N = 100 a drain would otherwise wake,
         # and take the GIL from this thread, for each of 100 batches of one round.
-        owed: dict[Callable[[int], None], int] = {}  # each note owed, and the messages its batches handed
+        owed: dict[Callable[[int], None], None] = {}  # each note owed (the workers counted what they handed)
         unnoted = 0
         round_size = 1
         try:
@@ -803,10 +818,8 @@ class ThreadDispatcher:
                     if stale is not None:
                         slot.worker.queue.remove_waiter(stale)  # a no-op if it was woken meanwhile
                     attempt = slot.worker.step_or_watch(slot.wake, False)
-                    batch = attempt.value
-                    if batch:
-                        note = slot.worker.on_progress
-                        owed[note] = owed.get(note, 0) + len(batch)
+                    if attempt.value:
+                        owed[slot.worker.on_progress] = None
                         unnoted += 1
                     continue
                 self._sleep(me, timeout)
@@ -815,8 +828,7 @@ class ThreadDispatcher:
                 if slot is not None and attempt is None:  # the step raised: that worker stopped
                     slot.running = False
                     self._forget_locked(slot)
-                    note = slot.worker.on_progress
-                    owed[note] = owed.get(note, 0)  # it settled what it could before raising
+                    owed[slot.worker.on_progress] = None  # it settled what it could before raising
                 self._leave_locked(me)
                 short = self._slots and len(self._runners) < self._wanted_locked()
                 spare = [self._new_runner_locked()] if short else []
