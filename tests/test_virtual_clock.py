@@ -83,6 +83,19 @@ def test_ack_timeout_of_24_hours_redelivers_at_once(make_broker: Callable[..., m
     assert clock.elapsed == DAY
 
 
+def test_autojump_stops_where_max_age_drops_a_message(make_broker: Callable[..., mqlite.Broker]) -> None:
+    clock = VirtualClock(autojump=True)
+    broker = make_broker(clock=clock)
+    broker.queue("q", retention="limits", max_age=10)
+    broker.publish("q", "e", "old")
+    stops: list[float] = []
+    clock.add_listener(lambda: stops.append(clock.elapsed))
+    waiting = broker.subscribe("other", name="w")
+    assert within(lambda: waiting.get(timeout=60)) is None
+    assert stops == [10.0, 60.0]  # the age limit is a deadline of its own, on the way
+    assert broker.info().queue("q").retained == 0
+
+
 def test_a_publish_wakes_a_wait_without_moving_time(make_broker: Callable[..., mqlite.Broker]) -> None:
     clock = VirtualClock(autojump=True)
     broker = make_broker(clock=clock)
