@@ -314,6 +314,18 @@ def test_limit_raises_in_asyncio(make_broker: Callable[..., mqlite.Broker]) -> N
     asyncio.run(asyncio.wait_for(scenario(), SAFETY))
 
 
+def test_a_zero_threshold_jumps_as_soon_as_everything_waits(make_broker: Callable[..., mqlite.Broker]) -> None:
+    # The setting docs/testing.md suggests for tests with many jumps on one thread.
+    clock = VirtualClock(autojump=True, autojump_threshold=0)
+    broker = make_broker(clock=clock)
+    sub = broker.subscribe("jobs", name="w")
+    for _ in range(50):
+        assert sub.get(timeout=1) is None
+    broker.publish("jobs", "run", "job-1")
+    assert sub.get(timeout=1) is not None
+    assert (clock.elapsed, clock.jumps) == (50.0, 50)
+
+
 # -- busy ----------------------------------------------------------------------------------
 
 
