@@ -153,6 +153,7 @@ class Broker:
         # Push workers report every batch here; drains wait for it.
         self._progress = Progress(self._clock)
         self._note_progress = self._progress.note
+        self._count_handed = self._progress.hand
         self._clock.add_listener(self._on_clock)
         try:
             for name, config in self._engine.queues():
@@ -341,15 +342,16 @@ class Broker:
             if is_async:
                 assert loop is not None
                 coroutine_function: Any = callback  # checked: a coroutine function
-                count = self._progress.hand
-                worker = AsyncPushWorker(target, sub, coroutine_function, self._note_progress, count, loop, off_loop)
+                worker = AsyncPushWorker(
+                    target, sub, coroutine_function, self._note_progress, self._count_handed, loop, off_loop
+                )
                 with self._lock:
                     # A worker whose subscription close() already closed ends by itself; untracked is fine.
                     self._async_workers = [w for w in self._async_workers if not w.finished.is_set()]
                     self._async_workers.append(worker)
                 worker.start()
             elif callback is not None:
-                push_worker = PushWorker(target, sub, callback, self._note_progress, self._progress.hand)
+                push_worker = PushWorker(target, sub, callback, self._note_progress, self._count_handed)
                 with self._lock:
                     self._push_workers = [w for w in self._push_workers if not w.consumer.closed]
                     self._push_workers.append(push_worker)
